@@ -1,0 +1,41 @@
+"""Peephole LSTM (Gers & Schmidhuber 2000).
+
+The input and forget gates also see c_{t-1}, the output gate sees c_t, through diagonal
+(elementwise) weights weight_ci, weight_cf, weight_co; otherwise identical to the lstm cell.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rnnbench import hookimpl
+from rnnbench.cells.lstm import LSTMCell
+
+
+class PeepholeLSTMCell(LSTMCell):
+    """LSTM with peephole connections from the cell state to the gates (Gers & Schmidhuber 2000)."""
+
+    def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = 1.0):
+        super().__init__(input_size, hidden_size, forget_bias=forget_bias)
+        self.weight_ci = nn.Parameter(torch.empty(hidden_size))
+        self.weight_cf = nn.Parameter(torch.empty(hidden_size))
+        self.weight_co = nn.Parameter(torch.empty(hidden_size))
+        bound = 1.0 / hidden_size**0.5
+        for weight in (self.weight_ci, self.weight_cf, self.weight_co):
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward_projected(self, xp_t: Tensor, state: tuple[Tensor, Tensor]):
+        h, c = state
+        gates = torch.addmm(xp_t + self.bias_hh, h, self.weight_hh.t())
+        i, f, g, o = gates.chunk(4, dim=1)
+        i = torch.sigmoid(i + self.weight_ci * c)
+        f = torch.sigmoid(f + self.weight_cf * c)
+        c = f * c + i * torch.tanh(g)
+        h = torch.sigmoid(o + self.weight_co * c) * torch.tanh(c)
+        return h, (h, c)
+
+
+@hookimpl
+def rnnbench_cells():
+    return {"peephole": PeepholeLSTMCell}

@@ -1,0 +1,39 @@
+"""Vanilla (Elman) RNN: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act = tanh or relu."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rnnbench import hookimpl
+from rnnbench.cells.base import GatedCell
+from rnnbench.errors import ConfigError
+
+
+class RNNCell(GatedCell):
+    """Elman RNN, tanh (or relu) activation; same parameters as nn.RNN."""
+
+    gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh"):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ConfigError(f"rnn nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, nonlinearity=nonlinearity)
+
+    @classmethod
+    def hparam_names(cls) -> tuple[str, ...]:
+        return ("nonlinearity",)
+
+    def forward_projected(self, xp_t: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        pre = torch.addmm(xp_t + self.bias_hh, h, self.weight_hh.t())
+        h = torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
+        return h, h
+
+    def fused_kernel(self) -> str | None:
+        return ("RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU") if type(self) is RNNCell else None
+
+
+@hookimpl
+def rnnbench_cells():
+    return {"rnn": RNNCell}

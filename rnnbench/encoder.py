@@ -1,0 +1,210 @@
+"""Any registered cell x layers x direction, with fused kernels where a cell allows them.
+
+Two paths compute the same function:
+- fused: when every cell is exactly nn.RNN/LSTM/GRU, call PyTorch's fused kernel (oneDNN/ATen on
+  CPU, cuDNN on GPU) on the cells' own parameters, with packed sequences for padded batches;
+- generic: any cell. The input projection of a whole layer is one matmul before the time loop, the
+  loop iterates with ``unbind``, and padded positions keep their state (masked update), so padding
+  never changes real outputs or final states.
+
+Outputs are ``[batch, time, directions * hidden]`` (zeros at padded positions); final states are a
+list indexed ``layer * directions + direction`` of each cell's state (tensor or tuple).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import _VF, Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnnbench.cells.base import Cell, State
+from rnnbench.errors import ConfigError
+
+_FUSED_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+
+
+def _map_state(fn, *states: State) -> State:
+    if isinstance(states[0], Tensor):
+        return fn(*states)
+    return tuple(fn(*parts) for parts in zip(*states))
+
+
+def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each sequence of ``x [B, T, F]`` within its own length; padding stays at the end."""
+    if lengths is None:
+        return x.flip(1)
+    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    last = (lengths.to(x.device) - 1).unsqueeze(1)
+    index = torch.where(steps <= last, last - steps, steps)
+    return x.gather(1, index.unsqueeze(-1).expand_as(x))
+
+
+class Encoder(nn.Module):
+    """Stack ``num_layers`` of a cell, optionally bidirectional, with dropout between layers."""
+
+    def __init__(
+        self,
+        cell: str | type[Cell],
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        *,
+        fused: bool = True,
+        **cell_hparams,
+    ):
+        super().__init__()
+        if isinstance(cell, str):
+            from rnnbench.plugins import get_cell
+
+            self.cell_name, cell_cls = cell, get_cell(cell)
+        else:
+            self.cell_name, cell_cls = cell.__name__, cell
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+            raise ConfigError(f"layers must be an integer >= 1, got {num_layers!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.num_layers, self.bidirectional, self.dropout = num_layers, bool(bidirectional), float(dropout)
+        self.num_directions = 2 if bidirectional else 1
+        self.output_size = hidden_size * self.num_directions
+        self.cells = nn.ModuleList(
+            cell_cls(input_size if layer == 0 else self.output_size, hidden_size, **cell_hparams)
+            for layer in range(num_layers)
+            for _ in range(self.num_directions)
+        )
+        modes = {c.fused_kernel() for c in self.cells}
+        self.fused_mode: str | None = modes.pop() if fused and len(modes) == 1 else None
+        self._hoists = all(
+            hasattr(c, "project_input") and hasattr(c, "forward_projected") for c in self.cells
+        )
+
+    def extra_repr(self) -> str:
+        path = f"fused={self.fused_mode}" if self.fused_mode else "generic"
+        return f"layers={self.num_layers}, bidirectional={self.bidirectional}, dropout={self.dropout}, {path}"
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> list[State]:
+        return [c.init_state(batch_size, device=device, dtype=dtype) for c in self.cells]
+
+    def forward(
+        self, x: Tensor, lengths: Tensor | None = None, state: Sequence[State] | None = None
+    ) -> tuple[Tensor, list[State]]:
+        """``x``: ``[batch, time, input]``; ``lengths``: true lengths ``[batch]`` (None = all full)."""
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"encoder expects input of shape [batch, time, {self.input_size}], got {list(x.shape)}"
+            )
+        batch, steps = x.shape[0], x.shape[1]
+        if lengths is not None:
+            if lengths.shape != (batch,):
+                raise ValueError(f"lengths must have shape [{batch}], got {list(lengths.shape)}")
+            if steps == 0 or int(lengths.min()) < 1 or int(lengths.max()) > steps:
+                raise ValueError(
+                    f"lengths must lie in [1, {steps}], got min {int(lengths.min())} max {int(lengths.max())}"
+                )
+            if int(lengths.min()) == steps:
+                lengths = None  # all full: no masking or packing needed
+        if state is not None and len(state) != len(self.cells):
+            raise ValueError(
+                f"state must hold {len(self.cells)} cell states (layers x directions), got {len(state)}"
+            )
+        if self.fused_mode is not None:
+            return self._forward_fused(x, lengths, state)
+        return self._forward_generic(x, lengths, state)
+
+    # -- fused ---------------------------------------------------------------------------------
+    def _forward_fused(self, x: Tensor, lengths: Tensor | None, state: Sequence[State] | None):
+        is_lstm = self.fused_mode == "LSTM"
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        if is_lstm:
+            hx = (torch.stack([s[0] for s in state]), torch.stack([s[1] for s in state]))
+        else:
+            hx = torch.stack(list(state))
+        weights = [p for c in self.cells for p in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)]
+        kernel = _FUSED_KERNELS[self.fused_mode]
+        args = (weights, True, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if lengths is None:
+            result = kernel(x, hx, *args, True)
+            out = result[0]
+        else:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            order, unorder = packed.sorted_indices, packed.unsorted_indices
+            hx = tuple(h.index_select(1, order) for h in hx) if is_lstm else hx.index_select(1, order)
+            result = kernel(packed.data, packed.batch_sizes, hx, *args)
+            out, _ = pad_packed_sequence(
+                PackedSequence(result[0], packed.batch_sizes, order, unorder),
+                batch_first=True,
+                total_length=x.shape[1],
+            )
+            result = (result[0],) + tuple(h.index_select(1, unorder) for h in result[1:])
+        if is_lstm:
+            final = list(zip(result[1].unbind(0), result[2].unbind(0)))
+        else:
+            final = list(result[1].unbind(0))
+        return out, final
+
+    # -- generic -------------------------------------------------------------------------------
+    def _forward_generic(self, x: Tensor, lengths: Tensor | None, state: Sequence[State] | None):
+        batch, steps = x.shape[0], x.shape[1]
+        masks: list[Tensor | None] = [None] * steps
+        if lengths is not None:
+            lengths = lengths.to(x.device)
+            # Only steps past the shortest sequence need a masked update.
+            for t in range(int(lengths.min()), steps):
+                masks[t] = (lengths > t).unsqueeze(1)
+        layer_input, final = x, []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                cell = self.cells[k]
+                s0 = state[k] if state is not None else cell.init_state(batch, device=x.device, dtype=x.dtype)
+                seq = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
+                out, s_n = self._run_cell(cell, seq, s0, masks)
+                outputs.append(out if direction == 0 else reverse_padded(out, lengths))
+                final.append(s_n)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            if layer < self.num_layers - 1 and self.dropout > 0.0:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, self.training)
+        return layer_input, final
+
+    def _run_cell(self, cell: Cell, seq: Tensor, s: State, masks: list[Tensor | None]):
+        if self._hoists:
+            inputs, step = cell.project_input(seq).unbind(1), cell.forward_projected
+        else:
+            inputs, step = seq.unbind(1), cell
+        hs = []
+        for x_t, mask in zip(inputs, masks):
+            h, new = step(x_t, s)
+            if mask is not None:
+                new = _map_state(lambda n, o, m=mask: torch.where(m, n, o), new, s)
+                h = h * mask
+            s = new
+            hs.append(h)
+        return torch.stack(hs, dim=1), s
+
+
+def parameter_counts(encoder: Encoder) -> dict:
+    """Total, input-side and recurrent parameter counts, overall and per layer."""
+    per_layer = []
+    for layer in range(encoder.num_layers):
+        inp = rec = 0
+        for direction in range(encoder.num_directions):
+            cell = encoder.cells[layer * encoder.num_directions + direction]
+            input_names = set(cell.input_parameter_names())
+            for name, p in cell.named_parameters():
+                if name in input_names:
+                    inp += p.numel()
+                else:
+                    rec += p.numel()
+        per_layer.append({"layer": layer, "input": inp, "recurrent": rec, "total": inp + rec})
+    return {
+        "total": sum(p["total"] for p in per_layer),
+        "input": sum(p["input"] for p in per_layer),
+        "recurrent": sum(p["recurrent"] for p in per_layer),
+        "per_layer": per_layer,
+    }

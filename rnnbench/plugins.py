@@ -1,0 +1,165 @@
+"""Plugin manager: builtin plugins first, then every installed entry point of group ``rnnbench``.
+
+A plugin that fails to import or returns something malformed is named in a one-line warning and
+skipped; the others still load. Two plugins registering the same name is a PluginError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pluggy
+
+from rnnbench import hookspecs
+from rnnbench.errors import PluginError, UnknownNameError
+
+ENTRY_POINT_GROUP = "rnnbench"
+DISABLE_ENV = "RNNBENCH_DISABLE_PLUGINS"
+
+BUILTIN_PLUGINS = (
+    "rnnbench.cells.rnn",
+    "rnnbench.cells.lstm",
+    "rnnbench.cells.peephole",
+    "rnnbench.cells.gru",
+    "rnnbench.tasks.charlm",
+    "rnnbench.tasks.memory",
+    "rnnbench.tasks.sentiment",
+    "rnnbench.tasks.ner",
+    "rnnbench.tasks.forecast",
+)
+
+
+class PluginWarning(UserWarning):
+    """A third-party plugin was skipped."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One cell or task class and where it came from."""
+
+    name: str
+    cls: type
+    source: str  # "builtin" or "<distribution> <version>"
+
+    @property
+    def description(self) -> str:
+        doc = (self.cls.__doc__ or "").strip()
+        return doc.splitlines()[0].strip() if doc else ""
+
+
+class Registry:
+    """Loaded plugins and the cells and tasks they register."""
+
+    def __init__(self, *, load_entry_points: bool | None = None):
+        self.pm = pluggy.PluginManager("rnnbench")
+        self.pm.add_hookspecs(hookspecs)
+        self._sources: dict[int, str] = {}
+        for module_name in BUILTIN_PLUGINS:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module_name:  # a real import error inside a builtin is a bug
+                    raise
+                continue  # builtin not shipped in this version
+            self._register(module, "builtin", module_name)
+        if load_entry_points is None:
+            load_entry_points = os.environ.get(DISABLE_ENV, "").lower() not in ("1", "true", "yes")
+        if load_entry_points:
+            self._load_entry_points()
+        self.cells = self._collect("cell", "rnnbench_cells", _cell_base())
+        self.tasks = self._collect("task", "rnnbench_tasks", _task_base())
+
+    def _register(self, plugin: object, source: str, name: str) -> None:
+        self.pm.register(plugin, name=name)
+        self._sources[id(plugin)] = source
+
+    def _load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+            try:
+                plugin = ep.load()
+                if self.pm.is_registered(plugin):
+                    continue
+                self._register(plugin, dist, f"{dist}:{ep.name}")
+            except Exception as exc:  # a broken plugin must not take the others down
+                warnings.warn(
+                    f"skipped plugin {ep.name!r} from {dist} ({ep.value}): {type(exc).__name__}: {exc}",
+                    PluginWarning,
+                    stacklevel=2,
+                )
+
+    def _collect(self, kind: str, hook_name: str, base: type) -> dict[str, Registered]:
+        found: dict[str, Registered] = {}
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            source = self._sources.get(id(impl.plugin), "unknown")
+            where = f"{impl.plugin_name} ({source})"
+            try:
+                result = impl.function()
+            except Exception as exc:
+                warnings.warn(
+                    f"skipped {kind}s of plugin {where}: {type(exc).__name__}: {exc}", PluginWarning
+                )
+                continue
+            if not isinstance(result, dict):
+                warnings.warn(
+                    f"skipped {kind}s of plugin {where}: {hook_name}() must return a dict of "
+                    f"name -> class, got {type(result).__name__}",
+                    PluginWarning,
+                )
+                continue
+            for name, cls in result.items():
+                if not (isinstance(name, str) and name and isinstance(cls, type) and issubclass(cls, base)):
+                    warnings.warn(
+                        f"skipped {kind} {name!r} of plugin {where}: expected a subclass of "
+                        f"rnnbench.{base.__name__}, got {cls!r}",
+                        PluginWarning,
+                    )
+                    continue
+                if name in found:
+                    raise PluginError(
+                        f"{kind} name {name!r} is registered twice: by {found[name].source} "
+                        f"({found[name].cls.__module__}) and by {source} ({cls.__module__})"
+                    )
+                found[name] = Registered(name, cls, source)
+        return dict(sorted(found.items()))
+
+    def cell(self, name: str) -> Registered:
+        if name not in self.cells:
+            raise UnknownNameError("cell", name, self.cells)
+        return self.cells[name]
+
+    def task(self, name: str) -> Registered:
+        if name not in self.tasks:
+            raise UnknownNameError("task", name, self.tasks)
+        return self.tasks[name]
+
+
+def _cell_base() -> type:
+    from rnnbench.cells.base import Cell
+
+    return Cell
+
+
+def _task_base() -> type:
+    from rnnbench.task import Task
+
+    return Task
+
+
+@lru_cache(maxsize=1)
+def registry() -> Registry:
+    """The process-wide registry (plugins load once)."""
+    return Registry()
+
+
+def get_cell(name: str) -> type:
+    return registry().cell(name).cls
+
+
+def get_task(name: str) -> type:
+    return registry().task(name).cls

@@ -1,0 +1,186 @@
+"""The public task contract.
+
+A task owns its data (datasets, splits, vocabulary), the layers around the encoder (input layer and
+output head), its training loss and its metrics. The trainer and the sweep only talk to tasks
+through the methods below, so a third-party task gets every cell, the sweep and the report for free.
+
+Lifecycle, driven by the trainer::
+
+    task = TaskClass(dataset="synthetic", data_path=None, seed=0, **options)
+    task.setup()                                   # load files, build vocabularies (once)
+    task.check_architecture(bidirectional=...)     # refuse what cannot work (causal tasks)
+    model = task.build_model(encoder_factory, hparams)
+    for batch in task.batches("train", batch_size, device=..., generator=...):
+        loss, carry = task.training_loss(model, batch, carry)
+    scores = task.evaluate(model, "valid", batch_size, device=...)   # every metric, floats
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from rnnbench.errors import ConfigError, UnknownNameError
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A score a task reports. ``direction`` says which way is better."""
+
+    name: str
+    direction: Literal["minimize", "maximize"]
+    description: str = ""
+
+    def better(self, a: float, b: float) -> bool:
+        """True when ``a`` is strictly better than ``b``."""
+        return a < b if self.direction == "minimize" else a > b
+
+
+@dataclass
+class Batch:
+    """One batch, already on its device.
+
+    ``inputs``: token ids ``[B, T]`` or features ``[B, T, F]``; ``targets``: whatever the task's
+    loss needs; ``lengths``: true lengths ``[B]`` (None when every sequence is full);
+    ``tokens``: the number of real input positions, a Python int computed without a device sync,
+    used for tokens/s; ``extra``: anything else the task needs (a reset flag for stateful TBPTT...).
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    lengths: Tensor | None
+    tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskOptions(BaseModel):
+    """Options every task accepts. Subclass it (extra keys stay forbidden) for task options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+EncoderFactory = Callable[[int], nn.Module]
+"""``factory(input_size) -> Encoder``: the harness decides the architecture, the task its input width."""
+
+
+class Task(abc.ABC):
+    """Base class of every task. The class docstring's first line is its description.
+
+    Class attributes to set:
+    - ``name``: the name it is registered under (used in messages);
+    - ``metrics``: tuple of :class:`Metric`, the primary one (used for model selection) first;
+    - ``causal``: True when a bidirectional encoder would see the answer (it is then refused);
+    - ``datasets``: tuple of dataset names this task knows; ``"synthetic"`` (generated in code,
+      no files) must be one of them; tasks reading user files accept ``data_path``;
+    - ``Options``: a :class:`TaskOptions` subclass declaring the task's options;
+    - ``hparam_defaults``: hyperparameters the task itself reads from ``hparams`` (embedding size,
+      pooling...), with their defaults, so a sweep can search them.
+    """
+
+    name: ClassVar[str] = ""
+    metrics: ClassVar[tuple[Metric, ...]] = ()
+    causal: ClassVar[bool] = False
+    datasets: ClassVar[tuple[str, ...]] = ("synthetic",)
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+    hparam_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self, dataset: str = "synthetic", *, data_path: str | Path | None = None, seed: int = 0, **options
+    ):
+        if dataset not in self.datasets:
+            raise UnknownNameError(f"dataset of task {self.name!r}", dataset, self.datasets)
+        try:
+            self.options = self.Options(**options)
+        except ValidationError as exc:
+            raise ConfigError(f"task {self.name!r} options: {_one_line(exc)}") from None
+        self.dataset = dataset
+        self.data_path = Path(data_path).expanduser() if data_path is not None else None
+        self.seed = seed
+
+    @property
+    def primary_metric(self) -> Metric:
+        return self.metrics[0]
+
+    def metric(self, name: str) -> Metric:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        raise UnknownNameError(f"metric of task {self.name!r}", name, [m.name for m in self.metrics])
+
+    # -- data -----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def setup(self) -> None:
+        """Load or generate the data and build vocabularies. Called once; may be slow."""
+
+    @abc.abstractmethod
+    def batches(
+        self, split: str, batch_size: int, *, device: torch.device, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
+        """Yield the batches of one pass over ``split``. Shuffle with ``generator`` when given
+        (training); a fixed order otherwise (evaluation)."""
+
+    def check_architecture(self, *, bidirectional: bool) -> None:
+        """Raise ConfigError when this task cannot work with the architecture."""
+        if self.causal and bidirectional:
+            raise ConfigError(
+                f"task {self.name!r} is causal: a bidirectional encoder is refused because its "
+                "backward direction reads the very tokens the model must predict (it reaches a "
+                "near-perfect score while generating garbage)"
+            )
+
+    # -- model ----------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build_model(self, make_encoder: EncoderFactory, hparams: dict[str, Any]) -> nn.Module:
+        """Return the whole model: input layer -> ``make_encoder(input_size)`` -> head."""
+
+    @abc.abstractmethod
+    def training_loss(self, model: nn.Module, batch: Batch, carry: Any = None) -> tuple[Tensor, Any]:
+        """Mean training loss of one batch (a scalar tensor; no ``.item()``) and the state to carry
+        to the next batch (stateful truncated BPTT; detached by the task). ``carry`` is None at
+        the start of each epoch."""
+
+    @abc.abstractmethod
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, split: str, batch_size: int, *, device: torch.device
+    ) -> dict[str, float]:
+        """Every metric of :attr:`metrics` on ``split`` (model already in eval mode)."""
+
+    def baseline(self, split: str) -> dict[str, float]:
+        """The trivial baseline's metrics on ``split`` (majority class, persistence, uniform...)."""
+        return {}
+
+    def artifacts(self, model: nn.Module, *, device: torch.device) -> dict[str, str]:
+        """Text artifacts worth keeping with a run (file name -> content), e.g. generated samples."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the loaded data (sizes, vocabulary) logged with every run."""
+        return {}
+
+
+def detach_state(state: Any) -> Any:
+    """Detach a (nested) encoder state so truncated BPTT stops at the batch boundary."""
+    if state is None:
+        return None
+    if isinstance(state, Tensor):
+        return state.detach()
+    return type(state)(detach_state(s) for s in state)
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
