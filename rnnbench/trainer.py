@@ -1,0 +1,361 @@
+"""One configuration, one seed: train, select the best epoch on validation, score test once.
+
+The loop is plain on purpose (nanoGPT style). It adds no host-device sync per step: losses,
+gradient norms and the NaN check accumulate on the device and are read every ``sync_every``
+steps and at epoch end. Everything observable goes through :class:`Callback`, so the sweep
+(pruning) and MLflow (logging) plug in without touching the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rnnbench.encoder import Encoder, parameter_counts
+from rnnbench.errors import ConfigError, TrialFailed
+from rnnbench.task import Task, _one_line
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+# Hyperparameters the trainer or the encoder read; cells and tasks declare their own.
+TRAINER_HPARAMS = {
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "momentum": 0.9,
+    "clip_norm": 1.0,
+    "batch_size": 32,
+    "hidden_size": 64,
+    "dropout": 0.0,
+}
+
+
+class Budget(BaseModel):
+    """How long one run may train. Whichever limit comes first ends it."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap an epoch (large datasets)")
+    max_minutes: float | None = Field(None, gt=0)
+    patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
+
+
+class RunSettings(BaseModel):
+    """Where and how a run executes (not tuned)."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    deterministic: bool = False
+    eval_batch_size: int | None = Field(None, ge=1)
+    sync_every: int = Field(20, ge=1, description="steps between NaN checks / host reads")
+    threads: int | None = Field(None, ge=1)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A cell x layers x direction; the unit every study compares."""
+
+    cell: str
+    layers: int = 1
+    bidirectional: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell}-{self.layers}L-{'bi' if self.bidirectional else 'uni'}"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    metrics: dict[str, float]
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    test: dict[str, float] | None
+    history: list[EpochRecord]
+    parameters: dict[str, Any]
+    summary: dict[str, float]
+    stop_reason: str
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+class Callback:
+    """Hooks the trainer calls. Raising from ``on_epoch_end`` (e.g. optuna.TrialPruned) stops the run."""
+
+    def on_fit_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def on_fit_end(self, result: FitResult) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def split_hparams(hparams: dict[str, Any], cell_cls: type, task: Task) -> tuple[dict, dict, dict]:
+    """Split hyperparameters into (trainer, cell, task) parts; unknown names are an error."""
+    cell_names, task_names = set(cell_cls.hparam_names()), set(task.hparam_defaults)
+    trainer = dict(TRAINER_HPARAMS)
+    cell, task_hp = {}, dict(task.hparam_defaults)
+    for key, value in hparams.items():
+        if key in TRAINER_HPARAMS:
+            trainer[key] = value
+        elif key in cell_names:
+            cell[key] = value
+        elif key in task_names:
+            task_hp[key] = value
+        else:
+            from rnnbench.errors import UnknownNameError
+
+            raise UnknownNameError("hyperparameter", key, set(TRAINER_HPARAMS) | cell_names | task_names)
+    if trainer["optimizer"] not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {trainer['optimizer']!r}")
+    return trainer, cell, task_hp
+
+
+def make_optimizer(params, hp: dict[str, Any]) -> torch.optim.Optimizer:
+    name, lr, wd = hp["optimizer"], float(hp["lr"]), float(hp["weight_decay"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(hp["momentum"]))
+    return torch.optim.RMSprop(params, lr=lr, weight_decay=wd, momentum=float(hp["momentum"]))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class Trainer:
+    """Runs one configuration of one architecture on one task with one seed."""
+
+    def __init__(self, budget: Budget | dict | None = None, settings: RunSettings | dict | None = None):
+        try:
+            self.budget = budget if isinstance(budget, Budget) else Budget(**(budget or {}))
+            self.settings = settings if isinstance(settings, RunSettings) else RunSettings(**(settings or {}))
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc)) from None
+
+    def fit(
+        self,
+        task: Task,
+        arch: Architecture,
+        hparams: dict[str, Any],
+        *,
+        seed: int = 0,
+        evaluate_test: bool = False,
+        callbacks: Sequence[Callback] = (),
+        setup_done: bool = False,
+    ) -> FitResult:
+        from rnnbench.plugins import get_cell
+
+        settings, budget = self.settings, self.budget
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        device = resolve_device(settings.device)
+        cell_cls = get_cell(arch.cell)
+        hp, cell_hp, task_hp = split_hparams(hparams, cell_cls, task)
+        if not setup_done:
+            task.setup()
+        task.check_architecture(bidirectional=arch.bidirectional)
+        seed_everything(seed, settings.deterministic)
+
+        def make_encoder(input_size: int) -> Encoder:
+            return Encoder(
+                arch.cell,
+                input_size,
+                int(hp["hidden_size"]),
+                arch.layers,
+                arch.bidirectional,
+                float(hp["dropout"]),
+                **cell_hp,
+            )
+
+        model = task.build_model(make_encoder, {**hp, **task_hp}).to(device)
+        encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+        params = {
+            "total": sum(p.numel() for p in model.parameters()),
+            "encoder": parameter_counts(encoders[0]) if encoders else None,
+        }
+        optimizer = make_optimizer(model.parameters(), hp)
+        batch_size, eval_bs = int(hp["batch_size"]), settings.eval_batch_size or int(hp["batch_size"])
+        autocast, scaler = self._precision(device)
+        generator = torch.Generator().manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        info = {
+            "parameters": params,
+            "device": str(device),
+            "data": task.describe(),
+            "hparams": {**hp, **cell_hp, **task_hp},
+        }
+        for cb in callbacks:
+            cb.on_fit_start(info)
+
+        primary = task.primary_metric
+        history: list[EpochRecord] = []
+        best_state, best_epoch, best_valid, bad_epochs = None, -1, None, 0
+        steps, start, stop_reason = 0, time.perf_counter(), "epochs"
+        eval_tokens: dict[str, int] = {}
+        for epoch in range(1, budget.epochs + 1):
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            norm_sum = torch.zeros((), device=device)
+            norm_max = torch.zeros((), device=device)
+            epoch_steps, epoch_tokens, carry = 0, 0, None
+            t0 = time.perf_counter()
+            for batch in task.batches("train", batch_size, device=device, generator=generator):
+                with autocast:
+                    loss, carry = task.training_loss(model, batch, carry)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                clip = hp["clip_norm"]
+                norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), float(clip) if clip else float("inf")
+                )
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach().float()
+                norm_sum += norm.float()
+                norm_max = torch.maximum(norm_max, norm.float())
+                epoch_steps += 1
+                steps += 1
+                epoch_tokens += batch.tokens
+                if epoch_steps % settings.sync_every == 0:
+                    self._check_finite(loss_sum, epoch, steps)
+                if budget.max_minutes and time.perf_counter() - start > budget.max_minutes * 60:
+                    stop_reason = "max_minutes"
+                    break
+                if (budget.max_steps and steps >= budget.max_steps) or (
+                    budget.steps_per_epoch and epoch_steps >= budget.steps_per_epoch
+                ):
+                    break
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time = time.perf_counter() - t0
+            if epoch_steps == 0:
+                raise TrialFailed(
+                    "no_data", f"task {task.name!r} produced no training batch at batch size {batch_size}"
+                )
+            self._check_finite(loss_sum, epoch, steps)
+
+            model.eval()
+            t1 = time.perf_counter()
+            with torch.no_grad(), autocast:
+                valid = task.evaluate(model, "valid", eval_bs, device=device)
+            eval_time = time.perf_counter() - t1
+            if "valid" not in eval_tokens:
+                eval_tokens["valid"] = sum(b.tokens for b in task.batches("valid", eval_bs, device=device))
+            value = valid.get(primary.name, float("nan"))
+            if not math.isfinite(value):
+                raise TrialFailed("nan_metric", f"validation {primary.name} is {value} at epoch {epoch}")
+            metrics = {
+                "train_loss": float(loss_sum) / epoch_steps,
+                **{f"valid_{k}": float(v) for k, v in valid.items()},
+                "grad_norm": float(norm_sum) / epoch_steps,
+                "grad_norm_max": float(norm_max),
+                "train_tokens_per_s": epoch_tokens / train_time,
+                "eval_tokens_per_s": eval_tokens["valid"] / eval_time if eval_time > 0 else float("nan"),
+                "epoch_time_s": train_time + eval_time,
+                "peak_memory_mb": _peak_memory_mb(device),
+                "steps": float(steps),
+            }
+            history.append(EpochRecord(epoch, metrics))
+            improved = best_valid is None or primary.better(value, best_valid[primary.name])
+            if improved:
+                best_state = copy.deepcopy(model.state_dict())
+                best_epoch, best_valid, bad_epochs = epoch, dict(valid), 0
+            else:
+                bad_epochs += 1
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, metrics)
+            if stop_reason == "max_minutes":
+                break
+            if budget.max_steps and steps >= budget.max_steps:
+                stop_reason = "max_steps"
+                break
+            if budget.patience and bad_epochs >= budget.patience:
+                stop_reason = "early_stopping"
+                break
+
+        model.load_state_dict(best_state)
+        model.eval()
+        test = None
+        if evaluate_test:  # the only place the test split is read, once, with the best checkpoint
+            with torch.no_grad(), autocast:
+                test = {k: float(v) for k, v in task.evaluate(model, "test", eval_bs, device=device).items()}
+        with torch.no_grad():
+            artifacts = task.artifacts(model, device=device)
+        steady = [r.metrics["train_tokens_per_s"] for r in history[1:]] or [
+            history[0].metrics["train_tokens_per_s"]
+        ]
+        summary = {
+            "train_tokens_per_s": float(np.median(steady)),
+            "eval_tokens_per_s": float(np.median([r.metrics["eval_tokens_per_s"] for r in history])),
+            "peak_memory_mb": max(r.metrics["peak_memory_mb"] for r in history),
+            "wall_time_s": time.perf_counter() - start,
+            "epochs": float(len(history)),
+            "steps": float(steps),
+        }
+        result = FitResult(best_epoch, best_valid, test, history, params, summary, stop_reason, artifacts)
+        for cb in callbacks:
+            cb.on_fit_end(result)
+        return result
+
+    def _precision(self, device: torch.device):
+        precision = self.settings.precision
+        if precision == "fp32":
+            return nullcontext(), torch.amp.GradScaler(enabled=False)
+        if device.type != "cuda":
+            raise ConfigError(f"precision {precision} needs a CUDA device (running on {device})")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+    @staticmethod
+    def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+        if not bool(torch.isfinite(loss_sum)):
+            raise TrialFailed(
+                "nan_loss", f"training loss became {float(loss_sum)} by step {step} (epoch {epoch})"
+            )
