@@ -64,7 +64,9 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
         for column in ("name", "source", "parameters", "description"):
             table.add_column(column, justify="right" if column == "parameters" else "left")
         for c in shown["cells"]:
-            table.add_row(c["name"], c["source"], f"{c['parameters']:,}" if c["parameters"] else "?", c["description"])
+            table.add_row(
+                c["name"], c["source"], f"{c['parameters']:,}" if c["parameters"] else "?", c["description"]
+            )
         console.print(table)
     if "tasks" in shown:
         table = Table(title="tasks")
@@ -73,8 +75,115 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
         for t in shown["tasks"]:
             primary = t["metrics"][0] if t["metrics"] else "?"
             causal = " (causal)" if t["causal"] else ""
-            table.add_row(t["name"], t["source"], ", ".join(t["datasets"]), primary, t["description"] + causal)
+            table.add_row(
+                t["name"], t["source"], ", ".join(t["datasets"]), primary, t["description"] + causal
+            )
         console.print(table)
+
+
+@app.command("run")
+@click.argument("experiment_file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan; run nothing, write nothing.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the run home).")
+@click.option("--storage", help="Optuna storage: a journal file path or an RDB URL (postgresql://...).")
+@click.option("--device", help="Override the experiment's device (auto, cpu, cuda, cuda:1).")
+def run_command(experiment_file, dry_run, workers, home, tracking_uri, storage, device) -> None:
+    """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test."""
+    from rnnbench import experiment as experiment_mod
+    from rnnbench import runner
+
+    exp = experiment_mod.load(experiment_file)
+    plan = runner.prepare(exp, home=home, tracking_uri=tracking_uri, storage_url=storage)
+    if dry_run:
+        _print_table(
+            f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget each",
+            runner.dry_run(plan),
+        )
+        for name, reason in plan.skipped:
+            click.echo(f"skipped {name}: {reason}")
+        return
+    try:
+        result = runner.start(plan, workers=workers, device=device)
+    except KeyboardInterrupt:
+        click.echo(
+            f"interrupted: finished trials are kept; run `rnnbench run {experiment_file}` again to resume",
+            err=True,
+        )
+        sys.exit(130)
+    rows = [
+        {
+            "study": r["study"],
+            "trials (ok/pruned/failed)": f"{r['complete']}/{r['pruned']}/{r['failed']}",
+            "best valid": f"{r['best_valid']:.4g}",
+            "test (mean, 95% CI, seeds)": _format_ci(r),
+        }
+        for r in result["studies"]
+    ]
+    _print_table(f"{exp.name}: results", rows)
+    click.echo(f"runs: {result['home']}  |  browse: rnnbench ui" + (f" --home {home}" if home else ""))
+
+
+def _format_ci(row: dict) -> str:
+    import math
+
+    if not row["seeds"]:
+        return "-"
+    low, high = row["test_ci95"]
+    ci = f" [{low:.4g}, {high:.4g}]" if not math.isnan(low) else ""
+    return f"{row['metric']} {row['test_mean']:.4g}{ci} (n={row['seeds']})"
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in rows[0] if rows else []:
+        table.add_column(str(column))
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+
+
+@app.command("ui")
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the run home's store).")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes it to the network."
+)
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui_command(home, tracking_uri, host, port) -> None:
+    """Open the MLflow UI on the run home's store (bound to localhost by default)."""
+    import subprocess
+
+    from rnnbench.errors import ConfigError
+    from rnnbench.runner import run_home
+    from rnnbench.tracking import tracking_uri_for
+
+    path = run_home(home)
+    if tracking_uri is None:
+        if not (path / "mlflow.db").is_file():
+            raise ConfigError(f"no runs in {path} yet: run `rnnbench run experiments/smoke.yaml` first")
+        tracking_uri = tracking_uri_for(path)
+    click.echo(f"MLflow UI for {tracking_uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
 
 
 def main() -> None:
