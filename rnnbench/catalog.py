@@ -29,7 +29,9 @@ def _fingerprint() -> str:
     for source in sorted([*package.glob("cells/*.py"), *package.glob("tasks/*.py"), package / "plugins.py"]):
         stat = source.stat()
         parts.append(f"{source.name}:{stat.st_mtime_ns}:{stat.st_size}")
-    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
+    for ep in sorted(
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)
+    ):
         dist = f"{ep.dist.name}=={ep.dist.version}" if ep.dist else "?"
         parts.append(f"{ep.name}={ep.value}@{dist}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -56,8 +58,17 @@ def build() -> dict[str, Any]:
             params: int | None = sum(p.numel() for p in count)
         except Exception as exc:  # a cell that cannot be built at the reference size is still listed
             params = None
-            caught.append(warnings.WarningMessage(f"cell {entry.name!r} failed to build: {exc}", UserWarning, "", 0))
-        cells.append({"name": entry.name, "source": entry.source, "description": entry.description, "parameters": params})
+            caught.append(
+                warnings.WarningMessage(f"cell {entry.name!r} failed to build: {exc}", UserWarning, "", 0)
+            )
+        cells.append(
+            {
+                "name": entry.name,
+                "source": entry.source,
+                "description": entry.description,
+                "parameters": params,
+            }
+        )
     tasks = [
         {
             "name": entry.name,

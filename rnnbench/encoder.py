@@ -153,6 +153,9 @@ class Encoder(nn.Module):
         masks: list[Tensor | None] = [None] * steps
         if lengths is not None:
             lengths = lengths.to(x.device)
+            # Zero the padding first: 0 * NaN is NaN, so garbage there would reach gradients.
+            real = torch.arange(steps, device=x.device) < lengths.unsqueeze(1)
+            x = x.masked_fill(~real.unsqueeze(-1), 0.0)
             # Only steps past the shortest sequence need a masked update.
             for t in range(int(lengths.min()), steps):
                 masks[t] = (lengths > t).unsqueeze(1)

@@ -281,6 +281,10 @@ def parse(text: str, source: str = "<string>") -> Experiment:
             msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{source}{_locate(loc, lines)}: {_format_loc(loc)}: {msg}") from None
     _check_names(experiment, source, lines)
+    try:
+        expand(experiment)  # refused combinations (bidirectional on a causal task) fail here, before any work
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     return experiment
 
 

@@ -81,12 +81,15 @@ class Registry:
     def _load_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+            plugin = None
             try:
                 plugin = ep.load()
                 if self.pm.is_registered(plugin):
                     continue
                 self._register(plugin, dist, f"{dist}:{ep.name}")
             except Exception as exc:  # a broken plugin must not take the others down
+                if plugin is not None and self.pm.is_registered(plugin):
+                    self.pm.unregister(plugin)  # older pluggy may leave it half-registered
                 warnings.warn(
                     f"skipped plugin {ep.name!r} from {dist} ({ep.value}): {type(exc).__name__}: {exc}",
                     PluginWarning,

@@ -43,7 +43,13 @@ class Progress:
 class LiveProgress(Progress):
     def __init__(self, total_units: int, prefix: str = ""):
         super().__init__(total_units, prefix)
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.progress import Progress as RichProgress
 
         self._bar = RichProgress(
@@ -78,4 +84,8 @@ class LiveProgress(Progress):
 
 
 def make_progress(total_units: int, prefix: str = "") -> Progress:
-    return LiveProgress(total_units, prefix) if sys.stdout.isatty() and not prefix else Progress(total_units, prefix)
+    return (
+        LiveProgress(total_units, prefix)
+        if sys.stdout.isatty() and not prefix
+        else Progress(total_units, prefix)
+    )

@@ -11,9 +11,19 @@ os.environ.setdefault("RNNBENCH_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
-def train_briefly(task, cell: str = "lstm", *, steps: int = 200, hidden_size: int = 32, layers: int = 1,
-                  bidirectional: bool = False, lr: float = 1e-2, batch_size: int = 32, seed: int = 0,
-                  hparams: dict | None = None):
+def train_briefly(
+    task,
+    cell: str = "lstm",
+    *,
+    steps: int = 200,
+    hidden_size: int = 32,
+    layers: int = 1,
+    bidirectional: bool = False,
+    lr: float = 1e-2,
+    batch_size: int = 32,
+    seed: int = 0,
+    hparams: dict | None = None,
+):
     """Train ``task`` for ``steps`` optimizer steps through the Task contract; return (model, valid scores).
 
     A deliberately plain loop, independent of rnnbench.trainer, so task tests check the task alone.

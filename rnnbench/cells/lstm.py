@@ -14,9 +14,9 @@ class LSTMCell(GatedCell):
 
     gates = 4
 
-    def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = 1.0):
+    def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = 1.0, **unknown):
         self.forget_bias = forget_bias
-        super().__init__(input_size, hidden_size, forget_bias=forget_bias)
+        super().__init__(input_size, hidden_size, forget_bias=forget_bias, **unknown)
 
     @classmethod
     def hparam_names(cls) -> tuple[str, ...]:

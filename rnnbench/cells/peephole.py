@@ -16,8 +16,8 @@ from rnnbench.cells.lstm import LSTMCell
 class PeepholeLSTMCell(LSTMCell):
     """LSTM with peephole connections from the cell state to the gates (Gers & Schmidhuber 2000)."""
 
-    def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = 1.0):
-        super().__init__(input_size, hidden_size, forget_bias=forget_bias)
+    def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = 1.0, **unknown):
+        super().__init__(input_size, hidden_size, forget_bias=forget_bias, **unknown)
         self.weight_ci = nn.Parameter(torch.empty(hidden_size))
         self.weight_cf = nn.Parameter(torch.empty(hidden_size))
         self.weight_co = nn.Parameter(torch.empty(hidden_size))

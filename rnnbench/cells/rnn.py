@@ -15,11 +15,11 @@ class RNNCell(GatedCell):
 
     gates = 1
 
-    def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh"):
+    def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh", **unknown):
         if nonlinearity not in ("tanh", "relu"):
             raise ConfigError(f"rnn nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, nonlinearity=nonlinearity)
+        super().__init__(input_size, hidden_size, nonlinearity=nonlinearity, **unknown)
 
     @classmethod
     def hparam_names(cls) -> tuple[str, ...]:

@@ -1,0 +1,1 @@
+"""Builtin tasks; each module is a plugin registering through ``rnnbench_tasks``."""

@@ -1,0 +1,258 @@
+"""The charlm task: data, batching, state carrying, metrics, baselines, samples, real corpora."""
+
+from __future__ import annotations
+
+import math
+
+import pluggy
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnbench import hookspecs
+from rnnbench.encoder import Encoder
+from rnnbench.errors import ConfigError, UnknownNameError
+from rnnbench.task import detach_state
+from rnnbench.tasks import charlm as charlm_module
+from rnnbench.tasks.charlm import CharLM
+from tests.conftest import train_briefly
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(task, hidden_size=16, layers=1):
+    task.setup()
+    torch.manual_seed(0)
+    model = task.build_model(lambda n: Encoder("lstm", n, hidden_size, layers), {"embedding_dim": 8})
+    return model.eval()
+
+
+def test_registers_through_the_task_hook():
+    pm = pluggy.PluginManager("rnnbench")
+    pm.add_hookspecs(hookspecs)
+    pm.register(charlm_module)
+    assert pm.hook.rnnbench_tasks() == [{"charlm": CharLM}]
+    assert CharLM.__doc__.splitlines()[0].startswith("Character-level language modelling")
+    assert [m.name for m in CharLM.metrics] == ["perplexity", "bits_per_char"]
+    assert CharLM("synthetic").primary_metric.direction == "minimize"
+
+
+@pytest.mark.parametrize("mode", ["stateful", "stateless"])
+def test_synthetic_text_is_learnt_in_both_modes(mode):
+    task = CharLM("synthetic", seq_len=32, mode=mode)
+    _, scores = train_briefly(task, steps=300, hidden_size=64, hparams={"embedding_dim": 16})
+    facts, baseline = task.describe(), task.baseline("valid")
+    assert baseline["perplexity"] == pytest.approx(facts["vocab_size"])
+    # Far below the uniform and unigram models, and not better than the chain that wrote the text.
+    assert scores["perplexity"] < 0.5 * facts["vocab_size"]
+    assert scores["perplexity"] < 0.5 * baseline["unigram_perplexity"]
+    assert scores["perplexity"] > 0.8 * facts["source_perplexity"]
+    assert scores["bits_per_char"] == pytest.approx(math.log2(scores["perplexity"]))
+
+
+def test_synthetic_corpus_is_deterministic_by_seed():
+    first, again, other = CharLM(seed=3), CharLM(seed=3), CharLM(seed=4)
+    for task in (first, again, other):
+        task.setup()
+    assert torch.equal(first._ids["train"], again._ids["train"])
+    assert not torch.equal(first._ids["train"], other._ids["train"])
+    facts = first.describe()
+    assert facts["characters"] == 20 and facts["vocab_size"] == 21  # 20 letters/space + <unk>
+    assert sum(facts[f"chars_{s}"] for s in ("train", "valid", "test")) == 50_000
+    assert facts["chars_train"] == 45_000 and facts["chars_valid"] == 2_500
+
+
+def test_stateful_batches_continue_each_stream():
+    task = CharLM("synthetic", seq_len=16, mode="stateful")
+    task.setup()
+    ids = task._ids["valid"]
+    batches = list(task.batches("valid", 4, device=CPU))
+    length = (len(ids) - 1) // 4
+    for batch in batches:
+        assert batch.inputs.dtype == torch.long and batch.inputs.shape[0] == 4
+        assert batch.tokens == batch.inputs.numel()
+    for before, after in zip(batches, batches[1:]):
+        assert torch.equal(after.inputs[:, 0], before.targets[:, -1])  # each row goes on
+    rows = torch.cat([b.inputs for b in batches], dim=1)
+    assert torch.equal(rows[1], ids[length : 2 * length])  # row s is a contiguous slice of the text
+    assert sum(b.tokens for b in batches) == 4 * length
+
+    # Training shifts the layout by a random offset below seq_len; the order stays contiguous.
+    shifted = list(task.batches("valid", 4, device=CPU, generator=torch.Generator().manual_seed(1)))
+    first = shifted[0].inputs[0]
+    offset = next(o for o in range(16) if torch.equal(ids[o : o + len(first)], first))
+    assert 0 <= offset < 16
+
+
+def test_stateful_training_carries_a_detached_state_and_stateless_none():
+    for mode, carries in (("stateful", True), ("stateless", False)):
+        task = CharLM("synthetic", seq_len=8, mode=mode)
+        model = tiny_model(task).train()
+        batch = next(iter(task.batches("train", 4, device=CPU, generator=torch.Generator().manual_seed(0))))
+        loss, carry = task.training_loss(model, batch, None)
+        assert loss.dim() == 0 and loss.requires_grad
+        if carries:
+            h, c = carry[0]
+            assert h.shape == (4, 16) and not h.requires_grad and not c.requires_grad
+            loss_next, _ = task.training_loss(model, batch, carry)
+            assert loss_next.item() != pytest.approx(loss.item())  # the carried state is used
+        else:
+            assert carry is None
+
+
+def test_stateless_training_draws_random_windows_of_seq_len():
+    task = CharLM("synthetic", seq_len=12, mode="stateless")
+    task.setup()
+    ids = task._ids["train"]
+    batches = list(task.batches("train", 16, device=CPU, generator=torch.Generator().manual_seed(0)))
+    assert sum(b.inputs.shape[0] for b in batches) == (len(ids) - 1) // 12
+    batch = batches[0]
+    assert batch.inputs.shape == (16, 12) and batch.inputs.dtype == torch.long
+    assert torch.equal(batch.inputs[:, 1:], batch.targets[:, :-1])
+    start = next(s for s in range(len(ids)) if torch.equal(ids[s : s + 12], batch.inputs[0]))
+    assert torch.equal(ids[start + 1 : start + 13], batch.targets[0])
+    again = next(iter(task.batches("train", 16, device=CPU, generator=torch.Generator().manual_seed(0))))
+    assert torch.equal(again.inputs, batch.inputs)  # reproducible by the generator
+
+
+def test_stateless_evaluation_scores_every_character_once():
+    task = CharLM("synthetic", seq_len=64, mode="stateless")
+    task.setup()
+    batches = list(task.batches("valid", 8, device=CPU))
+    assert sum(b.tokens for b in batches) == len(task._ids["valid"]) - 1
+    targets = torch.cat([b.targets.reshape(-1) for b in batches])
+    assert torch.equal(targets, task._ids["valid"][1:])
+
+
+class RecordingModel(torch.nn.Module):
+    """Wraps a model and records what evaluate feeds it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, ids, state=None):
+        self.calls.append((ids.dtype, tuple(ids.shape), state is not None))
+        return self.model(ids, state)
+
+
+def test_stateful_evaluation_equals_one_pass_over_the_whole_split():
+    task = CharLM("synthetic", seq_len=50, mode="stateful")
+    model = tiny_model(task)
+    recorder = RecordingModel(model)
+    scores = task.evaluate(recorder, "valid", 1, device=CPU)
+    # One index-tensor forward per window, state carried from the second window on.
+    ids = task._ids["valid"]
+    assert len(recorder.calls) == math.ceil((len(ids) - 1) / 50)
+    assert all(dtype == torch.long for dtype, _, _ in recorder.calls)
+    assert [carried for _, _, carried in recorder.calls] == [False] + [True] * (len(recorder.calls) - 1)
+    with torch.no_grad():
+        logits, _ = model(ids[:-1].unsqueeze(0))
+        nll = F.cross_entropy(logits[0], ids[1:]).item()
+    assert scores["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert scores["bits_per_char"] == pytest.approx(nll / math.log(2), rel=1e-5)
+
+
+def test_stateless_evaluation_starts_every_window_from_zero_state():
+    task = CharLM("synthetic", seq_len=40, mode="stateless")
+    model = tiny_model(task)
+    recorder = RecordingModel(model)
+    scores = task.evaluate(recorder, "valid", 16, device=CPU)
+    assert not any(carried for _, _, carried in recorder.calls)
+    ids, total = task._ids["valid"], 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 40):
+            window = ids[start : min(start + 41, len(ids))]
+            logits, _ = model(window[:-1].unsqueeze(0))
+            total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    assert scores["perplexity"] == pytest.approx(math.exp(total / (len(ids) - 1)), rel=1e-5)
+
+
+def test_bidirectional_is_refused_with_the_reason():
+    task = CharLM("synthetic")
+    task.check_architecture(bidirectional=False)
+    with pytest.raises(ConfigError, match="causal") as info:
+        task.check_architecture(bidirectional=True)
+    assert "backward direction reads the very tokens the model must predict" in str(info.value)
+
+
+def test_unknown_dataset_suggests_the_closest_name():
+    with pytest.raises(UnknownNameError, match="did you mean 'tinyshakespeare'"):
+        CharLM("tinyshakespear")
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        CharLM(split=[0.9, 0.2, 0.05])
+    with pytest.raises(ConfigError, match="unknown option"):
+        CharLM(sequence_length=10)
+    with pytest.raises(ConfigError, match="mode"):
+        CharLM(mode="sometimes")
+    with pytest.raises(ConfigError, match="data_path"):
+        CharLM("synthetic", data_path="/tmp/x.txt")
+
+
+def test_text_dataset_reads_a_user_file(tmp_path):
+    with pytest.raises(ConfigError, match="data_path"):
+        CharLM("text")
+    text = "abcab cabca bcabc " * 200 + "XYZ"  # X, Y, Z appear only at the end: test split
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    task = CharLM("text", data_path=path, seq_len=8, split=[0.8, 0.1, 0.1])
+    _, scores = train_briefly(task, steps=30, hidden_size=16, hparams={"embedding_dim": 8})
+    facts = task.describe()
+    assert facts["characters"] == 4 and facts["vocab_size"] == 5  # a b c space + <unk>
+    assert sum(facts[f"chars_{s}"] for s in ("train", "valid", "test")) == len(text)
+    assert facts["unknown_test"] == 3 and facts["unknown_valid"] == 0
+    assert facts["data_file"] == str(path)
+    assert math.isfinite(scores["perplexity"])
+    assert math.isfinite(task.baseline("test")["unigram_perplexity"])  # smoothed: <unk> costs finitely
+
+
+def test_samples_artifact_has_the_requested_length_and_is_seeded():
+    task = CharLM("synthetic", seq_len=16, sample_prime="abc", sample_length=75, temperature=0.5)
+    model = tiny_model(task).train()
+    samples = task.artifacts(model, device=CPU)["samples.txt"]
+    assert len(samples) == 3 + 75 and samples.startswith("abc")
+    assert set(samples[3:]) <= set(task.vocab.itos[1:])  # real characters, never <unk>
+    assert model.training  # the mode it came in with is restored
+    assert CharLM("synthetic", seq_len=16, sample_prime="abc", sample_length=75, temperature=0.5).artifacts(
+        model, device=CPU
+    ) == {"samples.txt": samples}
+    unknown_prime = CharLM("synthetic").artifacts(model, device=CPU)["samples.txt"]
+    assert unknown_prime.startswith("The ") and len(unknown_prime) == 4 + 200  # defaults
+
+
+def test_tinyshakespeare_from_the_shared_data(shared_data):
+    task = CharLM("tinyshakespeare")
+    task.setup()
+    facts = task.describe()
+    assert facts["data_file"] == str(shared_data / "charlm/tinyshakespeare/input.txt")
+    assert facts["characters"] == 65 and facts["vocab_size"] == 66  # the char-rnn 65 + <unk>
+    assert sum(facts[f"chars_{s}"] for s in ("train", "valid", "test")) == 1_115_394
+    assert facts["unknown_valid"] == facts["unknown_test"] == 0
+    explicit = CharLM("tinyshakespeare", data_path=shared_data / "charlm/tinyshakespeare/input.txt")
+    explicit.setup()
+    assert torch.equal(explicit._ids["valid"], task._ids["valid"])
+
+
+def test_timemachine_with_d2l_preprocessing(shared_data):
+    task = CharLM("timemachine", d2l_preprocess=True)
+    task.setup()
+    facts = task.describe()
+    # 26 letters + space + <unk> = d2l's 28 tokens; lines joined with no separator = 170,580 chars.
+    assert facts["vocab_size"] == 28 and facts["characters"] == 27
+    assert sum(facts[f"chars_{s}"] for s in ("train", "valid", "test")) == 170_580
+    assert task.vocab.decode(task._ids["train"][:29].tolist()) == "the time machine by h g wells"
+    raw = CharLM("timemachine")
+    raw.setup()
+    assert sum(raw.describe()[f"chars_{s}"] for s in ("train", "valid", "test")) == 178_979
+
+
+def test_detach_state_handles_the_encoder_state_list():
+    task = CharLM("synthetic", seq_len=8)
+    model = tiny_model(task, layers=2).train()
+    _, state = model(torch.zeros(2, 5, dtype=torch.long))
+    detached = detach_state(state)
+    assert isinstance(detached, list) and len(detached) == 2
+    assert all(not t.requires_grad for pair in detached for t in pair)

@@ -1,0 +1,181 @@
+"""`rnnbench run` end to end: exact trial counts, kill-and-resume, parallel workers, MLflow layout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+TINY = """\
+name: {name}
+cells: [gru]
+tasks:
+  - name: memory
+    options: {{problem: adding, seq_len: 8, train_size: {train_size}, valid_size: 64, test_size: 64}}
+search:
+  hidden_size: {{type: int, low: 4, high: 8}}
+  lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
+budget: {{trials: {trials}, epochs: {epochs}}}
+final: {{seeds: {seeds}}}
+pruner: {{name: none}}
+"""
+
+
+def _write(tmp_path: Path, name: str, trials=3, epochs=1, seeds=2, train_size=128) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, trials=trials, epochs=epochs, seeds=seeds, train_size=train_size))
+    return path
+
+
+def _env(home: Path) -> dict[str, str]:
+    return {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(args: list[str], home: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rnnbench.cli", *args],
+        env=_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _counts(home: Path, name: str):
+    """(Optuna trials by state per study kind, MLflow runs by (stage, study, trial) and status)."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.sweep import open_storage
+    from rnnbench.tracking import tracking_uri_for
+
+    storage = open_storage(None, home)
+    states = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        kind = "final" if summary.study_name.endswith("::final") else "search"
+        states[kind] = Counter(
+            "interrupted" if t.user_attrs.get("interrupted") else t.state.name for t in study.get_trials()
+        )
+    client = MlflowClient(tracking_uri_for(home))
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    keys = Counter(
+        (
+            r.data.tags.get("rnnbench.study"),
+            r.data.tags.get("rnnbench.stage"),
+            r.data.tags.get("rnnbench.trial"),
+            r.data.tags.get("rnnbench.seed"),
+        )
+        for r in runs
+    )
+    return states, runs, keys
+
+
+def test_run_counts_and_mlflow_layout(tmp_path: Path):
+    home = tmp_path / "home"
+    result = _run(["run", str(_write(tmp_path, "plain"))], home)
+    assert result.returncode == 0, result.stderr
+    states, runs, keys = _counts(home, "plain")
+    assert states["search"] == Counter({"COMPLETE": 3}) and states["final"] == Counter({"COMPLETE": 2})
+    assert max(keys.values()) == 1  # no trial or seed has two runs
+    parents = [r for r in runs if r.data.tags["rnnbench.stage"] == "study"]
+    children = [r for r in runs if r.data.tags["rnnbench.stage"] in ("search", "final")]
+    assert len(parents) == 1 and len(children) == 5
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    parent = parents[0].data
+    assert parent.metrics["final_seeds"] == 2 and "test_mse_mean" in parent.metrics
+    assert (
+        parent.metrics["test_mse_ci95_low"]
+        <= parent.metrics["test_mse_mean"]
+        <= parent.metrics["test_mse_ci95_high"]
+    )
+    for r in children:
+        assert {"rnnbench.version", "rnnbench.torch", "rnnbench.device_name", "rnnbench.threads"} <= set(
+            r.data.tags
+        )
+        assert "valid_mse" in r.data.metrics and "train_tokens_per_s" in r.data.metrics
+        assert r.data.params["hidden_size"] and r.data.params["lr"]
+    finals = [r for r in children if r.data.tags["rnnbench.stage"] == "final"]
+    assert all("test_mse" in r.data.metrics for r in finals)
+    assert not any(
+        "test_mse" in r.data.metrics for r in children if r.data.tags["rnnbench.stage"] == "search"
+    )
+
+    # Running it again changes nothing: finished trials and seeds are never re-run.
+    again = _run(["run", str(_write(tmp_path, "plain"))], home)
+    assert again.returncode == 0, again.stderr
+    states2, runs2, _ = _counts(home, "plain")
+    assert states2 == states and len(runs2) == len(runs)
+
+
+def test_changed_budget_is_explained(tmp_path: Path):
+    home = tmp_path / "home"
+    assert _run(["run", str(_write(tmp_path, "b", trials=1, seeds=0))], home).returncode == 0
+    changed = _run(["run", str(_write(tmp_path, "b", trials=2, seeds=0))], home)
+    assert changed.returncode == 2 and "different search space, budget" in changed.stderr
+    assert "Traceback" not in changed.stderr
+
+
+def test_kill_mid_trial_then_resume(tmp_path: Path):
+    home = tmp_path / "home"
+    path = _write(tmp_path, "killed", trials=3, epochs=4, seeds=1, train_size=2048)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnbench.cli", "run", str(path)],
+        env=_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen, deadline = [], time.monotonic() + 180
+    for line in proc.stdout:  # kill once trial 1 is training (its first epoch logged)
+        seen.append(line)
+        if "epoch 1/4" in line and any("trial 1" in s for s in seen):
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    states, _, _ = _counts(home, "killed")
+    assert states["search"]["RUNNING"] == 1  # the killed trial, left behind
+
+    resumed = _run(["run", str(path)], home)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    states, runs, keys = _counts(home, "killed")
+    # exactly the budget counted, the killed trial marked and its configuration re-run
+    assert states["search"] == Counter({"COMPLETE": 3, "interrupted": 1})
+    assert states["final"] == Counter({"COMPLETE": 1})
+    assert max(keys.values()) == 1
+    statuses = Counter(r.info.status for r in runs if r.data.tags["rnnbench.stage"] == "search")
+    assert statuses == Counter({"FINISHED": 3, "KILLED": 1})
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_parallel_workers_run_the_same_counts(tmp_path: Path, workers: int):
+    home = tmp_path / "home"
+    path = tmp_path / "par.yaml"
+    path.write_text(
+        _write(tmp_path, "par", trials=3, seeds=2).read_text().replace("cells: [gru]", "cells: [gru, rnn]")
+    )
+    result = _run(["run", str(path), "--workers", str(workers)], home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import optuna
+
+    from rnnbench.sweep import open_storage
+
+    storage = open_storage(None, home)
+    summaries = optuna.get_all_study_summaries(storage)
+    assert len(summaries) == 4  # 2 architectures x (search, final)
+    for s in summaries:
+        expected = 2 if s.study_name.endswith("::final") else 3
+        trials = optuna.load_study(study_name=s.study_name, storage=storage).get_trials()
+        assert Counter(t.state.name for t in trials) == Counter({"COMPLETE": expected}), s.study_name
+    _, _, keys = _counts(home, "par")
+    assert max(keys.values()) == 1
+    assert {"[w0]", "[w1]"} <= {w for w in ("[w0]", "[w1]") if w in result.stdout}
