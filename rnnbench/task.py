@@ -47,10 +47,11 @@ class Metric:
 
 @dataclass
 class Batch:
-    """One batch, already on its device.
+    """One batch, already on its device (except ``lengths``).
 
     ``inputs``: token ids ``[B, T]`` or features ``[B, T, F]``; ``targets``: whatever the task's
-    loss needs; ``lengths``: true lengths ``[B]`` (None when every sequence is full);
+    loss needs; ``lengths``: true lengths ``[B]`` kept on the CPU (packing needs them there; on
+    the GPU they would cost a sync per batch), None when every sequence is full;
     ``tokens``: the number of real input positions, a Python int computed without a device sync,
     used for tokens/s; ``extra``: anything else the task needs (a reset flag for stateful TBPTT...).
     """
