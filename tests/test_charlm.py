@@ -15,7 +15,7 @@ from rnnbench.errors import ConfigError, UnknownNameError
 from rnnbench.task import detach_state
 from rnnbench.tasks import charlm as charlm_module
 from rnnbench.tasks.charlm import CharLM
-from tests.conftest import train_briefly
+from tests.helpers import train_briefly
 
 CPU = torch.device("cpu")
 

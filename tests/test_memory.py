@@ -13,7 +13,7 @@ from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, UnknownNameError
 from rnnbench.tasks import memory as memory_module
 from rnnbench.tasks.memory import Memory
-from tests.conftest import train_briefly
+from tests.helpers import train_briefly
 
 CPU = torch.device("cpu")
 SMALL = {"train_size": 4000, "valid_size": 1000, "test_size": 500}

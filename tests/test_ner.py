@@ -10,7 +10,7 @@ from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.tasks import ner
 from rnnbench.tasks.ner import NERTask, word_shape
-from tests.conftest import train_briefly
+from tests.helpers import train_briefly
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.tasks import sentiment
 from rnnbench.tasks.sentiment import SentimentTask
-from tests.conftest import train_briefly
+from tests.helpers import train_briefly
 
 CPU = torch.device("cpu")
 
