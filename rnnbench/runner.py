@@ -488,10 +488,20 @@ class Worker:
                     f"test_{name}_ci95_low": low,
                     f"test_{name}_ci95_high": high,
                 }
+        metrics |= {f"baseline_test_{k}": v for k, v in self._baseline(study).items()}
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
         self.tracker.log_metrics(parent.info.run_id, metrics)
         self.tracker.set_tags(parent.info.run_id, tags)
         self.tracker.end_run(parent.info.run_id, "FINISHED")
+
+
+    def _baseline(self, study: Study) -> dict[str, float]:
+        """The task's trivial baseline on test, for the report to show beside the architectures."""
+        try:
+            return dict(self._task(study).baseline("test"))
+        except Exception as exc:  # a plugin's baseline must not cost the finished study
+            self.progress.log(f"warning: baseline of {study.task_entry.name} failed: {exc}")
+            return {}
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:

@@ -50,9 +50,13 @@ def open_storage(url: str | None, home: Path) -> optuna.storages.BaseStorage:
     )
 
 
-def make_sampler(experiment: Experiment, worker: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(experiment: Experiment, worker: int = 0, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
+    """A sampler seeded from the study's trial count: each ask draws a fresh point (a sampler
+    rebuilt with a fixed seed proposes its first point again every time), a resumed run proposes
+    what an uninterrupted one would, and every architecture starts from the same random points.
+    Workers get distinct streams."""
     spec = experiment.sampler
-    seed = spec.seed + worker  # distinct streams per worker, or parallel workers propose the same points
+    seed = spec.seed + trials_so_far + 1_000_003 * worker
     if spec.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.name == "grid":
@@ -160,6 +164,7 @@ class Sweep:
             done, running = counted(s.get_trials(deepcopy=False))
             if done + running >= trial_budget(self.experiment):
                 return None
+            s.sampler = make_sampler(self.experiment, self.worker, len(s.get_trials(deepcopy=False)))
             return s.ask()
 
     def claim_final_trial(self, study: Study, f: optuna.Study) -> optuna.Trial | None:
