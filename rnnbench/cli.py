@@ -186,6 +186,46 @@ def ui_command(home, tracking_uri, host, port) -> None:
         sys.exit(0)
 
 
+@app.command("report")
+@click.argument("experiment")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default reports/<experiment>).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["html", "notebook", "all"]), default="all", show_default=True,
+    help="html: tables, figures, report.html; notebook: executed notebook and its HTML; all: both.",
+)
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the run home's store).")
+def report_command(experiment, out, fmt, home, tracking_uri) -> None:
+    """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file)."""
+    import time
+    from pathlib import Path
+
+    from rnnbench.report import build_report
+    from rnnbench.report.collect import resolve_tracking_uri
+    from rnnbench.runner import run_home
+
+    started = time.perf_counter()
+    if experiment.endswith((".yaml", ".yml")) or Path(experiment).is_file():
+        from rnnbench import experiment as experiment_mod
+
+        experiment = experiment_mod.load(experiment).name
+    uri = resolve_tracking_uri(home, tracking_uri)
+    journal = run_home(home) / "optuna.journal"
+    report = build_report(
+        experiment,
+        tracking_uri=uri,
+        out=Path(out or Path("reports") / experiment),
+        fmt=fmt,
+        journal=journal if journal.is_file() else None,
+        progress=lambda message: click.echo(message, err=True),
+    )
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if report.notebook_errors:
+        click.echo(f"warning: notebook cells raised {', '.join(report.notebook_errors)}", err=True)
+    click.echo(f"report: {report.index}  ({time.perf_counter() - started:.1f} s)")
+
+
 def main() -> None:
     app(prog_name="rnnbench")
 

@@ -494,7 +494,6 @@ class Worker:
         self.tracker.set_tags(parent.info.run_id, tags)
         self.tracker.end_run(parent.info.run_id, "FINISHED")
 
-
     def _baseline(self, study: Study) -> dict[str, float]:
         """The task's trivial baseline on test, for the report to show beside the architectures."""
         try:

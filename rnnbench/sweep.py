@@ -50,7 +50,9 @@ def open_storage(url: str | None, home: Path) -> optuna.storages.BaseStorage:
     )
 
 
-def make_sampler(experiment: Experiment, worker: int = 0, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    experiment: Experiment, worker: int = 0, trials_so_far: int = 0
+) -> optuna.samplers.BaseSampler:
     """A sampler seeded from the study's trial count: each ask draws a fresh point (a sampler
     rebuilt with a fixed seed proposes its first point again every time), a resumed run proposes
     what an uninterrupted one would, and every architecture starts from the same random points.

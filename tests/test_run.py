@@ -103,7 +103,9 @@ def test_run_counts_and_mlflow_layout(tmp_path: Path):
         assert "valid_mse" in r.data.metrics and "train_tokens_per_s" in r.data.metrics
         assert r.data.params["hidden_size"] and r.data.params["lr"]
     searched = {
-        (r.data.params["hidden_size"], r.data.params["lr"]) for r in children if r.data.tags["rnnbench.stage"] == "search"
+        (r.data.params["hidden_size"], r.data.params["lr"])
+        for r in children
+        if r.data.tags["rnnbench.stage"] == "search"
     }
     assert len(searched) == 3  # every search trial tries a new configuration
     finals = [r for r in children if r.data.tags["rnnbench.stage"] == "final"]
