@@ -66,8 +66,12 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
+_LABEL = Field(None, pattern=r"^[A-Za-z0-9_.+=-]+$", description="names this entry in study names")
+
+
 class CellEntry(_Strict):
     name: str
+    label: str | None = _LABEL  # tells apart two entries of one cell (e.g. different hparams)
     layers: list[Annotated[int, Field(ge=1, le=16)]] = [1]
     bidirectional: list[bool] = [False]
     hparams: dict[str, Any] = {}
@@ -78,6 +82,7 @@ class CellEntry(_Strict):
 class TaskEntry(_Strict):
     name: str
     dataset: str = "synthetic"
+    label: str | None = _LABEL  # tells apart two entries of one task (e.g. memory at several seq_len)
     data_path: str | None = None
     options: dict[str, Any] = {}
     hparams: dict[str, Any] = {}
@@ -156,7 +161,8 @@ class Study:
 
         self.experiment, self.cell_entry, self.task_entry = experiment, cell, task
         self.arch = Architecture(cell.name, layers, bidirectional)
-        self.name = f"{experiment.name}/{task.name}-{task.dataset}/{self.arch.label}"
+        arch = self.arch.label if cell.label is None else f"{cell.label}-{self.arch.label.split('-', 1)[1]}"
+        self.name = f"{experiment.name}/{task.label or f'{task.name}-{task.dataset}'}/{arch}"
 
     @property
     def fixed_hparams(self) -> dict[str, Any]:
@@ -209,6 +215,14 @@ def expand(experiment: Experiment) -> tuple[list[Study], list[tuple[str, str]]]:
                 studies.append(study)
     if not studies:
         raise ConfigError("the experiment expands to no study (every combination was skipped)")
+    seen: dict[str, Study] = {}
+    for study in studies:
+        if study.name in seen:
+            raise ConfigError(
+                f"two entries give the same study name {study.name!r}: set a distinct `label:` on the "
+                "repeated task or cell entry (e.g. label: memory-T100)"
+            )
+        seen[study.name] = study
     return studies, skipped
 
 

@@ -57,6 +57,8 @@ BROKEN = [
     ("name: x\ncells: []\ntasks: [memory]\n", "cells"),
     ("cells: [lstm]\ntasks: [memory]\n", "name"),
     ("name: x\ncells: [lstm]\ntasks: [memory]\nsampler: {name: cmaes}\n", "sampler.name"),
+    ("name: x\ncells: [lstm]\ntasks: [memory, {name: memory, options: {seq_len: 9}}]\n", "distinct `label:`"),
+    ("name: x\ncells: [{name: lstm, label: 'a b'}]\ntasks: [memory]\n", "cells[0].label"),
     (
         "name: x\ncells: [lstm]\ntasks: [memory]\nsearch: {lr: {type: float, low: 0.1, high: 1}}\nsampler: {name: grid}\n",
         "grid",
@@ -124,3 +126,16 @@ def test_cli_broken_files_exit_2_one_line_nothing_on_disk(tmp_path: Path):
         assert code == "2", line
         assert "Traceback" not in message and "\\n" not in message and message[1:].startswith("error: ")
     assert not (tmp_path / "home").exists() and not (tmp_path / "runs").exists()
+
+
+def test_labels_tell_repeated_entries_apart():
+    text = VALID.replace(
+        "  - name: forecast\n", "  - name: memory\n    label: memory-T30\n    options: {seq_len: 30}\n"
+    )
+    text = text.replace(
+        "  - lstm\n", "  - lstm\n  - {name: lstm, label: lstm-fb0, hparams: {forget_bias: 0.0}}\n"
+    )
+    studies, _ = expand(parse(text))
+    names = [s.name for s in studies]
+    assert len(names) == len(set(names))
+    assert "ok/memory-T30/lstm-fb0-1L-uni" in names and "ok/memory-synthetic/lstm-1L-uni" in names

@@ -1,0 +1,330 @@
+"""MLflow runs of one experiment → one tidy pandas table (one row per run) and per-epoch histories.
+
+Reads only what ``rnnbench run`` logged (see tracking.py): tags ``rnnbench.*``, hyperparameters as
+params, summary metrics (latest value), and, for the few runs the curves need, metric histories.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError
+
+TAG = "rnnbench."
+# Params every child run carries that are not hyperparameters (they are tags too).
+_META_PARAMS = {"seed", "cell", "layers", "bidirectional"}
+_ENV_TAGS = ("version", "torch", "python", "threads", "git_commit", "device_name", "cpu", "cuda")
+_ID_COLUMNS = [
+    "experiment", "study", "architecture", "cell", "layers", "bidirectional", "variant", "task",
+    "benchmark", "dataset", "stage", "trial", "seed", "status", "failure_reason", "failure_message",
+]  # fmt: skip
+HISTORY_METRICS = ("grad_norm", "grad_norm_max")
+
+
+@dataclass
+class TaskInfo:
+    """The primary metric of a task and which way is better."""
+
+    name: str
+    metric: str
+    direction: str  # "minimize" | "maximize"
+
+    @property
+    def better(self) -> str:
+        return "lower is better" if self.direction == "minimize" else "higher is better"
+
+
+@dataclass
+class Collected:
+    experiment: str
+    tracking_uri: str
+    runs: pd.DataFrame
+    histories: pd.DataFrame  # run_id, metric, step (epoch), value
+    tasks: dict[str, TaskInfo]
+    notes: list[str] = field(default_factory=list)
+    benchmarks: dict[str, TaskInfo] = field(default_factory=dict)  # benchmark → its task's metric
+
+
+def resolve_tracking_uri(home: str | Path | None, tracking_uri: str | None) -> str:
+    """The URI given, else the run home's sqlite store (which must exist: MLflow would create it)."""
+    if tracking_uri:
+        return tracking_uri
+    from rnnbench.runner import run_home
+    from rnnbench.tracking import tracking_uri_for
+
+    path = run_home(home)
+    if not (path / "mlflow.db").is_file():
+        raise ConfigError(
+            f"no MLflow store in {path}: run `rnnbench run EXPERIMENT.yaml` first or pass --home"
+        )
+    return tracking_uri_for(path)
+
+
+def open_client(uri: str):
+    """An MlflowClient that has answered once; one clear line when the store is unreachable."""
+    # Fail fast on an unreachable server instead of minutes of retries with backoff.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from rnnbench.tracking import _quiet_mlflow
+
+    _quiet_mlflow()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.is_absolute():
+            db = Path("/" + str(db)) if uri.startswith("sqlite:////") else db
+        if not db.is_file():
+            raise RnnbenchError(f"MLflow tracking store {uri} is not reachable: no such database file")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # connection refused, bad URI, locked or foreign database...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RnnbenchError(f"MLflow tracking store {uri} is not reachable: {first[:200]}") from None
+    return client
+
+
+def experiment_names(client) -> list[str]:
+    names, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        names += [e.name for e in page if e.lifecycle_stage == "active"]
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def find_experiment(client, name: str):
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        known = [n for n in experiment_names(client) if n != "Default"]
+        raise UnknownNameError("experiment", name, known)
+    return exp
+
+
+def search_all_runs(client, experiment_id: str, progress: Callable[[str], None] | None = None) -> list:
+    """Every run of the experiment, page by page (search_runs caps a page at a few thousand)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if progress and token:
+            progress(f"collected {len(runs)} runs...")
+        if not token:
+            return runs
+
+
+def task_info(task: str, columns: list[str]) -> tuple[TaskInfo, str | None]:
+    """The primary metric from the task plugin; guessed from the columns when it is not installed."""
+    try:
+        from rnnbench.plugins import get_task
+
+        metric = get_task(task).metrics[0]
+        return TaskInfo(task, metric.name, metric.direction), None
+    except Exception:
+        guesses = sorted(c.removeprefix("best_valid_") for c in columns if c.startswith("best_valid_"))
+        name = guesses[0] if guesses else "loss"
+        note = f"task {task!r} is not installed: ranked on {name!r}, assuming lower is better"
+        return TaskInfo(task, name, "minimize"), note
+
+
+def _number(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        as_float = float(value)
+    except ValueError:
+        return {"True": True, "False": False}.get(value, value)
+    return (
+        int(as_float) if as_float.is_integer() and "." not in value and "e" not in value.lower() else as_float
+    )
+
+
+def run_row(run, experiment: str) -> dict[str, Any]:
+    tags, info = run.data.tags, run.info
+    own = {k.removeprefix(TAG): v for k, v in tags.items() if k.startswith(TAG)}
+    layers = _number(own.get("layers"))
+    bidirectional = own.get("bidirectional") == "True" if "bidirectional" in own else None
+    study = own.get("study")
+    row: dict[str, Any] = {
+        "experiment": experiment,
+        "study": study,
+        "architecture": study.rsplit("/", 1)[-1] if study else None,
+        "cell": own.get("cell"),
+        "layers": layers,
+        "bidirectional": bidirectional,
+        "variant": variant_label(layers, bidirectional) if layers is not None else None,
+        "task": own.get("task"),
+        # the task entry (task-dataset, or its label): tables and panels are per benchmark
+        "benchmark": study.split("/")[1] if study and study.count("/") >= 2 else own.get("task"),
+        "dataset": own.get("dataset"),
+        "stage": own.get("stage"),
+        "trial": _number(own.get("trial")),
+        "seed": _number(own.get("seed")),
+        "status": own.get("status"),
+        "failure_reason": own.get("failure_reason"),
+        "failure_message": own.get("failure_message"),
+        "best_trial": _number(own.get("best_trial")),
+        "run_id": info.run_id,
+        "run_name": tags.get("mlflow.runName"),
+        "parent_run_id": tags.get("mlflow.parentRunId"),
+        "mlflow_status": info.status,
+        "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True) if info.start_time else pd.NaT,
+        "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,
+    }
+    for key, value in run.data.params.items():
+        if key.startswith("best."):  # the study run carries its best configuration
+            row[f"hp_{key[5:]}"] = _number(value)
+        elif key.startswith("data."):
+            row[f"data_{key[5:]}"] = _number(value)
+        elif key not in _META_PARAMS:
+            row[f"hp_{key}"] = _number(value)
+    row.update(run.data.metrics)
+    for name in _ENV_TAGS:
+        row[f"env_{name}"] = own.get(name)
+    return row
+
+
+def variant_label(layers: Any, bidirectional: Any) -> str:
+    return f"{layers}L-{'bi' if bidirectional else 'uni'}"
+
+
+def _tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    for col in ("layers", "trial", "seed", "best_trial"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    for col in df.columns:
+        if col.startswith(("hp_", "data_")) and df[col].dtype == object:
+            converted = pd.to_numeric(df[col], errors="coerce")
+            if converted.notna().sum() == df[col].notna().sum():
+                df[col] = converted
+            else:  # mixed types would break Parquet
+                df[col] = df[col].map(
+                    lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                )
+    first = [c for c in _ID_COLUMNS if c in df.columns]
+    hps = sorted(c for c in df.columns if c.startswith("hp_"))
+    env = sorted(c for c in df.columns if c.startswith("env_"))
+    rest = [c for c in df.columns if c not in first and c not in hps and c not in env]
+    order = {"study": 0, "search": 1, "final": 2}
+    df = df[first + hps + rest + env]
+    df["_o"] = df["stage"].map(order).fillna(3)
+    df = df.sort_values(["task", "study", "_o", "trial", "seed"], na_position="last").drop(columns="_o")
+    return df.reset_index(drop=True)
+
+
+def collect(
+    client,
+    experiment: str,
+    *,
+    tracking_uri: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> Collected:
+    exp = find_experiment(client, experiment)
+    runs = search_all_runs(client, exp.experiment_id, progress)
+    rows = [run_row(r, experiment) for r in runs if r.data.tags.get(f"{TAG}stage")]
+    if not rows:
+        raise RnnbenchError(
+            f"experiment {experiment!r} has no runs yet: start it with `rnnbench run` and report again"
+        )
+    df = _tidy(rows)
+    notes: list[str] = []
+    tasks: dict[str, TaskInfo] = {}
+    for task in sorted(df["task"].dropna().unique()):
+        info, note = task_info(task, list(df.columns))
+        tasks[task] = info
+        if note:
+            notes.append(note)
+    notes += status_notes(df)
+    histories = collect_histories(client, df, tasks, progress)
+    pairs = df[["benchmark", "task"]].dropna().drop_duplicates().sort_values("benchmark")
+    benchmarks = {b: tasks[t] for b, t in pairs.itertuples(index=False)}
+    return Collected(experiment, tracking_uri, df, histories, tasks, notes, benchmarks)
+
+
+def status_notes(df: pd.DataFrame) -> list[str]:
+    """What is missing or went wrong, in words a reader acts on."""
+    notes = []
+    search = df[df["stage"] == "search"]
+    for state in ("failed", "pruned", "interrupted", "running"):
+        n = int((search["status"] == state).sum())
+        if n:
+            reasons = ""
+            if state == "failed":
+                counts = search.loc[search["status"] == "failed", "failure_reason"].fillna("unknown")
+                reasons = " (" + ", ".join(f"{k}: {v}" for k, v in counts.value_counts().items()) + ")"
+            notes.append(f"{n} search trial(s) {state}{reasons}")
+    final = df[(df["stage"] == "final") & (df["status"] == "complete")]
+    studies = sorted(df["study"].dropna().unique())
+    without = [s for s in studies if s not in set(final["study"])]
+    if without:
+        notes.append(
+            f"{len(without)} of {len(studies)} studies have no final seeds yet (not ranked on test): "
+            + ", ".join(s.split("/", 1)[-1] for s in without)
+        )
+    failed_final = int(((df["stage"] == "final") & (df["status"] == "failed")).sum())
+    if failed_final:
+        notes.append(f"{failed_final} final seed run(s) failed")
+    return notes
+
+
+def best_search_runs(df: pd.DataFrame, tasks: dict[str, TaskInfo]) -> pd.DataFrame:
+    """Per study, the search run of its best trial (from the study run's tag, else by best valid)."""
+    out = []
+    search = df[(df["stage"] == "search") & (df["status"] == "complete")]
+    parents = df[df["stage"] == "study"].set_index("study")
+    for study, group in search.groupby("study"):
+        best = None
+        if study in parents.index:
+            tag = parents.loc[[study], "best_trial"].iloc[0]
+            if pd.notna(tag):
+                match = group[group["trial"] == tag]
+                best = match.iloc[0] if len(match) else None
+        info = tasks.get(group["task"].iloc[0])
+        col = f"best_valid_{info.metric}" if info else None
+        if best is None and col in group and group[col].notna().any():
+            idx = group[col].idxmin() if info.direction == "minimize" else group[col].idxmax()
+            best = group.loc[idx]
+        if best is not None:
+            out.append(best)
+    return pd.DataFrame(out)
+
+
+def collect_histories(client, df, tasks, progress=None) -> pd.DataFrame:
+    """Per-epoch curves for the runs the figures draw: best search trials and final seeds."""
+    best = best_search_runs(df, tasks)
+    finals = df[(df["stage"] == "final") & (df["status"] == "complete")]
+    records = []
+    wanted = list(best.itertuples()) + list(finals.itertuples())
+    for i, run in enumerate(wanted):
+        info = tasks.get(run.task)
+        metrics = ([f"valid_{info.metric}"] if info else []) + list(HISTORY_METRICS)
+        for metric in metrics:
+            for m in client.get_metric_history(run.run_id, metric):
+                records.append((run.run_id, metric, int(m.step), float(m.value)))
+        if progress and i and i % 50 == 0:
+            progress(f"collected curves of {i}/{len(wanted)} runs...")
+    hist = pd.DataFrame(records, columns=["run_id", "metric", "step", "value"])
+    best_ids = set(best["run_id"]) if len(best) else set()
+    hist["best_trial"] = hist["run_id"].isin(best_ids)
+    return hist
+
+
+def save(collected: Collected, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "runs.parquet", out / "runs.csv", out / "histories.parquet"]
+    collected.runs.to_parquet(paths[0], index=False)
+    collected.runs.to_csv(paths[1], index=False)
+    collected.histories.to_parquet(paths[2], index=False)
+    return paths

@@ -1,0 +1,210 @@
+"""`rnnbench report`: ranking and interval arithmetic on hand-built tables, messy stores, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from rnnbench.cli import app
+from rnnbench.report.collect import TaskInfo
+from rnnbench.report.figures import pareto_front
+from rnnbench.report.tables import rank_task, summary
+
+ACC = TaskInfo("sentiment", "accuracy", "maximize")
+
+
+def _runs(finals: dict[str, list[float]], extra: list[dict] | None = None) -> pd.DataFrame:
+    """A tidy table as collect() builds it: a study row per architecture and its final seeds."""
+    rows = []
+    for arch, values in finals.items():
+        cell, variant = arch.split("-", 1)
+        base = {"study": f"e/sentiment-x/{arch}", "architecture": arch, "cell": cell, "variant": variant,
+                "task": "sentiment"}  # fmt: skip
+        rows.append({**base, "stage": "study", "status": "complete", "best_valid": 0.5, "hp_lr": 0.01,
+                     "baseline_test_accuracy": 0.5})  # fmt: skip
+        for seed, v in enumerate(values):
+            rows.append({**base, "stage": "final", "status": "complete", "seed": seed, "test_accuracy": v,
+                         "params_total": 1000, "train_tokens_per_s": 5e4})  # fmt: skip
+    return pd.DataFrame(rows + (extra or []))
+
+
+def test_ranking_and_confidence_intervals_by_hand():
+    finals = {
+        "lstm-1L-uni": [0.80, 0.82, 0.84],
+        "gru-1L-uni": [0.79, 0.83, 0.81],
+        "rnn-1L-uni": [0.60, 0.61, 0.62],
+    }
+    table = rank_task(_runs(finals), ACC).table.set_index("architecture")
+    assert list(table.index[:3]) == ["lstm-1L-uni", "gru-1L-uni", "rnn-1L-uni"]  # higher accuracy first
+    assert list(table["rank"][:3]) == [1, 2, 3]
+    # mean 0.82, s = 0.02, t(0.975, 2) = 4.303: half-width 0.02 * 4.303 / sqrt(3) = 0.04968
+    lstm = table.loc["lstm-1L-uni"]
+    assert lstm["mean"] == pytest.approx(0.82)
+    assert lstm["ci95_high"] - lstm["mean"] == pytest.approx(0.02 * 4.302653 / math.sqrt(3), rel=1e-5)
+    assert lstm["mean"] - lstm["ci95_low"] == pytest.approx(lstm["ci95_high"] - lstm["mean"])
+    # gru is within noise of lstm (Welch p ≈ 0.58); rnn is clearly worse
+    p_gru = stats.ttest_ind([0.80, 0.82, 0.84], [0.79, 0.83, 0.81], equal_var=False).pvalue
+    assert table.loc["gru-1L-uni", "p_vs_best"] == pytest.approx(p_gru)
+    assert table.loc["gru-1L-uni", "vs_best"] == "≈ best" and table.loc["rnn-1L-uni", "vs_best"] == "worse"
+    assert table.loc["lstm-1L-uni", "vs_best"] == "best"
+    assert table.loc["trivial baseline", "mean"] == pytest.approx(0.5)
+
+
+def test_lower_is_better_and_unranked_studies():
+    mse = TaskInfo("sentiment", "accuracy", "minimize")  # same columns, opposite direction
+    runs = _runs({"lstm-1L-uni": [0.3, 0.31], "gru-1L-uni": [0.2, 0.22]})
+    runs = pd.concat([runs, pd.DataFrame([{"study": "e/sentiment-x/rnn-1L-uni", "architecture": "rnn-1L-uni",
+                      "cell": "rnn", "variant": "1L-uni", "task": "sentiment", "stage": "search",
+                      "status": "failed"}])])  # fmt: skip
+    t = rank_task(runs, mse)
+    ranked = t.table.dropna(subset=["rank"])
+    assert list(ranked["architecture"]) == ["gru-1L-uni", "lstm-1L-uni"]
+    assert any("rnn-1L-uni" in n for n in t.notes)  # a study without final seeds is named, not dropped
+    row = t.table.set_index("architecture").loc["rnn-1L-uni"]
+    assert row["vs_best"] == "no final seeds" and row["trials_ok/pruned/failed"] == "0/0/1"
+
+
+def test_one_seed_has_no_interval_and_no_test():
+    t = rank_task(_runs({"lstm-1L-uni": [0.8], "gru-1L-uni": [0.7]}), ACC).table.set_index("architecture")
+    assert math.isnan(t.loc["lstm-1L-uni", "ci95_low"])
+    assert t.loc["gru-1L-uni", "vs_best"].startswith("n/a")
+
+
+def test_summary_mean_rank():
+    a = rank_task(_runs({"lstm-1L-uni": [0.9, 0.91], "gru-1L-uni": [0.8, 0.81]}), ACC)
+    b = rank_task(
+        _runs({"lstm-1L-uni": [0.5, 0.51], "gru-1L-uni": [0.7, 0.71], "rnn-1L-uni": [0.6, 0.61]}), ACC
+    )
+    b.task = "other"
+    s = summary([a, b]).set_index("architecture")
+    assert s.loc["lstm-1L-uni", "mean_rank"] == 2.0 and s.loc["gru-1L-uni", "mean_rank"] == 1.5
+    assert s.loc["rnn-1L-uni", "tasks_ranked"] == 1 and s.index[0] == "gru-1L-uni"
+
+
+def test_pareto_front():
+    points = pd.DataFrame({"tps": [100, 200, 300, 400], "mean": [0.9, 0.95, 0.8, 0.85]})
+    front = pareto_front(points, "tps", "maximize")
+    assert sorted(front["tps"]) == [200, 400]  # 100 and 300 are beaten on both axes
+
+
+def _tracker_with_messy_runs(home: Path):
+    """A store as a still-running experiment leaves it: failed, pruned, running trials, no final stage."""
+    from rnnbench.tracking import Tracker, tracking_uri_for
+
+    home.mkdir(parents=True)
+    tracker = Tracker(tracking_uri_for(home), "messy", home / "artifacts")
+    study = {"study": "messy/memory-synthetic/gru-1L-uni", "cell": "gru", "layers": 1, "bidirectional": False,
+             "task": "memory", "dataset": "synthetic"}  # fmt: skip
+    parent = tracker.start_run("study", {**study, "stage": "study", "status": "running"})
+    for trial, (status, metrics) in enumerate(
+        [
+            ("complete", {"best_valid_mse": 0.1, "valid_mse": 0.1}),
+            ("failed", {}),
+            ("pruned", {"valid_mse": 0.3}),
+            ("running", {"valid_mse": 0.2}),
+        ]  # fmt: skip
+    ):
+        run = tracker.start_run(
+            f"trial-{trial}", {**study, "stage": "search", "trial": trial, "status": status}, parent
+        )
+        tracker.log_params(run, {"hidden_size": 8, "lr": 0.01})
+        if metrics:
+            tracker.log_metrics(run, metrics, step=1)
+        if status == "failed":
+            tracker.set_tags(run, {"failure_reason": "nan", "failure_message": "loss became nan at step 3"})
+        if status != "running":
+            tracker.end_run(run, "FAILED" if status == "failed" else "FINISHED")
+    return tracker
+
+
+def test_messy_experiment_reports_what_is_missing(tmp_path: Path, monkeypatch):
+    home = tmp_path / "home"
+    _tracker_with_messy_runs(home)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "messy", "--home", str(home), "--format", "html"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "reports" / "messy"
+    assert (
+        (out / "index.html").is_file()
+        and (out / "report.html").is_file()
+        and (out / "runs.parquet").is_file()
+    )
+    text = result.output
+    assert "1 search trial(s) failed (nan: 1)" in text and "1 search trial(s) pruned" in text
+    assert "1 of 1 studies have no final seeds yet" in text
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert len(runs) == 5 and set(runs["status"]) == {"running", "complete", "failed", "pruned"}
+    assert runs.loc[runs["status"] == "failed", "failure_reason"].item() == "nan"
+
+
+def test_bad_input_is_one_line(tmp_path: Path):
+    home = tmp_path / "home"
+    _tracker_with_messy_runs(home)
+    runner = CliRunner()
+    unknown = runner.invoke(app, ["report", "mesy", "--home", str(home)])
+    assert unknown.exit_code != 0 and "messy" in unknown.output and "Traceback" not in unknown.output
+    missing = runner.invoke(app, ["report", "x", "--home", str(tmp_path / "nowhere")])
+    assert missing.exit_code != 0 and len(missing.output.strip().splitlines()) == 1
+    unreachable = runner.invoke(app, ["report", "x", "--tracking-uri", "http://127.0.0.1:9"])
+    assert unreachable.exit_code != 0 and "not reachable" in unreachable.output
+    assert len(unreachable.output.strip().splitlines()) == 1
+
+
+TINY = """\
+name: rep
+cells: [rnn, {name: gru, bidirectional: [false, true]}]
+tasks:
+  - name: memory
+    options: {problem: adding, seq_len: 6, train_size: 128, valid_size: 32, test_size: 32}
+  - name: memory
+    label: memory-T12
+    options: {problem: adding, seq_len: 12, train_size: 128, valid_size: 32, test_size: 32}
+search:
+  hidden_size: {type: int, low: 4, high: 8}
+  lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+budget: {trials: 2, epochs: 2, steps_per_epoch: 3}
+final: {seeds: 2}
+pruner: {name: none}
+skip_invalid: true
+"""
+
+
+def test_end_to_end_report_with_executed_notebook(tmp_path: Path, monkeypatch):
+    home = tmp_path / "home"
+    (tmp_path / "rep.yaml").write_text(TINY)
+    env = {"RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)}
+    run = subprocess.run([sys.executable, "-m", "rnnbench.cli", "run", str(tmp_path / "rep.yaml")],
+                         env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "rep.yaml", "--home", str(home)])  # the YAML names it
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "reports" / "rep"
+    for name in ("index.html", "report.html", "report.ipynb", "report_notebook.html", "runs.csv",
+                 "tables/memory-synthetic.md", "tables/memory-T12.md", "tables/summary.csv", "figures/memory_vs_length.svg"):  # fmt: skip
+        assert (out / name).is_file(), name
+    for name in ("metric_vs_params", "metric_vs_throughput", "valid_curves", "optimisation_history", "grad_norm",
+                 "memory_vs_length"):  # fmt: skip
+        assert (out / "figures" / f"{name}.png").stat().st_size > 10_000, name
+    nb = json.loads((out / "report.ipynb").read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    assert outputs and not [o for o in outputs if o["output_type"] == "error"]
+    assert nb["cells"][1]["metadata"]["tags"] == ["parameters"]
+    runs = pd.read_csv(out / "runs.csv")
+    # 4 studies (bidirectional gru refused by the causal task) x (study run + 2 trials + 2 seeds)
+    assert len(runs) == 20 and set(runs["stage"]) == {"study", "search", "final"}
+    assert {"hp_hidden_size", "hp_lr", "params_total", "env_torch", "data_seq_len"} <= set(runs.columns)
+    index = (out / "index.html").read_text()
+    assert (
+        "report.ipynb" in index and "figures/metric_vs_params.png" in index and "tables/summary.html" in index
+    )
+    memory = pd.read_csv(out / "tables" / "memory-T12.csv")
+    assert "trivial baseline" in set(memory["architecture"])
