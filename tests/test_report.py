@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -177,17 +178,26 @@ skip_invalid: true
 """
 
 
-def test_end_to_end_report_with_executed_notebook(tmp_path: Path, monkeypatch):
-    home = tmp_path / "home"
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory) -> Path:
+    """A real tiny experiment, run in a subprocess, then reported (once for this module)."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    home, out = tmp_path / "home", tmp_path / "reports" / "rep"
     (tmp_path / "rep.yaml").write_text(TINY)
-    env = {"RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)}
+    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "rnnbench.cli", "run", str(tmp_path / "rep.yaml")],
-                         env={**__import__("os").environ, **env}, capture_output=True, text=True, timeout=300)  # fmt: skip
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["report", "rep.yaml", "--home", str(home)])  # the YAML names it
+    # the YAML file names the experiment
+    result = CliRunner().invoke(
+        app, ["report", str(tmp_path / "rep.yaml"), "--home", str(home), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
-    out = tmp_path / "reports" / "rep"
+    return out
+
+
+def test_end_to_end_report_with_executed_notebook(smoke_report: Path):
+    out = smoke_report
     for name in ("index.html", "report.html", "report.ipynb", "report_notebook.html", "runs.csv",
                  "tables/memory-synthetic.md", "tables/memory-T12.md", "tables/summary.csv", "figures/memory_vs_length.svg"):  # fmt: skip
         assert (out / name).is_file(), name
@@ -208,3 +218,15 @@ def test_end_to_end_report_with_executed_notebook(tmp_path: Path, monkeypatch):
     )
     memory = pd.read_csv(out / "tables" / "memory-T12.csv")
     assert "trivial baseline" in set(memory["architecture"])
+
+
+def test_report_pages_render_in_headless_chromium(smoke_report: Path):
+    pytest.importorskip("playwright")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import screenshot_report
+
+    if screenshot_report.chromium() is None:
+        pytest.skip("Chromium is not installed")
+    shot = smoke_report / "screenshot.png"
+    assert screenshot_report.check(smoke_report, shot) == []  # no console errors, dead links or images
+    assert shot.stat().st_size > 50_000

@@ -85,14 +85,32 @@ def execute(nb, out: Path, timeout: int = 120) -> list[str]:
 
 def write(nb, out: Path) -> tuple[Path, Path]:
     import nbformat
-    from nbconvert import HTMLExporter
 
     path = out / NOTEBOOK
     nbformat.write(nb, str(path))
-    body, _ = HTMLExporter().from_notebook_node(nb)
+    body, _ = _offline_exporter().from_notebook_node(nb)
     html_path = out / NOTEBOOK_HTML
     html_path.write_text(body)
     return path, html_path
+
+
+# nbconvert's lab template pulls require.js, MathJax and Mermaid from a CDN: dead requests and
+# console errors offline, and the report has no math or widgets to render.
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def _offline_exporter():
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(
+        extra_loaders=[DictLoader({"rnnbench_offline.html.j2": _OFFLINE_TEMPLATE})],
+        template_file="rnnbench_offline.html.j2",
+    )
 
 
 def index_page(experiment: str, out: Path, links: dict[str, list[Path]], notes: list[str]) -> Path:
