@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 
@@ -28,5 +29,7 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
         return math.nan
     from scipy import stats
 
-    result = stats.ttest_ind(list(a), list(b), equal_var=False)
+    with warnings.catch_warnings():  # near-identical seeds: scipy warns, the p-value below handles it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(list(a), list(b), equal_var=False)
     return float(result.pvalue) if math.isfinite(result.pvalue) else (1.0 if list(a) == list(b) else 0.0)

@@ -66,15 +66,22 @@ def _save(fig, out: Path, name: str, result: Figures) -> None:
     result.paths[name] = out / f"{name}.png"
 
 
-def _grid(n: int, width: float = 5.2, height: float = 4.0):
+def _grid(n: int, width: float = 5.2, height: float = 4.0, columns: int = 3):
+    """n panels, at most ``columns`` per row so many benchmarks stay readable at 100% zoom."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n, figsize=(width * n + 1.8, height), squeeze=False)
-    return fig, list(axes[0])
+    cols = min(n, columns)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1.8, height * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
 
 
 def _legend(fig, axes) -> None:
     """One legend for the figure (cell colours, variant markers), outside the plotting area."""
+    fig.tight_layout()
     handles, labels = {}, []
     for ax in axes:
         h, ls = ax.get_legend_handles_labels()
@@ -156,7 +163,7 @@ def _scatter_per_task(tables, style, out, result, x, xlabel, name, pareto=False)
             front = pareto_front(p, x, t.info.direction).sort_values(x)
             ax.plot(front[x], front["mean"], "-", color="0.2", lw=1.2, zorder=2, label="Pareto front")
             ax.scatter(front[x], front["mean"], s=260, facecolors="none", edgecolors="0.2", zorder=2)
-        for _, row in p.iterrows():
+        for _, row in p.iterrows() if len(p) <= 4 else ():  # more labels than that only overlap
             ax.annotate(
                 row["architecture"],
                 (row[x], row["mean"]),
