@@ -190,7 +190,11 @@ def ui_command(home, tracking_uri, host, port) -> None:
 @click.argument("experiment")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default reports/<experiment>).")
 @click.option(
-    "--format", "fmt", type=click.Choice(["html", "notebook", "all"]), default="all", show_default=True,
+    "--format",
+    "fmt",
+    type=click.Choice(["html", "notebook", "all"]),
+    default="all",
+    show_default=True,
     help="html: tables, figures, report.html; notebook: executed notebook and its HTML; all: both.",
 )
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
@@ -224,6 +228,50 @@ def report_command(experiment, out, fmt, home, tracking_uri) -> None:
     if report.notebook_errors:
         click.echo(f"warning: notebook cells raised {', '.join(report.notebook_errors)}", err=True)
     click.echo(f"report: {report.index}  ({time.perf_counter() - started:.1f} s)")
+
+
+@app.command("bench")
+@click.option(
+    "--cells",
+    multiple=True,
+    help="Cells to time, repeatable or comma-separated (default: every registered cell).",
+)
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--input-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--bidirectional", is_flag=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+@click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True, help="Timed rounds.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed rounds.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--mlflow", "to_mlflow", is_flag=True, help="Also log the results as an MLflow run.")
+@click.option("--home", type=click.Path(file_okay=False), help="Run home for --mlflow (as rnnbench run).")
+@click.option("--tracking-uri", help="MLflow tracking URI for --mlflow (default: the run home's store).")
+def bench_command(as_json: bool, to_mlflow: bool, home, tracking_uri, cells, **sizes) -> None:
+    """Time forward and forward+backward of every cell through the encoder, against bare torch.nn."""
+    from rnnbench import bench
+
+    settings = bench.BenchSettings(cells=tuple(cells), **sizes)
+    result = bench.run(settings, progress=None if as_json else lambda message: click.echo(message, err=True))
+    if to_mlflow:
+        from rnnbench.runner import run_home
+        from rnnbench.tracking import tracking_uri_for
+
+        path = run_home(home)
+        path.mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri or tracking_uri_for(path)
+        run_id = bench.log_to_mlflow(result, uri, artifact_root=path / "artifacts")
+        click.echo(f"mlflow: run {run_id} in {uri}", err=True)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        bench.print_table(result)
 
 
 def main() -> None:

@@ -11,7 +11,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_cell_example_runs_deep_and_bidirectional_with_padding():
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "class MinimalGRU" in b)
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "class MinimalGRU" in b
+    )
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own documentation)
     assert namespace["rnnbench_cells"]() == {"mgu": namespace["MinimalGRU"]}

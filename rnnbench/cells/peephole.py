@@ -27,7 +27,7 @@ class PeepholeLSTMCell(LSTMCell):
 
     def forward_projected(self, xp_t: Tensor, state: tuple[Tensor, Tensor]):
         h, c = state
-        gates = torch.addmm(xp_t + self.bias_hh, h, self.weight_hh.t())
+        gates = torch.addmm(xp_t, h, self.weight_hh.t())  # xp_t holds both biases (LSTMCell.project_input)
         i, f, g, o = gates.chunk(4, dim=1)
         i = torch.sigmoid(i + self.weight_ci * c)
         f = torch.sigmoid(f + self.weight_cf * c)

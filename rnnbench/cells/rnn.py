@@ -25,8 +25,12 @@ class RNNCell(GatedCell):
     def hparam_names(cls) -> tuple[str, ...]:
         return ("nonlinearity",)
 
+    def project_input(self, x: Tensor) -> Tensor:
+        """W_ih x + b_ih + b_hh: the recurrent bias rides along with the hoisted projection."""
+        return torch.nn.functional.linear(x, self.weight_ih, self.bias_ih + self.bias_hh)
+
     def forward_projected(self, xp_t: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        pre = torch.addmm(xp_t + self.bias_hh, h, self.weight_hh.t())
+        pre = torch.addmm(xp_t, h, self.weight_hh.t())
         h = torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
         return h, h
 
