@@ -154,7 +154,8 @@ def summary(tables: list[TaskTable]) -> pd.DataFrame:
     df = pd.concat(frames, axis=1)
     df["mean_rank"] = df.mean(axis=1, skipna=True)
     df["tasks_ranked"] = df.drop(columns="mean_rank").notna().sum(axis=1)
-    return df.sort_values(["mean_rank", "tasks_ranked"], ascending=[True, False]).reset_index(
+    # mean ranks over different sets of benchmarks do not compare: most benchmarks first
+    return df.sort_values(["tasks_ranked", "mean_rank"], ascending=[False, True]).reset_index(
         names="architecture"
     )
 
@@ -222,7 +223,11 @@ def write(tables: list[TaskTable], summary_df: pd.DataFrame, out: Path) -> dict[
             shown[c] = shown[c].map(
                 lambda v, c=c: "–" if pd.isna(v) else (f"{v:.2f}" if c == "mean_rank" else f"{int(v)}")
             )
-        cap = "Cross-task summary: rank of each architecture per task (1 = best test metric) and mean rank."
+        cap = (
+            "Cross-task summary: rank of each architecture per benchmark (1 = best test metric) and its mean "
+            "rank over the benchmarks it was ranked on (bidirectional ones skip causal tasks); sorted by "
+            "benchmarks ranked, then mean rank."
+        )
         (out / "summary.md").write_text(f"## summary\n\n{cap}\n\n{to_markdown(shown)}")
         section = "<h2>summary</h2>\n" + shown.to_html(index=False, border=0).replace(
             '<table border="0" class="dataframe">', f'<table class="dataframe"><caption>{cap}</caption>'
