@@ -50,6 +50,14 @@ def open_storage(url: str | None, home: Path) -> optuna.storages.BaseStorage:
     )
 
 
+class _AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler without its end-of-grid ``study.stop()``, which raises outside ``optimize``
+    (rnnbench asks and tells); the trial budget already stops at the number of grid points."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 def make_sampler(
     experiment: Experiment, worker: int = 0, trials_so_far: int = 0
 ) -> optuna.samplers.BaseSampler:
@@ -63,7 +71,8 @@ def make_sampler(
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.name == "grid":
         space = {k: p.choices for k, p in experiment.search.items() if isinstance(p, CategoricalParam)}
-        return optuna.samplers.GridSampler(space, seed=seed)
+        # one seed for every ask and worker: it shuffles the grid, and trial n takes point n of it
+        return _AskTellGridSampler(space, seed=spec.seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
