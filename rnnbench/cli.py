@@ -28,6 +28,18 @@ class _Group(click.Group):
                 raise
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a bug of ours or a library's: still one line, the details on request
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {first[:300]} "
+                "(rerun with `rnnbench --debug ...` for the traceback, and please report it)",
+                err=True,
+            )
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
