@@ -123,6 +123,7 @@ class Experiment(_Strict):
     pruner: PrunerSpec = PrunerSpec()
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    deterministic: bool = False  # torch.use_deterministic_algorithms: reproducible, often slower
     parameter_budget: int | None = Field(None, ge=1, description="solve hidden_size per architecture")
     skip_invalid: bool = False
 

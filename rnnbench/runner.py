@@ -194,7 +194,7 @@ def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[st
                 f"resuming: {recovered} interrupted run(s) found; their configurations are queued again",
                 flush=True,
             )
-        settings = {"device": device or e.device, "precision": e.precision}
+        settings = {"device": device or e.device, "precision": e.precision, "deterministic": e.deterministic}
         if workers <= 1:
             Worker(plan, 0, settings, tracker=tracker).run()
         else:
