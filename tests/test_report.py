@@ -175,7 +175,7 @@ tasks:
 search:
   hidden_size: {type: int, low: 4, high: 8}
   lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
-budget: {trials: 2, epochs: 2, steps_per_epoch: 3}
+budget: {trials: 5, epochs: 2, steps_per_epoch: 3}
 final: {seeds: 2}
 pruner: {name: none}
 skip_invalid: true
@@ -206,15 +206,15 @@ def test_end_to_end_report_with_executed_notebook(smoke_report: Path):
                  "tables/memory-synthetic.md", "tables/memory-T12.md", "tables/summary.csv", "figures/memory_vs_length.svg"):  # fmt: skip
         assert (out / name).is_file(), name
     for name in ("metric_vs_params", "metric_vs_throughput", "valid_curves", "optimisation_history", "grad_norm",
-                 "memory_vs_length"):  # fmt: skip
+                 "memory_vs_length", "importance"):  # fmt: skip
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000, name
     nb = json.loads((out / "report.ipynb").read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
     assert outputs and not [o for o in outputs if o["output_type"] == "error"]
     assert nb["cells"][1]["metadata"]["tags"] == ["parameters"]
     runs = pd.read_csv(out / "runs.csv")
-    # 4 studies (bidirectional gru refused by the causal task) x (study run + 2 trials + 2 seeds)
-    assert len(runs) == 20 and set(runs["stage"]) == {"study", "search", "final"}
+    # 4 studies (bidirectional gru refused by the causal task) x (study run + 5 trials + 2 seeds)
+    assert len(runs) == 32 and set(runs["stage"]) == {"study", "search", "final"}
     assert {"hp_hidden_size", "hp_lr", "params_total", "env_torch", "data_seq_len"} <= set(runs.columns)
     index = (out / "index.html").read_text()
     assert (
