@@ -185,6 +185,8 @@ def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[st
                         "task": study.task_entry.name,
                         "dataset": study.task_entry.dataset,
                         "status": "running",
+                        "metric": _primary(study).name,
+                        "direction": _direction(study),
                     },
                 )
         for name, reason in plan.skipped:
@@ -204,10 +206,13 @@ def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[st
         run_lock.release()
 
 
-def _direction(study: Study) -> str:
-    from rnnbench.plugins import get_task
+def _primary(study: Study):
+    """The study's primary metric, from an instance: a task's options may change it (memory: copy)."""
+    return study.make_task().primary_metric
 
-    return get_task(study.task_entry.name).metrics[0].direction
+
+def _direction(study: Study) -> str:
+    return _primary(study).direction
 
 
 def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any]) -> None:
@@ -534,9 +539,7 @@ def summarize(plan: Plan, tracker, sweep) -> dict[str, Any]:
         trials = sweep.search_study(study, direction).get_trials(deepcopy=False)
         finals = sweep.final_study(study, direction).get_trials(deepcopy=False)
         seeds = [t for t in finals if t.state == TrialState.COMPLETE]
-        from rnnbench.plugins import get_task
-
-        primary = get_task(study.task_entry.name).metrics[0].name
+        primary = _primary(study).name
         mean, low, high = mean_ci([t.value for t in seeds])
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         rows.append(

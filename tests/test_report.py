@@ -234,3 +234,32 @@ def test_report_pages_render_in_headless_chromium(smoke_report: Path):
     shot = smoke_report / "screenshot.png"
     assert screenshot_report.check(smoke_report, shot) == []  # no console errors, dead links or images
     assert shot.stat().st_size > 50_000
+
+
+def test_benchmark_ranked_on_the_metric_its_study_optimised(tmp_path: Path):
+    """memory's copy problem optimises cross_entropy, not the class default mse: the study run says so."""
+    from rnnbench.report.collect import collect, open_client
+    from rnnbench.report.tables import rank_task
+    from rnnbench.tracking import Tracker, tracking_uri_for
+
+    home = tmp_path / "home"
+    home.mkdir()
+    tracker = Tracker(tracking_uri_for(home), "copy", home / "artifacts")
+    for cell, values in (("gru", [1.0, 1.1]), ("rnn", [2.0, 2.1])):
+        tags = {"study": f"copy/memory-copy/{cell}-1L-uni", "cell": cell, "layers": 1, "bidirectional": False,
+                "task": "memory", "dataset": "synthetic"}  # fmt: skip
+        parent = tracker.start_run("study", {**tags, "stage": "study", "status": "complete",
+                                             "metric": "cross_entropy", "direction": "minimize"})  # fmt: skip
+        for seed, v in enumerate(values):
+            run = tracker.start_run(f"final-seed-{seed}", {**tags, "stage": "final", "seed": seed,
+                                                           "status": "complete"}, parent)  # fmt: skip
+            tracker.log_metrics(run, {"test_cross_entropy": v})
+            tracker.end_run(run)
+        tracker.end_run(parent)
+    uri = tracking_uri_for(home)
+    data = collect(open_client(uri), "copy", tracking_uri=uri)
+    info = data.benchmarks["memory-copy"]
+    assert (info.metric, info.direction) == ("cross_entropy", "minimize")
+    table = rank_task(data.runs, info, "memory-copy").table.dropna(subset=["rank"])
+    assert list(table["architecture"]) == ["gru-1L-uni", "rnn-1L-uni"]
+    assert table["mean"].iloc[0] == pytest.approx(1.05)

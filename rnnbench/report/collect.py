@@ -174,6 +174,8 @@ def run_row(run, experiment: str) -> dict[str, Any]:
         "failure_reason": own.get("failure_reason"),
         "failure_message": own.get("failure_message"),
         "best_trial": _number(own.get("best_trial")),
+        "primary_metric": own.get("metric"),  # on study runs: the task instance's own primary metric
+        "direction": own.get("direction"),
         "run_id": info.run_id,
         "run_name": tags.get("mlflow.runName"),
         "parent_run_id": tags.get("mlflow.parentRunId"),
@@ -247,9 +249,14 @@ def collect(
         if note:
             notes.append(note)
     notes += status_notes(df)
-    histories = collect_histories(client, df, tasks, progress)
-    pairs = df[["benchmark", "task"]].dropna().drop_duplicates().sort_values("benchmark")
-    benchmarks = {b: tasks[t] for b, t in pairs.itertuples(index=False)}
+    benchmarks = {}
+    for bench, group in df.dropna(subset=["benchmark"]).groupby("benchmark"):
+        info = tasks[group["task"].iloc[0]]
+        tagged = group.dropna(subset=["primary_metric", "direction"])
+        if len(tagged):  # the study run says which metric it optimised (options can change it)
+            info = TaskInfo(info.name, tagged["primary_metric"].iloc[0], tagged["direction"].iloc[0])
+        benchmarks[bench] = info
+    histories = collect_histories(client, df, benchmarks, progress)
     return Collected(experiment, tracking_uri, df, histories, tasks, notes, benchmarks)
 
 
@@ -279,7 +286,7 @@ def status_notes(df: pd.DataFrame) -> list[str]:
     return notes
 
 
-def best_search_runs(df: pd.DataFrame, tasks: dict[str, TaskInfo]) -> pd.DataFrame:
+def best_search_runs(df: pd.DataFrame, benchmarks: dict[str, TaskInfo]) -> pd.DataFrame:
     """Per study, the search run of its best trial (from the study run's tag, else by best valid)."""
     out = []
     search = df[(df["stage"] == "search") & (df["status"] == "complete")]
@@ -291,7 +298,7 @@ def best_search_runs(df: pd.DataFrame, tasks: dict[str, TaskInfo]) -> pd.DataFra
             if pd.notna(tag):
                 match = group[group["trial"] == tag]
                 best = match.iloc[0] if len(match) else None
-        info = tasks.get(group["task"].iloc[0])
+        info = benchmarks.get(group["benchmark"].iloc[0])
         col = f"best_valid_{info.metric}" if info else None
         if best is None and col in group and group[col].notna().any():
             idx = group[col].idxmin() if info.direction == "minimize" else group[col].idxmax()
@@ -301,14 +308,14 @@ def best_search_runs(df: pd.DataFrame, tasks: dict[str, TaskInfo]) -> pd.DataFra
     return pd.DataFrame(out)
 
 
-def collect_histories(client, df, tasks, progress=None) -> pd.DataFrame:
+def collect_histories(client, df, benchmarks, progress=None) -> pd.DataFrame:
     """Per-epoch curves for the runs the figures draw: best search trials and final seeds."""
-    best = best_search_runs(df, tasks)
+    best = best_search_runs(df, benchmarks)
     finals = df[(df["stage"] == "final") & (df["status"] == "complete")]
     records = []
     wanted = list(best.itertuples()) + list(finals.itertuples())
     for i, run in enumerate(wanted):
-        info = tasks.get(run.task)
+        info = benchmarks.get(run.benchmark)
         metrics = ([f"valid_{info.metric}"] if info else []) + list(HISTORY_METRICS)
         for metric in metrics:
             for m in client.get_metric_history(run.run_id, metric):
