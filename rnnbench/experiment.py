@@ -23,35 +23,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class IntParam(_Strict):
+class _Range(_Strict):
+    """low <= high, and low > 0 on a log scale (int and float ranges alike)."""
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        return self
+
+
+class IntParam(_Range):
     type: Literal["int"]
     low: int
     high: int
     log: bool = False
     step: int = 1
 
-    @model_validator(mode="after")
-    def _range(self):
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log-scaled range needs low > 0")
-        return self
 
-
-class FloatParam(_Strict):
+class FloatParam(_Range):
     type: Literal["float"]
     low: float
     high: float
     log: bool = False
-
-    @model_validator(mode="after")
-    def _range(self):
-        if self.low > self.high:
-            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log-scaled range needs low > 0")
-        return self
 
 
 class CategoricalParam(_Strict):

@@ -173,17 +173,11 @@ def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[st
             sweep.check_fingerprint(study, s)
             recovered += sweep.recover(s) + sweep.recover(sweep.final_study(study, direction))
             if tracker.find_run(study=study.name, stage="study") is None:
-                arch = study.arch
                 tracker.start_run(
                     study.name.split("/", 1)[1],
                     {
+                        **_study_tags(study),
                         "stage": "study",
-                        "study": study.name,
-                        "cell": arch.cell,
-                        "layers": arch.layers,
-                        "bidirectional": arch.bidirectional,
-                        "task": study.task_entry.name,
-                        "dataset": study.task_entry.dataset,
                         "status": "running",
                         "metric": _primary(study).name,
                         "direction": _direction(study),
@@ -204,6 +198,19 @@ def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[st
         return summarize(plan, tracker, sweep)
     finally:
         run_lock.release()
+
+
+def _study_tags(study: Study) -> dict[str, Any]:
+    """What identifies a study on its MLflow runs (the study run and each trial's)."""
+    arch = study.arch
+    return {
+        "study": study.name,
+        "cell": arch.cell,
+        "layers": arch.layers,
+        "bidirectional": arch.bidirectional,
+        "task": study.task_entry.name,
+        "dataset": study.task_entry.dataset,
+    }
 
 
 def _primary(study: Study):
@@ -358,13 +365,8 @@ class Worker:
             )
         parent = self.tracker.find_run(study=study.name, stage="study")
         tags = {
+            **_study_tags(study),
             "stage": stage,
-            "study": study.name,
-            "cell": arch.cell,
-            "layers": arch.layers,
-            "bidirectional": arch.bidirectional,
-            "task": study.task_entry.name,
-            "dataset": study.task_entry.dataset,
             "trial": trial.number,
             "status": "running",
             "worker": self.worker,

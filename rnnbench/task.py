@@ -107,6 +107,23 @@ class Task(abc.ABC):
         self.data_path = Path(data_path).expanduser() if data_path is not None else None
         self.seed = seed
 
+    def named_file(self, file) -> Path:
+        """One file of a multi-file dataset: ``data_path/<file name>`` when a data_path folder is
+        given, else the shared data, the cache or a download (see rnnbench.data.resolve)."""
+        from rnnbench.data.resolve import resolve
+
+        explicit = self.data_path / Path(file.relpath).name if self.data_path is not None else None
+        return resolve(file, explicit)
+
+    @staticmethod
+    def pick_split(splits: dict[str, Any], split: str) -> Any:
+        """``splits[split]``, with a clear error before setup() or for an unknown split name."""
+        if not splits:
+            raise RuntimeError("call setup() before using the task's data")
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return splits[split]
+
     @property
     def primary_metric(self) -> Metric:
         return self.metrics[0]

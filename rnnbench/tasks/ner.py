@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from rnnbench import hookimpl
 from rnnbench.data.batching import bucketed_index_batches, pad_batch
 from rnnbench.data.readers import TaggedSentence, find_split_files, holdout_split, read_conll
-from rnnbench.data.resolve import DataFile, resolve
+from rnnbench.data.resolve import DataFile
 from rnnbench.data.vocab import UNK_ID, Vocab
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.metrics.spans import extract_spans, span_f1
-from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
+from rnnbench.task import Batch, EncoderFactory, Metric, Task, TaskOptions
 
 CONLL2003_URL = (
     "https://raw.githubusercontent.com/kamalkraj/BERT-NER/e5be564156f194f1becb0d82aeaf6e762d9eb9ed/data"
@@ -185,7 +185,7 @@ class NERTask(Task):
             }
         if self.dataset in NAMED_DATASETS:
             files, delimiter = NAMED_DATASETS[self.dataset]
-            paths = {split: self._named_file(file) for split, file in files.items()}
+            paths = {split: self.named_file(file) for split, file in files.items()}
         else:
             opts = self.options
             delimiter = opts.delimiter
@@ -221,10 +221,6 @@ class NERTask(Task):
             read["train"] = (path, [sentences[i] for i in kept])
             read["valid"] = (path, [sentences[i] for i in held])
         return read
-
-    def _named_file(self, file: DataFile) -> Path:
-        explicit = self.data_path / Path(file.relpath).name if self.data_path is not None else None
-        return resolve(file, explicit)
 
     def setup(self) -> None:
         raw = self.read_raw_splits()
@@ -273,11 +269,7 @@ class NERTask(Task):
             )
 
     def _split(self, split: str) -> TaggedSplit:
-        if not self.splits:
-            raise RuntimeError("call setup() before using the task's data")
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return self.splits[split]
+        return self.pick_split(self.splits, split)
 
     # -- model ----------------------------------------------------------------------------------
     def build_model(self, make_encoder: EncoderFactory, hparams: dict[str, Any]) -> nn.Module:

@@ -26,7 +26,7 @@ from rnnbench.data.readers import (
     read_aclimdb,
     read_labelled_texts,
 )
-from rnnbench.data.resolve import DataFile, resolve
+from rnnbench.data.resolve import DataFile
 from rnnbench.data.vocab import UNK, UNK_ID, Vocab, tokenize
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
@@ -198,7 +198,7 @@ class SentimentTask(Task):
             }
         if self.dataset == "sst2":
             return {
-                split: read_labelled_texts(self._named_file(file), "sentence", "label", delimiter="\t")
+                split: read_labelled_texts(self.named_file(file), "sentence", "label", delimiter="\t")
                 for split, file in SST2_FILES.items()
             }
         if self.dataset == "imdb":
@@ -207,7 +207,7 @@ class SentimentTask(Task):
                 train, test = read_aclimdb(root, "train"), read_aclimdb(root, "test")
             else:
                 train, test = (
-                    read_labelled_texts(self._named_file(IMDB_FILES[s]), "text", "label")
+                    read_labelled_texts(self.named_file(IMDB_FILES[s]), "text", "label")
                     for s in ("train", "test")
                 )
             return {**self._hold_out_valid(train), "test": test}
@@ -216,11 +216,6 @@ class SentimentTask(Task):
     def _synthetic_sizes(self) -> dict[str, int]:
         size = self.options.synthetic_size
         return {"train": size, "valid": size // 4, "test": size // 4}
-
-    def _named_file(self, file: DataFile) -> Path:
-        """``data_path/<file name>`` when a data_path is given, else the shared data or cache."""
-        explicit = self.data_path / Path(file.relpath).name if self.data_path is not None else None
-        return resolve(file, explicit)
 
     def _aclimdb_root(self) -> Path | None:
         if self.data_path is None:
@@ -275,11 +270,7 @@ class SentimentTask(Task):
             )
 
     def _split(self, split: str) -> EncodedSplit:
-        if not self.splits:
-            raise RuntimeError("call setup() before using the task's data")
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        return self.splits[split]
+        return self.pick_split(self.splits, split)
 
     # -- model ----------------------------------------------------------------------------------
     def build_model(self, make_encoder: EncoderFactory, hparams: dict[str, Any]) -> nn.Module:
