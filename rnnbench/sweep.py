@@ -172,10 +172,11 @@ class Sweep:
 
     def claim_search_trial(self, study: Study, s: optuna.Study) -> optuna.Trial | None:
         with self.lock(study):
-            done, running = counted(s.get_trials(deepcopy=False))
+            trials = s.get_trials(deepcopy=False)
+            done, running = counted(trials)
             if done + running >= trial_budget(self.experiment):
                 return None
-            s.sampler = make_sampler(self.experiment, self.worker, len(s.get_trials(deepcopy=False)))
+            s.sampler = make_sampler(self.experiment, self.worker, len(trials))
             return s.ask()
 
     def claim_final_trial(self, study: Study, f: optuna.Study) -> optuna.Trial | None:
