@@ -101,13 +101,22 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
 @click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the run home).")
 @click.option("--storage", help="Optuna storage: a journal file path or an RDB URL (postgresql://...).")
 @click.option("--device", help="Override the experiment's device (auto, cpu, cuda, cuda:1).")
-def run_command(experiment_file, dry_run, workers, home, tracking_uri, storage, device) -> None:
+@click.option(
+    "--max-retries",
+    type=click.IntRange(min=0, max=100),
+    default=3,
+    show_default=True,
+    help="Times a configuration is run again after its worker died, before it counts as failed.",
+)
+def run_command(experiment_file, dry_run, workers, home, tracking_uri, storage, device, max_retries) -> None:
     """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test."""
     from rnnbench import experiment as experiment_mod
     from rnnbench import runner
 
     exp = experiment_mod.load(experiment_file)
-    plan = runner.prepare(exp, home=home, tracking_uri=tracking_uri, storage_url=storage)
+    plan = runner.prepare(
+        exp, home=home, tracking_uri=tracking_uri, storage_url=storage, max_retries=max_retries
+    )
     if dry_run:
         _print_table(
             f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget each",
@@ -127,7 +136,8 @@ def run_command(experiment_file, dry_run, workers, home, tracking_uri, storage, 
     rows = [
         {
             "study": r["study"],
-            "trials (ok/pruned/failed)": f"{r['complete']}/{r['pruned']}/{r['failed']}",
+            "trials (ok/pruned/failed)": f"{r['complete']}/{r['pruned']}/{r['failed']}"
+            + (f" +{r['lost'] + r['interrupted']} retried" if r["lost"] + r["interrupted"] else ""),
             "best valid": f"{r['best_valid']:.4g}",
             "test (mean, 95% CI, seeds)": _format_ci(r),
         }
@@ -157,6 +167,60 @@ def _print_table(title: str, rows: list[dict]) -> None:
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
+
+
+@app.command("sync")
+@click.argument("experiment")
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the run home's store).")
+@click.option("--storage", help="Optuna storage (default: the run home's journal).")
+def sync_command(experiment, home, tracking_uri, storage) -> None:
+    """Make MLflow agree with the ledger for EXPERIMENT (a name or its YAML file).
+
+    `rnnbench run` and `rnnbench report` do this themselves; run it by hand after a fault if
+    you browse MLflow without running either."""
+    counts = _sync(experiment, home, tracking_uri, storage)
+    click.echo(
+        f"synced {experiment}: {counts['parents']} studies, {counts['projected']} run(s) rewritten, "
+        f"{counts['duplicates']} duplicate(s) removed"
+    )
+
+
+def _experiment_name(experiment: str) -> str:
+    from pathlib import Path
+
+    if experiment.endswith((".yaml", ".yml")) or Path(experiment).is_file():
+        from rnnbench import experiment as experiment_mod
+
+        return experiment_mod.load(experiment).name
+    return experiment
+
+
+def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True) -> dict | None:
+    """Project the ledger into MLflow; None when there is no ledger to read (and not required)."""
+    from rnnbench.errors import ConfigError
+    from rnnbench.projection import Projection
+    from rnnbench.runner import run_home
+    from rnnbench.scheduler import LedgerLock
+    from rnnbench.sweep import is_journal, journal_path, open_storage, study_names
+    from rnnbench.tracking import Tracker, tracking_uri_for
+
+    name = _experiment_name(experiment)
+    path = run_home(home)
+    if is_journal(storage) and not journal_path(storage, path).is_file():
+        if required:
+            raise ConfigError(f"no Optuna ledger at {journal_path(storage, path)}: pass --home or --storage")
+        return None
+    uri = tracking_uri or tracking_uri_for(path)
+    if tracking_uri is None and not (path / "mlflow.db").is_file():
+        raise ConfigError(f"no MLflow store in {path}: run `rnnbench run EXPERIMENT.yaml` first or pass --home")
+    ledger = open_storage(storage, path)
+    if not study_names(ledger, name):
+        if required:
+            raise ConfigError(f"the ledger has no study of experiment {name!r}")
+        return None
+    tracker = Tracker(uri, name, artifact_root=path / "artifacts")
+    return Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
 
 
 @app.command("ui")
@@ -211,7 +275,8 @@ def ui_command(home, tracking_uri, host, port) -> None:
 )
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the run home's store).")
-def report_command(experiment, out, fmt, home, tracking_uri) -> None:
+@click.option("--storage", help="Optuna storage, to repair MLflow from before reporting (default: the run home's journal).")
+def report_command(experiment, out, fmt, home, tracking_uri, storage) -> None:
     """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file)."""
     import time
     from pathlib import Path
@@ -221,11 +286,11 @@ def report_command(experiment, out, fmt, home, tracking_uri) -> None:
     from rnnbench.runner import run_home
 
     started = time.perf_counter()
-    if experiment.endswith((".yaml", ".yml")) or Path(experiment).is_file():
-        from rnnbench import experiment as experiment_mod
-
-        experiment = experiment_mod.load(experiment).name
+    experiment = _experiment_name(experiment)
     uri = resolve_tracking_uri(home, tracking_uri)
+    repaired = _sync(experiment, home, tracking_uri, storage, required=False)
+    if repaired and (repaired["projected"] or repaired["duplicates"]):
+        click.echo(f"repaired MLflow from the ledger: {repaired['projected']} run(s) rewritten", err=True)
     journal = run_home(home) / "optuna.journal"
     report = build_report(
         experiment,

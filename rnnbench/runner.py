@@ -2,8 +2,10 @@
 
 Each study: search trials (validation only, pruned on the per-epoch primary metric) until its
 budget is spent, then its best configuration is retrained with K seeds and scored once on test.
-The parent process creates the MLflow store and Optuna journal, recovers trials a killed run left
-behind, and only then starts workers, so they never race to create either.
+Every result goes to the ledger (the Optuna storage) first, then to MLflow (a projection of it).
+The parent process checks both stores before writing anything, creates what is missing, repairs
+the MLflow projection, and only then starts workers; with several workers it watches them and
+recovers a dead worker's trial at once.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import gc
 import json
 import math
-import multiprocessing
 import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -40,25 +42,48 @@ class Plan:
     home: Path
     tracking_uri: str
     storage_url: str | None
+    max_retries: int = 3
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class _EpochReporter(Callback):
-    """Per-epoch metrics to MLflow (one batched call), progress, and Optuna pruning."""
+    """Keeps the trial's history for its ledger record, shows it live in MLflow (one batched
+    call per epoch, best effort: the projection repairs it), reports progress, and prunes."""
 
     def __init__(self, tracker, run_id: str, progress: Progress, primary: str, epochs: int, trial=None):
         self.tracker, self.run_id, self.progress = tracker, run_id, progress
         self.primary, self.epochs, self.trial = primary, epochs, trial
+        self.history: list[dict[str, Any]] = []
+        self.parameters: dict[str, float] = {}
+        self.data: dict[str, Any] = {}
+        self.started_ms = _now_ms()
+        self._warned = False
+
+    def _live(self, call, *args, **kwargs) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as exc:  # MLflow down mid-trial: the ledger still gets everything
+            if not self._warned:
+                self.progress.log(f"warning: MLflow write failed ({exc}); `rnnbench sync` repairs it")
+                self._warned = True
 
     def on_fit_start(self, info: dict[str, Any]) -> None:
         params = info["parameters"]
         counts = {"params_total": params["total"]}
         if params.get("encoder"):
             counts |= {f"params_encoder_{k}": params["encoder"][k] for k in ("total", "input", "recurrent")}
-        self.tracker.log_metrics(self.run_id, counts)
-        self.tracker.log_params(self.run_id, {f"data.{k}": v for k, v in info["data"].items()})
+        self.parameters, self.data = counts, dict(info["data"])
+        self._live(self.tracker.log_metrics, self.run_id, counts, step=0, timestamp=self.started_ms)
+        self._live(self.tracker.log_params, self.run_id, {f"data.{k}": v for k, v in self.data.items()})
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.tracker.log_metrics(self.run_id, metrics, step=epoch)
+        entry = {"epoch": epoch, "time_ms": _now_ms(), "metrics": {k: float(v) for k, v in metrics.items()}}
+        self.history.append(entry)
+        self._live(self.tracker.log_metrics, self.run_id, metrics, step=epoch, timestamp=entry["time_ms"])
+        _fault("mid_trial")
         value = metrics[f"valid_{self.primary}"]
         self.progress.epoch_ended(epoch, self.epochs, self.primary, value)
         if self.trial is not None:
@@ -69,12 +94,16 @@ class _EpochReporter(Callback):
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.primary}={value:.4g})")
 
 
-def prepare(experiment: Experiment, *, home=None, tracking_uri=None, storage_url=None) -> Plan:
+def prepare(
+    experiment: Experiment, *, home=None, tracking_uri=None, storage_url=None, max_retries: int = 3
+) -> Plan:
     studies, skipped = expand(experiment)
     home = run_home(home)
     from rnnbench.tracking import tracking_uri_for
 
-    return Plan(experiment, studies, skipped, home, tracking_uri or tracking_uri_for(home), storage_url)
+    return Plan(
+        experiment, studies, skipped, home, tracking_uri or tracking_uri_for(home), storage_url, max_retries
+    )
 
 
 def dry_run(plan: Plan) -> list[dict[str, Any]]:
@@ -147,57 +176,135 @@ def solve_hidden_size(task, study: Study, target: int) -> int:
     return low
 
 
+def open_stores(plan: Plan, *, create: bool = True):
+    """(tracker, storage, lock): every store checked before anything is written locally.
+
+    Order matters: URLs and servers first (one line each, exit 2), then the run home, the
+    sqlite store (created whole or not at all) and the journal (a torn last record cut off)."""
+    from rnnbench.scheduler import LedgerLock
+    from rnnbench.sweep import StoreError, check_storage_url, is_journal, open_storage
+    from rnnbench.tracking import Tracker, check_reachable, create_sqlite_store, tracking_uri_for
+
+    check_storage_url(plan.storage_url)
+    default_store = plan.tracking_uri == tracking_uri_for(plan.home)
+    if not default_store:
+        check_reachable(plan.tracking_uri)
+    storage = None if is_journal(plan.storage_url) else open_storage(plan.storage_url, plan.home)
+    try:
+        plan.home.mkdir(parents=True, exist_ok=True)
+        (plan.home / "locks").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"run home {plan.home} is not writable ({exc.strerror or exc}): free some space, fix its "
+            "permissions, or pass --home / set RNNBENCH_HOME"
+        ) from None
+    if default_store and create:
+        create_sqlite_store(plan.home)
+    if storage is None:
+        storage = open_storage(plan.storage_url, plan.home)
+    lock = LedgerLock(plan.storage_url, plan.home)
+    with lock(f"mlflow-experiment:{plan.experiment.name}"):
+        tracker = Tracker(plan.tracking_uri, plan.experiment.name, artifact_root=plan.home / "artifacts")
+    return tracker, storage, lock
+
+
 def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[str, Any]:
     """Prepare the stores in this process, then run the studies with ``workers`` processes."""
     from filelock import FileLock, Timeout
 
-    from rnnbench.sweep import Sweep, open_storage
-    from rnnbench.tracking import Tracker
+    from rnnbench.projection import Projection
+    from rnnbench.scheduler import recover
 
     e = plan.experiment
-    plan.home.mkdir(parents=True, exist_ok=True)
-    (plan.home / "locks").mkdir(exist_ok=True)
+    tracker, storage, lock = open_stores(plan)
     run_lock = FileLock(str(plan.home / "locks" / f"run-{e.name}.lock"))
     try:
         run_lock.acquire(timeout=0)
     except Timeout:
         raise ConfigError(f"experiment {e.name!r} is already running with run home {plan.home}") from None
     try:
-        tracker = Tracker(plan.tracking_uri, e.name, artifact_root=plan.home / "artifacts")
-        storage = open_storage(plan.storage_url, plan.home)
-        sweep = Sweep(e, storage, plan.home)
-        recovered = tracker.close_stale_runs()
+        projection = Projection(tracker, storage, lock)
+        requeued = 0
         for study in plan.studies:
-            direction = _direction(study)
-            s = sweep.search_study(study, direction)
-            sweep.check_fingerprint(study, s)
-            recovered += sweep.recover(s) + sweep.recover(sweep.final_study(study, direction))
-            if tracker.find_run(study=study.name, stage="study") is None:
-                tracker.start_run(
-                    study.name.split("/", 1)[1],
-                    {
-                        **_study_tags(study),
-                        "stage": "study",
-                        "status": "running",
-                        "metric": _primary(study).name,
-                        "direction": _direction(study),
-                    },
-                )
+            with lock(study.name):
+                s, f = create_study(plan, storage, study)
+                requeued += recover(storage, s, plan.max_retries) + recover(storage, f, plan.max_retries)
+        repaired = projection.sync(e.name)
         for name, reason in plan.skipped:
             print(f"skipped {name}: {reason}", flush=True)
-        if recovered:
+        if requeued:
+            print(f"resuming: {requeued} interrupted or lost trial(s) queued again", flush=True)
+        if repaired["projected"] or repaired["duplicates"]:
             print(
-                f"resuming: {recovered} interrupted run(s) found; their configurations are queued again",
+                f"repaired MLflow from the ledger: {repaired['projected']} run(s) rewritten, "
+                f"{repaired['duplicates']} duplicate(s) removed",
                 flush=True,
             )
         settings = {"device": device or e.device, "precision": e.precision, "deterministic": e.deterministic}
         if workers <= 1:
-            Worker(plan, 0, settings, tracker=tracker).run()
+            Worker(plan, 0, settings, stores=(tracker, storage, lock)).run()
         else:
-            _run_parallel(plan, workers, settings)
-        return summarize(plan, tracker, sweep)
+            _run_parallel(plan, workers, settings, storage, projection)
+        projection.sync(e.name)  # whatever a worker could not project (MLflow down, a kill)
+        return summarize(plan, storage)
     finally:
         run_lock.release()
+
+
+def create_study(plan: Plan, storage, study: Study):
+    """The search and final studies of ``study`` in the ledger, with what every reader needs
+    (tags, budget, seeds); call under the study's lock. A changed experiment is refused."""
+    import optuna
+
+    from rnnbench.projection import BUDGET_ATTR, RETRIES_ATTR, SEEDS_ATTR, TAGS_ATTR
+    from rnnbench.sweep import FINAL_SUFFIX, make_pruner, make_sampler, trial_budget
+
+    e = plan.experiment
+    direction = _direction(study)
+    s = optuna.create_study(
+        study_name=study.name,
+        storage=storage,
+        sampler=make_sampler(e),
+        pruner=make_pruner(e),
+        direction=direction,
+        load_if_exists=True,
+    )
+    f = optuna.create_study(
+        study_name=study.name + FINAL_SUFFIX,
+        storage=storage,
+        sampler=optuna.samplers.RandomSampler(seed=0),  # only enqueued trials run here
+        direction=direction,
+        load_if_exists=True,
+    )
+    attrs = s.user_attrs
+    expected, found = study.fingerprint(), attrs.get("fingerprint")
+    if found is not None and found != expected:
+        raise ConfigError(
+            f"study {study.name} already exists with a different search space, budget, sampler, "
+            f"task or fixed hyperparameters (stored {attrs.get('budget')}); mixing them would "
+            "make its trials incomparable. Rename the experiment (name:) or use another run home."
+        )
+    wanted = {
+        "fingerprint": expected,
+        "search_space": {k: v.model_dump() for k, v in e.search.items()},
+        "budget": e.budget.model_dump(),
+        TAGS_ATTR: {
+            **_study_tags(study),
+            "metric": _primary(study).name,
+            "direction": direction,
+        },
+        BUDGET_ATTR: trial_budget(e),
+        SEEDS_ATTR: final_seeds(e),
+        RETRIES_ATTR: plan.max_retries,
+    }
+    for key, value in wanted.items():
+        if attrs.get(key) != value:
+            s.set_user_attr(key, value)
+    return s, f
+
+
+def final_seeds(e: Experiment) -> list[int]:
+    return list(range(e.final.seeds))
 
 
 def _study_tags(study: Study) -> dict[str, Any]:
@@ -222,34 +329,76 @@ def _direction(study: Study) -> str:
     return _primary(study).direction
 
 
-def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any]) -> None:
+def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, projection) -> None:
+    """Start the workers and watch them: a worker that dies (killed, out of memory, a crash
+    outside a trial) has its trial recovered at once and is replaced, a few times at most."""
+    import multiprocessing.connection
+
     import torch
 
     gpus = torch.cuda.device_count() if settings["device"] in ("auto", "cuda") else 0
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # fork and torch threads do not mix
-    procs = []
-    for w in range(workers):
+    respawns_left = 2 * workers
+
+    def launch(w: int):
         worker_settings = dict(settings, threads=threads)
         if gpus:
             worker_settings["device"] = f"cuda:{w % gpus}"
         p = ctx.Process(target=_worker_main, args=(plan, w, worker_settings), daemon=False)
         p.start()
-        procs.append(p)
+        return p
+
+    procs = {w: launch(w) for w in range(workers)}
+    errors: list[int] = []
     try:
-        for p in procs:
-            p.join()
+        while procs:
+            ready = multiprocessing.connection.wait([p.sentinel for p in procs.values()])
+            for w, p in list(procs.items()):
+                if p.sentinel not in ready:
+                    continue
+                p.join()
+                del procs[w]
+                if p.exitcode in (0, 130, -2):
+                    if p.exitcode != 0:
+                        errors.append(p.exitcode)
+                    continue
+                lost = _recover_all(plan, storage)
+                projection.sync(plan.experiment.name)  # it may have died between ledger and MLflow
+                print(
+                    f"worker {w} died (exit code {p.exitcode}); {lost} trial(s) queued again",
+                    flush=True,
+                )
+                if respawns_left > 0 and not errors:
+                    respawns_left -= 1
+                    procs[w] = launch(w)
+                else:
+                    errors.append(p.exitcode)
     except KeyboardInterrupt:
-        for p in procs:
+        for p in procs.values():
             p.join(timeout=60)
         raise
-    failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    if 130 in failed or -2 in failed:
+    if 130 in errors or -2 in errors:
         raise KeyboardInterrupt
-    if failed:
+    if errors:
         raise ConfigError(
-            f"{len(failed)} worker(s) exited with an error (exit codes {failed}); see their output above"
+            f"{len(errors)} worker(s) kept dying (exit codes {errors}); see their output above"
         )
+
+
+def _recover_all(plan: Plan, storage) -> int:
+    """Recovery of every study now (a worker of ours just died: its owner is known dead)."""
+    from rnnbench.scheduler import LedgerLock, recover
+    from rnnbench.sweep import FINAL_SUFFIX, load_study
+
+    lock, queued = LedgerLock(plan.storage_url, plan.home), 0
+    for study in plan.studies:
+        with lock(study.name):
+            for name in (study.name, study.name + FINAL_SUFFIX):
+                s = load_study(storage, name)
+                if s is not None:
+                    queued += recover(storage, s, plan.max_retries)
+    return queued
 
 
 def _worker_main(plan: Plan, worker: int, settings: dict[str, Any]) -> None:
@@ -259,21 +408,43 @@ def _worker_main(plan: Plan, worker: int, settings: dict[str, Any]) -> None:
         raise SystemExit(130) from None
 
 
-class Worker:
-    """Runs claimed trials and final seeds until every study is done."""
+def _fault(point: str) -> None:
+    """Test-only fault injection: RNNBENCH_FAULT=<point>[:<once file>][,...] SIGKILLs this
+    process at ``point`` (``mid_trial``: after a trial's first epoch; ``after_ledger_write``:
+    between the ledger write and the MLflow write); with a once file only the first process dies."""
+    for spec in filter(None, os.environ.get("RNNBENCH_FAULT", "").split(",")):
+        name, _, once_file = spec.partition(":")
+        if name != point:
+            continue
+        if once_file:  # only the first process to get here dies
+            try:
+                os.close(os.open(once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+        import signal
 
-    def __init__(self, plan: Plan, worker: int, settings: dict[str, Any], prefix: str = "", tracker=None):
-        from rnnbench.sweep import Sweep, open_storage, trial_budget
-        from rnnbench.tracking import Tracker
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Worker:
+    """Claims trials and final seeds, trains them, writes the ledger, projects to MLflow."""
+
+    def __init__(self, plan: Plan, worker: int, settings: dict[str, Any], prefix: str = "", stores=None):
+        from rnnbench.projection import Projection
+        from rnnbench.scheduler import owner_identity
+        from rnnbench.sweep import trial_budget
 
         self.plan, self.e, self.worker = plan, plan.experiment, worker
         self.settings = RunSettings(**settings)
-        self.tracker = tracker or Tracker(plan.tracking_uri, self.e.name)
-        self.sweep = Sweep(self.e, open_storage(plan.storage_url, plan.home), plan.home, worker)
+        self.tracker, self.storage, self.lock = stores or open_stores(plan, create=False)
+        self.projection = Projection(self.tracker, self.storage, self.lock)
+        self.owner = owner_identity(worker)
+        self.owner["home"] = str(plan.home)
         units = len(plan.studies) * (trial_budget(self.e) + self.e.final.seeds)
         self.progress = make_progress(units, prefix)
         self._tasks: dict[str, Any] = {}
         self._hidden: dict[str, int] = {}
+        self._last_recovery: dict[str, float] = {}
 
     def run(self) -> None:
         pending = list(self.plan.studies)
@@ -306,39 +477,113 @@ class Worker:
             hp["hidden_size"] = self._hidden[study.name]
         return hp
 
-    def _advance(self, study: Study) -> str:
+    def _claim(self, study: Study, stage: str):
+        """Under the study's lock: recover lost trials, then take a queued trial or sample a new
+        one if the budget has room. Returns (ledger view, trial or None)."""
         from optuna.trial import TrialState
 
-        from rnnbench.sweep import counted
+        from rnnbench.projection import StudyLedger
+        from rnnbench.scheduler import Lease, has_room, recover, seeds_to_queue
+        from rnnbench.sweep import make_sampler
 
-        direction = _direction(study)
-        s = self.sweep.search_study(study, direction)
-        trial = self.sweep.claim_search_trial(study, s)
+        with self.lock(study.name):
+            led = StudyLedger.load(self.storage, study.name)
+            s = led.search if stage == "search" else led.final
+            recover(self.storage, s, led.max_retries)
+            trials = s.get_trials(deepcopy=False)
+            if stage == "search":
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                if not waiting and not has_room(trials, int(led.attrs["trials"]), led.max_retries):
+                    return led, None
+                s.sampler = make_sampler(self.e, self.worker, len(trials))
+            else:
+                for seed in seeds_to_queue(trials, led.seeds):
+                    s.enqueue_trial({}, user_attrs={"seed": seed})
+                if not any(t.state == TrialState.WAITING for t in s.get_trials(deepcopy=False)):
+                    return led, None
+            trial = s.ask()
+            self._lease = Lease(self.storage, trial._trial_id, self.owner).start()
+            return led, trial
+
+    def _advance(self, study: Study) -> str:
+        led, trial = self._claim(study, "search")
         if trial is not None:
-            self._run_trial(study, s, trial, stage="search")
+            self._run_claimed(study, led, trial, stage="search")
             return "worked"
-        done, running = counted(s.get_trials(deepcopy=False))
-        if running:
+        if not led.search_done():
+            self._recover_now_and_then(study)
             return "waiting"
-        if self.e.final.seeds == 0 or not any(
-            t.state == TrialState.COMPLETE for t in s.get_trials(deepcopy=False)
-        ):
-            self._finish_parent(study, s, None)
+        best = led.summary()["best"]
+        if best is None or not led.seeds:
+            self._refresh_parent(study)
             return "done"
-        f = self.sweep.final_study(study, direction)
-        self.sweep.ensure_final_seeds(study, f, self.e.final.seeds)
-        trial = self.sweep.claim_final_trial(study, f)
+        led, trial = self._claim(study, "final")
         if trial is not None:
-            self._run_trial(study, f, trial, stage="final", best=s.best_trial)
+            self._run_claimed(study, led, trial, stage="final", best=best)
             return "worked"
-        if any(t.state == TrialState.RUNNING for t in f.get_trials(deepcopy=False)):
+        from rnnbench.scheduler import final_done
+
+        if not final_done(led.final.get_trials(deepcopy=False), led.seeds, led.max_retries):
+            self._recover_now_and_then(study)
             return "waiting"
-        self._finish_parent(study, s, f)
+        self._refresh_parent(study)
         return "done"
 
-    def _run_trial(self, study: Study, s, trial, *, stage: str, best=None) -> None:
+    def _recover_now_and_then(self, study: Study) -> None:
+        """While waiting on other workers' trials, look for dead ones every few seconds."""
+        from rnnbench.scheduler import recover
+        from rnnbench.sweep import FINAL_SUFFIX, lease_duration, load_study
+
+        now = time.monotonic()
+        if now - self._last_recovery.get(study.name, 0.0) < min(5.0, lease_duration() / 4):
+            return
+        self._last_recovery[study.name] = now
+        with self.lock(study.name):
+            for name in (study.name, study.name + FINAL_SUFFIX):
+                s = load_study(self.storage, name)
+                if s is not None:
+                    recover(self.storage, s, self.plan.max_retries)
+
+    def _refresh_parent(self, study: Study) -> None:
+        from rnnbench.projection import BASELINE_ATTR, StudyLedger
+
+        led = StudyLedger.load(self.storage, study.name)
+        if BASELINE_ATTR not in led.attrs:
+            led.search.set_user_attr(BASELINE_ATTR, self._baseline(study))
+            led.attrs[BASELINE_ATTR] = led.search.user_attrs[BASELINE_ATTR]
+        try:
+            self.projection.refresh_parent(led)
+        except Exception as exc:  # the ledger has it; the next start or `rnnbench sync` projects it
+            self.progress.log(f"warning: MLflow parent run of {study.name} not updated ({exc})")
+
+    def _run_claimed(self, study: Study, led, trial, *, stage: str, best=None) -> None:
+        """Run a claimed trial; whatever happens, its lease ends and the ledger learns the outcome
+        (an unexpected error outside training fails it without a record: it is lost, and queued
+        again by recovery)."""
+        from rnnbench.sweep import RECORD
+
+        try:
+            self._run_trial(study, led, trial, stage=stage, best=best)
+        except BaseException:
+            self._lease.stop()
+            if RECORD not in trial.user_attrs or not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                self._fail_quietly(trial)
+            raise
+        finally:
+            self._lease.stop()
+
+    def _fail_quietly(self, trial) -> None:
         import optuna
 
+        try:
+            self.storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except Exception:
+            pass  # already finished, or the ledger is gone: its lease expires instead
+
+    def _run_trial(self, study: Study, led, trial, *, stage: str, best=None) -> None:
+        import optuna
+
+        from rnnbench.projection import best_hparams
         from rnnbench.sweep import suggest
 
         task = self._task(study)
@@ -347,51 +592,36 @@ class Worker:
         if stage == "search":
             hp = self._hparams(study, task, suggest(trial, e))
             seed, label = e.sampler.seed, f"trial {trial.number}"
-            budget = Budget(
-                epochs=e.budget.epochs,
-                steps_per_epoch=e.budget.steps_per_epoch,
-                max_minutes=e.budget.max_minutes_per_trial,
-                patience=e.budget.patience,
-            )
+            epochs = e.budget.epochs
         else:
-            hp = self._hparams(study, task, dict(best.params))
+            hp = self._hparams(study, task, best_hparams(best))
             seed = int(trial.user_attrs["seed"])
-            label = f"seed {seed}"
-            budget = Budget(
-                epochs=e.final.epochs or e.budget.epochs,
-                steps_per_epoch=e.budget.steps_per_epoch,
-                max_minutes=e.budget.max_minutes_per_trial,
-                patience=e.budget.patience,
-            )
-        parent = self.tracker.find_run(study=study.name, stage="study")
-        tags = {
-            **_study_tags(study),
-            "stage": stage,
-            "trial": trial.number,
-            "status": "running",
-            "worker": self.worker,
-        }
+            label, epochs = f"seed {seed}", e.final.epochs or e.budget.epochs
+        budget = Budget(
+            epochs=epochs,
+            steps_per_epoch=e.budget.steps_per_epoch,
+            max_minutes=e.budget.max_minutes_per_trial,
+            patience=e.budget.patience,
+        )
+        tags: dict[str, Any] = {"worker": self.worker}
         if stage == "final":
             tags |= {"seed": seed, "best_trial": best.number}
-        run_name = f"trial-{trial.number}" if stage == "search" else f"final-seed-{seed}"
-        run_id = self.tracker.start_run(run_name, tags, parent.info.run_id if parent else None)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        self.tracker.log_params(
-            run_id,
-            {
-                **hp,
-                "seed": seed,
-                "cell": arch.cell,
-                "layers": arch.layers,
-                "bidirectional": arch.bidirectional,
-            },
-        )
+        meta = {"seed": seed, "cell": arch.cell, "layers": arch.layers, "bidirectional": arch.bidirectional}
+        run_id = self.projection.open_child(led, stage, trial, tags, {**hp, **meta})
         self.progress.trial_started(study.name, stage, trial.number, label)
         reporter = _EpochReporter(
             self.tracker, run_id, self.progress, primary, budget.epochs, trial if stage == "search" else None
         )
+        record: dict[str, Any] = {
+            "hparams": hp,
+            "seed": seed,
+            "worker": self.worker,
+            "started_ms": reporter.started_ms,
+        }
+        if stage == "final":
+            record["best_trial"] = best.number
         trainer = Trainer(budget, self.settings)
-        failed = True
+        failed, value, state = True, None, optuna.trial.TrialState.COMPLETE
         try:
             result = trainer.fit(
                 task,
@@ -407,107 +637,111 @@ class Worker:
                     "time_limit", f"over its limit of {e.budget.max_minutes_per_trial} minutes per trial"
                 )
             failed = False
+            value = result.best_valid[primary] if stage == "search" else result.test[primary]
+            summary = {
+                **result.summary,
+                "params_total": result.parameters["total"],
+                "best_epoch": result.best_epoch,
+            }
+            record |= {
+                "status": "complete",
+                "best_valid": result.best_valid,
+                "test": result.test,
+                "summary": summary,
+                "best_epoch": result.best_epoch,
+                "stop_reason": result.stop_reason,
+                "artifacts": result.artifacts,
+            }
+            detail = f"{primary}={value:.4g}"
         except optuna.TrialPruned as exc:
-            failed = False
-            s.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            self._end(run_id, "pruned", str(exc))
-            return
+            failed, state, detail = False, optuna.trial.TrialState.PRUNED, str(exc)
+            record |= {"status": "pruned", "stop_reason": "pruned", "failure_message": str(exc)}
         except KeyboardInterrupt:
-            self.sweep.mark_interrupted(s, trial._trial_id, trial.number, trial.params, trial.user_attrs)
-            self.tracker.set_tags(run_id, {"status": "interrupted", "failure_reason": "interrupted"})
-            self.tracker.end_run(run_id, "KILLED")
+            record |= {"status": "interrupted"}
+            self._write_record(trial, record, reporter)
+            with self.lock(study.name):
+                self._fail_quietly(trial)
+                from rnnbench.scheduler import recover
+
+                recover(self.storage, led.search if stage == "search" else led.final, led.max_retries)
+            self._project(study, stage, trial)
             raise
         except Exception as exc:  # one bad configuration or plugin must not stop the sweep
             reason, message = _failure(exc)
-            trial.set_user_attr("failure_reason", reason)
-            trial.set_user_attr("failure_message", message[:500])
-            s.tell(trial, state=optuna.trial.TrialState.FAIL)
-            self.tracker.log_text(run_id, traceback.format_exc(), "traceback.txt")
-            self._end(run_id, "failed", message, reason)
-            return
+            state, detail = optuna.trial.TrialState.FAIL, message
+            record |= {
+                "status": "failed",
+                "failure_reason": reason,
+                "failure_message": message[:500],
+                "artifacts": {"traceback.txt": traceback.format_exc()},
+            }
         finally:
             _release_memory(failed)
-        value = result.best_valid[primary] if stage == "search" else result.test[primary]
-        summary = {
-            **result.summary,
-            "params_total": result.parameters["total"],
-            "best_epoch": result.best_epoch,
-        }
-        trial.set_user_attr("summary", summary)
-        if stage == "final":
-            trial.set_user_attr("test", result.test)
-        s.tell(trial, value)
-        metrics = {f"best_valid_{k}": v for k, v in result.best_valid.items()} | summary
-        if result.test:
-            metrics |= {f"test_{k}": v for k, v in result.test.items()}
-        self.tracker.log_metrics(run_id, metrics, step=result.best_epoch)
-        for filename, text in result.artifacts.items():
-            self.tracker.log_text(run_id, text, filename)
-        self.tracker.set_tags(run_id, {"status": "complete", "stop_reason": result.stop_reason})
-        self.tracker.end_run(run_id, "FINISHED")
-        self.progress.trial_ended("complete", f"{primary}={value:.4g}")
-
-    def _end(self, run_id: str, status: str, detail: str, reason: str | None = None) -> None:
-        tags = {"status": status}
-        if reason:
-            tags["failure_reason"] = reason
-            tags["failure_message"] = detail[:500]
-        self.tracker.set_tags(run_id, tags)
-        self.tracker.end_run(run_id, "FAILED" if status == "failed" else "FINISHED")
+        # The ledger first, in two writes: the whole record, then the state that makes it count.
+        self._write_record(trial, record, reporter)
+        try:
+            if state == optuna.trial.TrialState.COMPLETE:
+                led.search.tell(trial, value) if stage == "search" else led.final.tell(trial, value)
+            else:
+                (led.search if stage == "search" else led.final).tell(trial, state=state)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
+            self.progress.log(
+                f"warning: {label} of {study.name} was recovered by another worker while it ran "
+                f"(its lease expired: {exc}); its result is discarded and its copy runs instead"
+            )
+            return
+        _fault("after_ledger_write")
+        self._project(study, stage, trial)
+        status = record["status"]
         self.progress.trial_ended(status, detail)
 
-    def _finish_parent(self, study: Study, s, f) -> None:
-        """Study-level results on the parent run: best validation, test mean and 95% CI over seeds."""
-        from optuna.trial import TrialState
+    def _write_record(self, trial, record: dict[str, Any], reporter: _EpochReporter) -> None:
+        from rnnbench.sweep import RECORD
 
-        parent = self.tracker.find_run(study=study.name, stage="study")
-        if parent is None or parent.info.status != "RUNNING":
-            return
-        trials = s.get_trials(deepcopy=False)
-        states = [t for t in trials if not t.user_attrs.get("interrupted")]
-        metrics: dict[str, float] = {
-            "trials_complete": sum(t.state == TrialState.COMPLETE for t in states),
-            "trials_pruned": sum(t.state == TrialState.PRUNED for t in states),
-            "trials_failed": sum(t.state == TrialState.FAIL for t in states),
+        record |= {
+            "history": reporter.history,
+            "parameters": reporter.parameters,
+            "data": reporter.data,
+            "finished_ms": _now_ms(),
         }
-        tags: dict[str, Any] = {"status": "complete"}
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if complete:
-            best = s.best_trial
-            metrics["best_valid"] = best.value
-            metrics |= {
-                k: v for k, v in best.user_attrs.get("summary", {}).items() if isinstance(v, (int, float))
-            }
-            tags["best_trial"] = best.number
-            self.tracker.log_params(parent.info.run_id, {f"best.{k}": v for k, v in best.params.items()})
-        else:
-            tags["status"] = "no_completed_trial"
-        if f is not None:
-            seeds = [t for t in f.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-            metrics["final_seeds"] = len(seeds)
-            names = sorted({k for t in seeds for k in t.user_attrs.get("test", {})})
-            for name in names:
-                mean, low, high = mean_ci(
-                    [t.user_attrs["test"][name] for t in seeds if name in t.user_attrs["test"]]
-                )
-                metrics |= {
-                    f"test_{name}_mean": mean,
-                    f"test_{name}_ci95_low": low,
-                    f"test_{name}_ci95_high": high,
-                }
-        metrics |= {f"baseline_test_{k}": v for k, v in self._baseline(study).items()}
-        metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
-        self.tracker.log_metrics(parent.info.run_id, metrics)
-        self.tracker.set_tags(parent.info.run_id, tags)
-        self.tracker.end_run(parent.info.run_id, "FINISHED")
+        trial.set_user_attr(RECORD, _json_safe(record))
+
+    def _project(self, study: Study, stage: str, trial) -> None:
+        """The trial's record into MLflow, then the parent; best effort (the ledger has it all)."""
+        from rnnbench.projection import StudyLedger
+
+        try:
+            led = StudyLedger.load(self.storage, study.name)
+            frozen = (led.search if stage == "search" else led.final)._storage.get_trial(trial._trial_id)
+            self.projection.project_trial(led, stage, frozen)
+        except Exception as exc:
+            self.progress.log(f"warning: MLflow run of {study.name} not updated ({exc}); `rnnbench sync` repairs it")
+        self._refresh_parent(study)
 
     def _baseline(self, study: Study) -> dict[str, float]:
         """The task's trivial baseline on test, for the report to show beside the architectures."""
         try:
-            return dict(self._task(study).baseline("test"))
+            return {k: float(v) for k, v in self._task(study).baseline("test").items()}
         except Exception as exc:  # a plugin's baseline must not cost the finished study
             self.progress.log(f"warning: baseline of {study.task_entry.name} failed: {exc}")
             return {}
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON for the ledger: NaN/inf become None (JSON has neither), numpy scalars floats."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:
@@ -531,35 +765,25 @@ def _release_memory(failed: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def summarize(plan: Plan, tracker, sweep) -> dict[str, Any]:
-    """Per study: counted trials by state and final seeds (what the CLI prints at the end)."""
-    from optuna.trial import TrialState
+def summarize(plan: Plan, storage) -> dict[str, Any]:
+    """Per study, from the ledger: trials by state, best validation value, final seeds (what the
+    CLI prints; the parent runs and the report carry the same numbers, computed the same way)."""
+    from rnnbench.projection import StudyLedger
 
     rows = []
     for study in plan.studies:
-        direction = _direction(study)
-        trials = sweep.search_study(study, direction).get_trials(deepcopy=False)
-        finals = sweep.final_study(study, direction).get_trials(deepcopy=False)
-        seeds = [t for t in finals if t.state == TrialState.COMPLETE]
-        primary = _primary(study).name
-        mean, low, high = mean_ci([t.value for t in seeds])
-        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        led = StudyLedger.load(storage, study.name)
+        s = led.summary()
+        mean, low, high = mean_ci(s["seed_values"])
         rows.append(
             {
                 "study": study.name,
-                "complete": len(complete),
-                "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-                "failed": sum(
-                    t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in trials
-                ),
-                "interrupted": sum(bool(t.user_attrs.get("interrupted")) for t in trials),
-                "best_valid": min(t.value for t in complete)
-                if complete and direction == "minimize"
-                else (max(t.value for t in complete) if complete else math.nan),
-                "seeds": len(seeds),
+                **{k: s["search"][k] for k in ("complete", "pruned", "failed", "lost", "interrupted")},
+                "best_valid": s["best"].value if s["best"] is not None else math.nan,
+                "seeds": len(s["seeds"]),
                 "test_mean": mean,
                 "test_ci95": (low, high),
-                "metric": primary,
+                "metric": led.tags.get("metric", _primary(study).name),
             }
         )
     return {"studies": rows, "home": str(plan.home), "tracking_uri": plan.tracking_uri}

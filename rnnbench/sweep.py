@@ -1,53 +1,200 @@
-"""Optuna: storages, samplers, pruners, trial claims, and recovery of interrupted trials.
+"""Optuna: storages, samplers, pruners, and the ledger's reads and writes.
 
-Budget rule: a study is done when its *counted* trials reach ``budget.trials``. Completed, pruned
-and failed trials count (each is one configuration tried: a configuration that diverges or runs
-out of memory has had its chance). Trials cut off by a kill or Ctrl-C do not count: they are
-marked failed with ``interrupted=True`` and their exact configuration is queued again.
-Claims happen under a file lock, so N workers on one machine run exactly the budget.
+The Optuna storage is the ledger: the single record of what was tried and what it scored. A
+finished trial's whole result (status, failure reason, hyperparameters, metrics, per-epoch
+history, artifacts) is written as one ``record`` user attribute *before* the trial is told, so a
+trial in a finished state always carries its record, and the state change is the one step that
+makes it count. Everything else (MLflow, the CLI table, the report) is derived from it.
+
+Trial statuses, derived from the ledger alone (:func:`trial_status`):
+
+- ``complete`` / ``pruned`` / ``failed``: counted toward the budget (each is a configuration tried);
+- ``interrupted``: stopped by Ctrl-C; not counted, its exact configuration is queued again;
+- ``lost``: failed by recovery because its worker's lease expired (killed, OOM, machine gone),
+  or told FAIL without a record; not counted and queued again, at most ``max_retries`` times
+  per configuration; after that it counts as failed with reason ``worker_lost``.
 """
 
 from __future__ import annotations
 
-import hashlib
-from contextlib import contextmanager
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import FileLock
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from rnnbench.errors import ConfigError
-from rnnbench.experiment import CategoricalParam, Experiment, FloatParam, IntParam, Study
+from rnnbench.errors import RnnbenchError
+from rnnbench.experiment import CategoricalParam, Experiment, FloatParam, IntParam
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-INTERRUPTED = "interrupted"
 FINAL_SUFFIX = "::final"
+RECORD = "record"  # user attribute holding a finished trial's whole result
+RETRY_OF = "retry_of"  # user attribute of a queued copy: the number of the trial it replaces
+RETRIES = "retries"  # user attribute: how many lost workers this configuration has already cost
+LEGACY_INTERRUPTED = "interrupted"  # ledgers written before the record existed
+COUNTED = ("complete", "pruned", "failed")
+DEFAULT_MAX_RETRIES = 3
 
 
-def open_storage(url: str | None, home: Path) -> optuna.storages.BaseStorage:
-    """The embedded JournalStorage file (safe for processes on one machine), or an RDB URL."""
-    if url is None or url.startswith("journal:") or "://" not in url:
-        path = Path(url.removeprefix("journal:")) if url else home / "optuna.journal"
-        path.parent.mkdir(parents=True, exist_ok=True)
+class StoreError(RnnbenchError):
+    """A store (Optuna storage, MLflow tracking) that cannot be used as given."""
+
+    exit_code = 2
+
+
+# ---------------------------------------------------------------------------- storages
+
+
+def is_journal(url: str | None) -> bool:
+    return url is None or url.startswith("journal:") or "://" not in url
+
+
+def journal_path(url: str | None, home: Path) -> Path:
+    return Path(url.removeprefix("journal:")).expanduser().resolve() if url else home / "optuna.journal"
+
+
+def normalize_rdb_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (SQLAlchemy's default driver is psycopg2)."""
+    scheme = url.split("://", 1)[0]
+    if scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg2  # noqa: F401
+
+            return "postgresql://" + url.split("://", 1)[1]
+        except ImportError:
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def check_storage_url(url: str | None, workers_may_be_parallel: bool = True) -> None:
+    """Refuse what cannot work, before anything is opened or written."""
+    if is_journal(url):
+        return
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme == "sqlite":
+        raise StoreError(
+            "SQLite is not safe for parallel Optuna workers: use the default journal file "
+            "(--storage PATH) or PostgreSQL (--storage postgresql://user:password@host/db)"
+        )
+    if scheme not in ("postgresql", "postgres", "mysql"):
+        raise StoreError(
+            f"unknown storage scheme {scheme!r}: use a journal file path or postgresql://user:password@host/db"
+        )
+    if scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            try:
+                import psycopg2  # noqa: F401
+            except ImportError:
+                raise StoreError(
+                    "PostgreSQL storage needs psycopg 3: pip install 'rnnbench[postgres]'"
+                ) from None
+
+
+def open_storage(url: str | None, home: Path, *, lease_seconds: float | None = None):
+    """The journal file (processes on one machine) or an RDB (PostgreSQL, many machines).
+
+    Unreachable databases, bad credentials and unusable files give one StoreError line."""
+    check_storage_url(url)
+    if is_journal(url):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite"):
-        raise ConfigError(
-            "SQLite is not safe for parallel Optuna workers: use the default journal file or PostgreSQL"
-        )
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+        path = journal_path(url, home)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            repair_journal(path)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except OSError as exc:
+            raise StoreError(f"Optuna journal {path} is not usable: {exc.strerror or exc}") from None
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise StoreError(
+                f"Optuna journal {path} is damaged ({exc}); restore it from a backup or start a new run home"
+            ) from None
+    from optuna.storages import RDBStorage
 
-    # Heartbeats let workers on other machines see a dead worker's trial and retry it.
-    return RDBStorage(
-        url,
-        heartbeat_interval=60,
-        grace_period=180,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
-    )
+    lease = lease_seconds or lease_duration()
+    try:
+        # Heartbeats in the database's own clock: a worker on another machine judges a lease
+        # without trusting our clock. No failed-trial callback: rnnbench requeues lost trials
+        # itself, idempotently (see scheduler.recover).
+        return RDBStorage(
+            normalize_rdb_url(url),
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=max(1, int(lease / 4)),
+            grace_period=max(2, int(lease)),
+        )
+    except Exception as exc:  # connection refused, bad password, unknown database...
+        raise StoreError(f"Optuna storage {_redact(url)} is not reachable: {_first_line(exc)}") from None
+
+
+def lease_duration() -> float:
+    """Seconds a claim stays valid without renewal (renewed every quarter of it)."""
+    return float(os.environ.get("RNNBENCH_LEASE_SECONDS", "60"))
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def repair_journal(path: Path) -> str | None:
+    """Cut a half-written last record (a crash or a full disk) before anything is appended.
+
+    Optuna skips such a line when reading, but the next append would glue a new record onto it
+    and make the whole file unreadable. Runs under the journal's own lock. Returns the warning
+    printed, if any. A damaged record *inside* the file is not guessed at: ValueError."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    from optuna.storages.journal import JournalFileSymlinkLock
+    from optuna.storages.journal._file import get_lock_file
+
+    with get_lock_file(JournalFileSymlinkLock(str(path))):
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            keep = _last_good_offset(f, size)
+            if keep == size:
+                return None
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    message = f"warning: {path}: cut a half-written last record ({size - keep} bytes) left by a crash"
+    print(message, flush=True)
+    return message
+
+
+def _last_good_offset(f, size: int) -> int:
+    """Offset after the last complete, parseable record; trailing partial or garbled lines go."""
+    chunk = min(size, 1 << 20)
+    f.seek(size - chunk)
+    tail = f.read(chunk)
+    end = len(tail) if tail.endswith(b"\n") else tail.rfind(b"\n") + 1
+    while end > 0:
+        start = tail.rfind(b"\n", 0, end - 1) + 1
+        if start == 0 and size > chunk:
+            break
+        try:
+            json.loads(tail[start:end])
+            return size - chunk + end
+        except ValueError:  # garbled (e.g. NUL bytes after a crash): cut it too
+            end = start
+    if size > chunk:
+        raise ValueError("its last megabyte holds no complete record")
+    return 0
+
+
+# ---------------------------------------------------------------------------- samplers, pruners
 
 
 class _AskTellGridSampler(optuna.samplers.GridSampler):
@@ -64,9 +211,9 @@ def make_sampler(
     """A sampler seeded from the study's trial count: each ask draws a fresh point (a sampler
     rebuilt with a fixed seed proposes its first point again every time), a resumed run proposes
     what an uninterrupted one would, and every architecture starts from the same random points.
-    Workers get distinct streams."""
+    Claims are serialised by the ledger lock, so the trial count alone makes the seed unique."""
     spec = experiment.sampler
-    seed = spec.seed + trials_so_far + 1_000_003 * worker
+    seed = spec.seed + trials_so_far
     if spec.name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.name == "grid":
@@ -107,110 +254,81 @@ def suggest(trial: optuna.Trial, experiment: Experiment) -> dict[str, Any]:
     return params
 
 
-def counted(trials) -> tuple[int, int]:
-    """(trials that count toward the budget, trials running now)."""
-    done = running = 0
+# ---------------------------------------------------------------------------- the ledger's reads
+
+
+def record_of(t: FrozenTrial) -> dict[str, Any] | None:
+    return t.user_attrs.get(RECORD)
+
+
+def trial_status(t: FrozenTrial, max_retries: int = DEFAULT_MAX_RETRIES) -> str:
+    """What a trial is, from the ledger alone (see the module docstring)."""
+    if t.state == TrialState.COMPLETE:
+        return "complete"
+    if t.state == TrialState.PRUNED:
+        return "pruned"
+    if t.state == TrialState.RUNNING:
+        return "running"
+    if t.state == TrialState.WAITING:
+        return "waiting"
+    record = record_of(t)
+    if t.user_attrs.get(LEGACY_INTERRUPTED) or (record and record.get("status") == "interrupted"):
+        return "interrupted"
+    if record and record.get("status") == "failed":
+        return "failed"
+    return "lost" if t.user_attrs.get(RETRIES, 0) < max_retries else "failed"
+
+
+def failure_of(t: FrozenTrial, status: str) -> tuple[str | None, str | None]:
+    """(reason, message) of a failed, lost or interrupted trial."""
+    record = record_of(t) or {}
+    if status == "failed" and record.get("status") == "failed":
+        return record.get("failure_reason"), record.get("failure_message")
+    if status in ("lost", "failed"):
+        return "worker_lost", "its worker stopped renewing its lease (killed, out of memory or machine lost)"
+    if status == "interrupted":
+        return "interrupted", "stopped by the user; its configuration was queued again"
+    return None, None
+
+
+def needs_retry(status: str) -> bool:
+    return status in ("lost", "interrupted")
+
+
+def study_counts(trials: list[FrozenTrial], max_retries: int = DEFAULT_MAX_RETRIES) -> dict[str, int]:
+    counts = dict.fromkeys(("complete", "pruned", "failed", "lost", "interrupted", "running", "waiting"), 0)
     for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            done += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED):
-            done += 1
-        elif t.state == TrialState.RUNNING:
-            running += 1
-    return done, running
+        counts[trial_status(t, max_retries)] += 1
+    return counts
 
 
-class Sweep:
-    """Optuna-side state of one experiment: a search study and a final study per Study."""
+def counted(trials, max_retries: int = DEFAULT_MAX_RETRIES) -> tuple[int, int]:
+    """(trials that count toward the budget, trials running or queued now)."""
+    c = study_counts(trials, max_retries)
+    return sum(c[k] for k in COUNTED), c["running"] + c["waiting"]
 
-    def __init__(
-        self, experiment: Experiment, storage: optuna.storages.BaseStorage, home: Path, worker: int = 0
-    ):
-        self.experiment, self.storage, self.home, self.worker = experiment, storage, home, worker
-        (home / "locks").mkdir(parents=True, exist_ok=True)
 
-    @contextmanager
-    def lock(self, study: Study):
-        # hashlib, not hash(): the lock name must be the same in every worker process
-        key = hashlib.sha256(study.name.encode()).hexdigest()[:16]
-        with FileLock(str(self.home / "locks" / f"{key}.lock")):
-            yield
+def best_trial(trials: list[FrozenTrial], direction: str) -> FrozenTrial | None:
+    """The best complete trial (lowest number on ties, so every reader agrees)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        return None
+    sign = 1 if direction == "minimize" else -1
+    return min(complete, key=lambda t: (sign * t.value, t.number))
 
-    def search_study(self, study: Study, direction: str) -> optuna.Study:
-        s = optuna.create_study(
-            study_name=study.name,
-            storage=self.storage,
-            sampler=make_sampler(self.experiment, self.worker),
-            pruner=make_pruner(self.experiment),
-            direction=direction,
-            load_if_exists=True,
-        )
-        return s
 
-    def final_study(self, study: Study, direction: str) -> optuna.Study:
-        return optuna.create_study(
-            study_name=study.name + FINAL_SUFFIX,
-            storage=self.storage,
-            sampler=optuna.samplers.RandomSampler(seed=0),  # only enqueued trials run here
-            direction=direction,
-            load_if_exists=True,
-        )
+def study_names(storage, experiment: str) -> list[str]:
+    """Search-study names of an experiment in the ledger."""
+    prefix = f"{experiment}/"
+    return sorted(
+        s.study_name
+        for s in storage.get_all_studies()
+        if s.study_name.startswith(prefix) and not s.study_name.endswith(FINAL_SUFFIX)
+    )
 
-    def check_fingerprint(self, study: Study, s: optuna.Study) -> None:
-        """A resumed study must have the same space and budget, or results would be mixed."""
-        expected, found = study.fingerprint(), s.user_attrs.get("fingerprint")
-        if found is None:
-            s.set_user_attr("fingerprint", expected)
-            s.set_user_attr("search_space", {k: v.model_dump() for k, v in self.experiment.search.items()})
-            s.set_user_attr("budget", self.experiment.budget.model_dump())
-        elif found != expected:
-            raise ConfigError(
-                f"study {study.name} already exists with a different search space, budget, sampler, "
-                f"task or fixed hyperparameters (stored {s.user_attrs.get('budget')}); mixing them would "
-                "make its trials incomparable. Rename the experiment (name:) or use another run home."
-            )
 
-    def claim_search_trial(self, study: Study, s: optuna.Study) -> optuna.Trial | None:
-        with self.lock(study):
-            trials = s.get_trials(deepcopy=False)
-            done, running = counted(trials)
-            if done + running >= trial_budget(self.experiment):
-                return None
-            s.sampler = make_sampler(self.experiment, self.worker, len(trials))
-            return s.ask()
-
-    def claim_final_trial(self, study: Study, f: optuna.Study) -> optuna.Trial | None:
-        with self.lock(study):
-            if not any(t.state == TrialState.WAITING for t in f.get_trials(deepcopy=False)):
-                return None
-            return f.ask()
-
-    def ensure_final_seeds(self, study: Study, f: optuna.Study, seeds: int) -> None:
-        """Queue one final trial per seed, once (idempotent under the lock)."""
-        with self.lock(study):
-            have = {
-                t.user_attrs.get("seed")
-                for t in f.get_trials(deepcopy=False)
-                if not t.user_attrs.get(INTERRUPTED)
-            }
-            for seed in range(seeds):
-                if seed not in have:
-                    f.enqueue_trial({}, user_attrs={"seed": seed})
-
-    def mark_interrupted(
-        self, s: optuna.Study, trial_id: int, number: int, params: dict, attrs: dict
-    ) -> None:
-        """Fail an interrupted trial without counting it, and queue its configuration again."""
-        retry_attrs = {"retry_of": number}
-        if "seed" in attrs:
-            retry_attrs["seed"] = attrs["seed"]
-        self.storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
-        s.enqueue_trial(params, user_attrs=retry_attrs, skip_if_exists=False)
-        self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
-
-    def recover(self, s: optuna.Study) -> int:
-        """Trials left RUNNING by a killed process (called before any worker starts)."""
-        stale = [t for t in s.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
-        for t in stale:
-            self.mark_interrupted(s, t._trial_id, t.number, t.params, t.user_attrs)
-        return len(stale)
+def load_study(storage, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None

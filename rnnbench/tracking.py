@@ -24,6 +24,79 @@ def tracking_uri_for(home: Path) -> str:
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
+class TrackingError(RnnbenchError):
+    """An MLflow store that cannot be used as given."""
+
+    exit_code = 2
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """One line, fast, when a tracking server does not answer (MLflow would retry for minutes)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        import socket
+
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=timeout).close()
+        except OSError as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({exc.strerror or exc}): start it "
+                "(mlflow server ...) or fix --tracking-uri"
+            ) from None
+    elif parts.scheme not in ("sqlite", "file", "postgresql", "mysql", "databricks", "") and not (
+        parts.scheme.startswith(("postgresql+", "mysql+"))
+    ):
+        raise TrackingError(f"unknown tracking URI scheme {parts.scheme!r} in {uri}")
+
+
+def create_sqlite_store(home: Path) -> str:
+    """The run home's sqlite store, created whole or not at all.
+
+    MLflow creates the file and then migrates its schema; a crash or a full disk in between
+    leaves a file every later run fails on. So the store is built under a temporary name and
+    renamed into place only once MLflow has answered from it."""
+    path = (home / "mlflow.db").resolve()
+    uri = f"sqlite:///{path}"
+    if path.is_file():
+        return uri
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    tmp = path.with_name(f".mlflow.db.{os.getpid()}.tmp")
+    try:
+        MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
+        _dispose_engines(f"sqlite:///{tmp}")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise TrackingError(f"cannot create the MLflow store {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, Exception):
+            raise TrackingError(f"cannot create the MLflow store {path}: {_first(exc)}") from None
+        raise
+    return uri
+
+
+def _dispose_engines(uri: str) -> None:
+    """Close MLflow's cached engine of the temporary file before it is renamed."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    except Exception:  # a private cache of MLflow's: if it moved, sqlite tolerates the rename
+        pass
+
+
 def _quiet_mlflow() -> None:
     import logging
 
@@ -64,7 +137,7 @@ def _git_commit() -> str:
             capture_output=True,
             text=True,
             timeout=5,
-            cwd=os.getcwd(),
+            cwd=Path(__file__).resolve().parent,  # rnnbench's own checkout, wherever it runs
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -84,32 +157,78 @@ def _cpu_model() -> str:
 class Tracker:
     """Thin layer over MlflowClient for the run layout rnnbench uses."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: Path | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        artifact_root: Path | None = None,
+        create: bool = True,
+    ):
         _quiet_mlflow()
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri
+        check_reachable(tracking_uri)
         try:
             self.client = MlflowClient(tracking_uri)
             exp = self.client.get_experiment_by_name(experiment_name)
+            if exp is None and not create:
+                raise TrackingError(f"MLflow store {tracking_uri} has no experiment {experiment_name!r}")
             if exp is None:
                 location = (artifact_root / experiment_name).resolve().as_uri() if artifact_root else None
-                exp_id = self.client.create_experiment(experiment_name, artifact_location=location)
+                exp_id = self._create_experiment(experiment_name, location)
             else:
                 exp_id = exp.experiment_id
         except RnnbenchError:
             raise
         except Exception as exc:  # unreachable server, bad URI, locked database...
-            raise RnnbenchError(f"MLflow tracking store {tracking_uri} is not usable: {exc}") from None
+            raise TrackingError(f"MLflow tracking store {tracking_uri} is not usable: {_first(exc)}") from None
         self.experiment_id = exp_id
 
-    def find_run(self, **tags: str):
-        """The one active run with these rnnbench tags, or None."""
-        clause = " and ".join(f"tags.`{TAG}{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([self.experiment_id], filter_string=clause, max_results=10)
-        return runs[0] if runs else None
+    def _create_experiment(self, name: str, location: str | None) -> str:
+        """Create it, or take the one another machine created a moment ago (they race at start)."""
+        from mlflow.exceptions import MlflowException
 
-    def start_run(self, name: str, tags: dict[str, Any], parent_id: str | None = None) -> str:
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(exc).lower():
+                raise
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def runs_by_key(self) -> dict[tuple, list]:
+        """Every live rnnbench run of the experiment, by (study, stage, trial or seed)."""
+        out: dict[tuple, list] = {}
+        token = None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+            for run in page:
+                tags = run.data.tags
+                if f"{TAG}stage" in tags:
+                    out.setdefault(run_key(tags), []).append(run)
+            token = page.token
+            if not token:
+                return out
+
+    def get_run(self, run_id: str):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return run if run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id else None
+
+    def start_run(
+        self,
+        name: str,
+        tags: dict[str, Any],
+        parent_id: str | None = None,
+        start_time: int | None = None,
+    ) -> str:
         all_tags = {
             **environment_tags(),
             **{f"{TAG}{k}": str(v) for k, v in tags.items()},
@@ -117,7 +236,7 @@ class Tracker:
         }
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run = self.client.create_run(self.experiment_id, start_time=start_time, run_name=name, tags=all_tags)
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -127,10 +246,13 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i : i + 100])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: dict[str, float], step: int = 0, timestamp: int | None = None
+    ) -> None:
+        """One batch. With the same (step, timestamp, value) twice, MLflow keeps one point."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp is None else int(timestamp)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
@@ -143,19 +265,18 @@ class Tracker:
     def log_text(self, run_id: str, text: str, filename: str) -> None:
         self.client.log_text(run_id, text, filename)
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+    def end_run(self, run_id: str, status: str = "FINISHED", end_time: int | None = None) -> None:
+        self.client.set_terminated(run_id, status, end_time=end_time)
+
+    def reopen(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
 
     def delete_run(self, run_id: str) -> None:
         self.client.delete_run(run_id)
 
-    def close_stale_runs(self) -> int:
-        """Runs still RUNNING from a killed process: mark them KILLED (called before workers start)."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
-        )
-        for run in runs:
-            if run.data.tags.get(f"{TAG}stage") in ("search", "final"):
-                self.set_tags(run.info.run_id, {"status": "interrupted", "failure_reason": "killed"})
-                self.end_run(run.info.run_id, "KILLED")
-        return len(runs)
+
+def run_key(tags: dict[str, str]) -> tuple:
+    """The identity of an rnnbench run: its ledger coordinates, never its MLflow id."""
+    stage = tags.get(f"{TAG}stage")
+    number = tags.get(f"{TAG}trial") if stage in ("search", "final") else None
+    return (tags.get(f"{TAG}study"), stage, number)

@@ -55,14 +55,14 @@ def _counts(home: Path, name: str):
     from rnnbench.sweep import open_storage
     from rnnbench.tracking import tracking_uri_for
 
+    from rnnbench.sweep import trial_status
+
     storage = open_storage(None, home)
     states = {}
     for summary in optuna.get_all_study_summaries(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         kind = "final" if summary.study_name.endswith("::final") else "search"
-        states[kind] = Counter(
-            "interrupted" if t.user_attrs.get("interrupted") else t.state.name for t in study.get_trials()
-        )
+        states[kind] = Counter(trial_status(t) for t in study.get_trials())
     client = MlflowClient(tracking_uri_for(home))
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
@@ -83,7 +83,7 @@ def test_run_counts_and_mlflow_layout(tmp_path: Path):
     result = _run(["run", str(_write(tmp_path, "plain"))], home)
     assert result.returncode == 0, result.stderr
     states, runs, keys = _counts(home, "plain")
-    assert states["search"] == Counter({"COMPLETE": 3}) and states["final"] == Counter({"COMPLETE": 2})
+    assert states["search"] == Counter({"complete": 3}) and states["final"] == Counter({"complete": 2})
     assert max(keys.values()) == 1  # no trial or seed has two runs
     parents = [r for r in runs if r.data.tags["rnnbench.stage"] == "study"]
     children = [r for r in runs if r.data.tags["rnnbench.stage"] in ("search", "final")]
@@ -149,18 +149,20 @@ def test_kill_mid_trial_then_resume(tmp_path: Path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     states, _, _ = _counts(home, "killed")
-    assert states["search"]["RUNNING"] == 1  # the killed trial, left behind
+    assert states["search"]["running"] == 1  # the killed trial, left behind
 
     resumed = _run(["run", str(path)], home)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     states, runs, keys = _counts(home, "killed")
-    # exactly the budget counted, the killed trial marked and its configuration re-run
-    assert states["search"] == Counter({"COMPLETE": 3, "interrupted": 1})
-    assert states["final"] == Counter({"COMPLETE": 1})
+    # exactly the budget counted, the killed trial lost (its process is gone) and re-run once
+    assert states["search"] == Counter({"complete": 3, "lost": 1})
+    assert states["final"] == Counter({"complete": 1})
     assert max(keys.values()) == 1
     statuses = Counter(r.info.status for r in runs if r.data.tags["rnnbench.stage"] == "search")
     assert statuses == Counter({"FINISHED": 3, "KILLED": 1})
+    lost = [r for r in runs if r.data.tags.get("rnnbench.status") == "lost"]
+    assert lost[0].data.tags["rnnbench.failure_reason"] == "worker_lost"
 
 
 @pytest.mark.parametrize("workers", [2])

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from rnnbench.experiment import expand, parse
-from rnnbench.sweep import Sweep, open_storage, suggest, trial_budget
+from rnnbench.experiment import parse
+from rnnbench.runner import Worker, create_study, open_stores, prepare
+from rnnbench.sweep import suggest, trial_budget
 
 TEXT = """\
 name: s
@@ -22,15 +23,18 @@ sampler: {{name: {sampler}, seed: 0}}
 
 def _tell_all(tmp_path: Path, search: str, sampler: str) -> list[dict]:
     experiment = parse(TEXT.format(search=search, sampler=sampler))
-    study = expand(experiment)[0][0]
-    sweep = Sweep(experiment, open_storage(None, tmp_path), tmp_path)
-    s = sweep.search_study(study, "minimize")
+    plan = prepare(experiment, home=tmp_path)
+    study = plan.studies[0]
+    stores = open_stores(plan)
+    create_study(plan, stores[1], study)
+    worker = Worker(plan, 0, {"device": "cpu"}, stores=stores)
     proposed = []
-    while (trial := sweep.claim_search_trial(study, s)) is not None:
+    while (claim := worker._claim(study, "search"))[1] is not None:
+        led, trial = claim
+        worker._lease.stop()
         params = suggest(trial, experiment)
         proposed.append(params)
-        s.tell(trial, float(len(proposed)))  # the grid's last tell used to raise (Study.stop)
-        s = sweep.search_study(study, "minimize")  # a rebuilt study, as each worker step does
+        led.search.tell(trial, float(len(proposed)))  # the grid's last tell used to raise (Study.stop)
     assert len(proposed) == trial_budget(experiment)
     return proposed
 

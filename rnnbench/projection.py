@@ -1,0 +1,330 @@
+"""MLflow as a projection of the ledger: every MLflow write is derived from the Optuna storage.
+
+A run's identity is its ledger coordinates (study, stage, trial number), carried as tags; the
+ledger also remembers the MLflow run id it was given. Projecting a trial writes the same params,
+tags, metric points (same step, timestamp and value) and artifacts every time, so projecting
+twice is harmless; :meth:`Projection.sync` projects every finished trial whose run is missing or
+stale and refreshes every parent run, which repairs whatever a crash left half-done.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from rnnbench.stats import mean_ci
+from rnnbench.sweep import (
+    DEFAULT_MAX_RETRIES,
+    FINAL_SUFFIX,
+    RETRY_OF,
+    best_trial,
+    failure_of,
+    load_study,
+    record_of,
+    study_counts,
+    study_names,
+    trial_status,
+)
+
+# Study-level user attributes of the search study (the ledger's view of a study).
+TAGS_ATTR = "tags"  # cell, layers, bidirectional, task, dataset, metric, direction
+SEEDS_ATTR = "final_seeds"  # the final seeds this study must end with
+BUDGET_ATTR = "trials"  # counted search trials this study must end with
+RETRIES_ATTR = "max_retries"
+BASELINE_ATTR = "baseline"  # the task's trivial baseline on test
+PARENT_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run it was projected to
+
+_MLFLOW_STATUS = {
+    "complete": "FINISHED",
+    "pruned": "FINISHED",
+    "failed": "FAILED",
+    "lost": "KILLED",
+    "interrupted": "KILLED",
+}
+
+
+@dataclass
+class StudyLedger:
+    """One study as the ledger has it: attributes, search trials and final trials."""
+
+    name: str
+    search: optuna.Study
+    final: optuna.Study | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    search_trials: list[FrozenTrial] = field(default_factory=list)
+    final_trials: list[FrozenTrial] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, storage, name: str) -> StudyLedger | None:
+        search = load_study(storage, name)
+        if search is None:
+            return None
+        final = load_study(storage, name + FINAL_SUFFIX)
+        return cls(
+            name,
+            search,
+            final,
+            dict(search.user_attrs),
+            search.get_trials(deepcopy=False),
+            final.get_trials(deepcopy=False) if final else [],
+        )
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        return self.attrs.get(TAGS_ATTR, {"study": self.name})
+
+    @property
+    def direction(self) -> str:
+        return self.tags.get("direction", self.search.direction.name.lower())
+
+    @property
+    def max_retries(self) -> int:
+        return int(self.attrs.get(RETRIES_ATTR, DEFAULT_MAX_RETRIES))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.attrs.get(SEEDS_ATTR, []))
+
+    def status(self, t: FrozenTrial) -> str:
+        return trial_status(t, self.max_retries)
+
+    def search_done(self) -> bool:
+        c = study_counts(self.search_trials, self.max_retries)
+        budget = int(self.attrs.get(BUDGET_ATTR, 0))
+        return c["complete"] + c["pruned"] + c["failed"] >= budget and not (c["running"] or c["waiting"])
+
+    def summary(self) -> dict[str, Any]:
+        """Per-state counts, best validation value and final test statistics: the numbers the CLI
+        prints and the parent run carries, computed in one place."""
+        search = study_counts(self.search_trials, self.max_retries)
+        final = study_counts(self.final_trials, self.max_retries)
+        best = best_trial(self.search_trials, self.direction)
+        seeds = sorted(
+            (t for t in self.final_trials if t.state == TrialState.COMPLETE), key=lambda t: t.number
+        )
+        tests: dict[str, list[float]] = {}
+        for t in seeds:
+            for k, v in ((record_of(t) or {}).get("test") or t.user_attrs.get("test", {})).items():
+                tests.setdefault(k, []).append(v)
+        return {
+            "search": search,
+            "final": final,
+            "best": best,
+            "seeds": [(record_of(t) or {}).get("seed", t.user_attrs.get("seed")) for t in seeds],
+            "seed_values": [t.value for t in seeds],
+            "tests": tests,
+        }
+
+
+class Projection:
+    """Writes the ledger's state into MLflow, idempotently."""
+
+    def __init__(self, tracker, storage, lock):
+        self.tracker, self.storage, self.lock = tracker, storage, lock
+
+    # ------------------------------------------------------------------ parent runs
+
+    def parent_id(self, led: StudyLedger, index: dict | None = None) -> str:
+        """The study's parent run: the one the ledger names, else the one tagged with its
+        coordinates, else a new one (under the study's lock, so machines never make two)."""
+        run_id = led.attrs.get(PARENT_ATTR)
+        if run_id and self.tracker.get_run(run_id) is not None:
+            return run_id
+        with self.lock(led.name + "::mlflow-parent"):
+            led.attrs = dict(load_study(self.storage, led.name).user_attrs)
+            run_id = led.attrs.get(PARENT_ATTR)
+            if run_id and self.tracker.get_run(run_id) is not None:
+                return run_id
+            found = (index if index is not None else self.tracker.runs_by_key()).get((led.name, "study", None))
+            if found:
+                run_id = found[0].info.run_id
+            else:
+                arch = led.name.rsplit("/", 1)[-1]
+                tags = {**led.tags, "stage": "study", "status": "running"}
+                run_id = self.tracker.start_run(arch, tags)
+            led.search.set_user_attr(PARENT_ATTR, run_id)
+            led.attrs[PARENT_ATTR] = run_id
+            return run_id
+
+    def refresh_parent(self, led: StudyLedger, index: dict | None = None) -> None:
+        """Study-level numbers on the parent run, recomputed from the ledger every time."""
+        run_id = self.parent_id(led, index)
+        s = led.summary()
+        metrics: dict[str, float] = {
+            "trials_complete": s["search"]["complete"],
+            "trials_pruned": s["search"]["pruned"],
+            "trials_failed": s["search"]["failed"],
+            "trials_lost": s["search"]["lost"],
+            "trials_interrupted": s["search"]["interrupted"],
+            "final_seeds": len(s["seeds"]),
+            "final_failed": s["final"]["failed"],
+        }
+        tags: dict[str, Any] = {}
+        best = s["best"]
+        search_done = led.search_done()
+        if best is not None:
+            metrics["best_valid"] = best.value
+            summary = (record_of(best) or {}).get("summary") or best.user_attrs.get("summary", {})
+            metrics |= {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+            tags["best_trial"] = best.number
+            if search_done:  # MLflow params are write-once: only the final best configuration
+                self.tracker.log_params(run_id, {f"best.{k}": v for k, v in best_hparams(best).items()})
+        for name, values in s["tests"].items():
+            mean, low, high = mean_ci(values)
+            metrics |= {f"test_{name}_mean": mean, f"test_{name}_ci95_low": low, f"test_{name}_ci95_high": high}
+        metrics |= {f"baseline_test_{k}": v for k, v in led.attrs.get(BASELINE_ATTR, {}).items()}
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
+        done = search_done and (
+            best is None
+            or not led.seeds
+            or {*led.seeds} <= {(record_of(t) or {}).get("seed") for t in led.final_trials if led.status(t) in ("complete", "pruned", "failed")}
+        )
+        tags["status"] = ("complete" if best is not None else "no_completed_trial") if done else "running"
+        self.tracker.log_metrics(run_id, metrics)
+        self.tracker.set_tags(run_id, tags)
+        run = self.tracker.get_run(run_id)
+        if done and run is not None and run.info.status == "RUNNING":
+            self.tracker.end_run(run_id, "FINISHED")
+        elif not done and run is not None and run.info.status != "RUNNING":
+            self.tracker.reopen(run_id)  # e.g. final seeds added to a finished study
+
+    # ------------------------------------------------------------------ child runs
+
+    def open_child(self, led: StudyLedger, stage: str, trial, tags: dict, params: dict) -> str:
+        """The MLflow run of a trial that starts now; its id goes into the ledger at once."""
+        arch = led.name.rsplit("/", 1)[-1]
+        name = f"{arch}/trial-{trial.number}" if stage == "search" else f"{arch}/seed-{tags.get('seed')}"
+        run_id = self.tracker.start_run(
+            name,
+            {**led.tags, **tags, "stage": stage, "trial": trial.number, "status": "running"},
+            self.parent_id(led),
+        )
+        trial.set_user_attr(RUN_ATTR, run_id)
+        self.tracker.log_params(run_id, params)
+        return run_id
+
+    def project_trial(self, led: StudyLedger, stage: str, t: FrozenTrial, index: dict | None = None) -> str:
+        """Write a finished trial's ledger record to its MLflow run (creating it if missing)."""
+        status = led.status(t)
+        record = record_of(t) or {}
+        run_id = self._child_id(led, stage, t, index)
+        reason, message = failure_of(t, status)
+        seed = record.get("seed", t.user_attrs.get("seed"))
+        tags: dict[str, Any] = {
+            **led.tags,
+            "stage": stage,
+            "trial": t.number,
+            "status": status,
+            "projected": status,
+        }
+        for key, value in (
+            ("seed", seed),
+            ("failure_reason", reason),
+            ("failure_message", (message or "")[:500] or None),
+            ("worker", record.get("worker")),
+            ("stop_reason", record.get("stop_reason")),
+            ("best_trial", record.get("best_trial")),
+            ("retry_of", t.user_attrs.get(RETRY_OF)),
+        ):
+            if value is not None:
+                tags[key] = value
+        hparams = record.get("hparams") or dict(t.params)
+        params = {**hparams, **_meta_params(led.tags, seed)}
+        params |= {f"data.{k}": v for k, v in (record.get("data") or {}).items()}
+        self.tracker.log_params(run_id, params)
+        started = record.get("started_ms") or _ms(t.datetime_start)
+        finished = record.get("finished_ms") or _ms(t.datetime_complete)
+        if record.get("parameters"):
+            self.tracker.log_metrics(run_id, record["parameters"], step=0, timestamp=started)
+        for entry in record.get("history", []):
+            self.tracker.log_metrics(run_id, entry["metrics"], step=entry["epoch"], timestamp=entry["time_ms"])
+        final_metrics = {f"best_valid_{k}": v for k, v in (record.get("best_valid") or {}).items()}
+        final_metrics |= record.get("summary") or {}
+        final_metrics |= {f"test_{k}": v for k, v in (record.get("test") or {}).items()}
+        if final_metrics:
+            self.tracker.log_metrics(
+                run_id, final_metrics, step=int(record.get("best_epoch") or 0), timestamp=finished
+            )
+        for filename, text in (record.get("artifacts") or {}).items():
+            self.tracker.log_text(run_id, text, filename)
+        self.tracker.set_tags(run_id, tags)  # "projected" last: a crash before it means "redo"
+        self.tracker.end_run(run_id, _MLFLOW_STATUS[status], end_time=finished)
+        return run_id
+
+    def _child_id(self, led: StudyLedger, stage: str, t: FrozenTrial, index: dict | None) -> str:
+        run_id = t.user_attrs.get(RUN_ATTR)
+        if run_id and self.tracker.get_run(run_id) is not None:
+            return run_id
+        found = (index if index is not None else self.tracker.runs_by_key()).get(
+            (led.name, stage, str(t.number))
+        )
+        if found:  # the worker died after creating the run, before the ledger learnt its id
+            return found[0].info.run_id
+        arch = led.name.rsplit("/", 1)[-1]
+        seed = (record_of(t) or {}).get("seed", t.user_attrs.get("seed"))
+        name = f"{arch}/trial-{t.number}" if stage == "search" else f"{arch}/seed-{seed}"
+        return self.tracker.start_run(
+            name,
+            {**led.tags, "stage": stage, "trial": t.number, "status": "running"},
+            self.parent_id(led, index),
+            start_time=_ms(t.datetime_start),
+        )
+
+    # ------------------------------------------------------------------ repair
+
+    def sync(self, experiment: str) -> dict[str, int]:
+        """Make MLflow agree with the ledger: project what is missing or stale, drop duplicates,
+        refresh every parent. Safe to run at any time, from any machine, as often as wanted."""
+        index = self.tracker.runs_by_key()
+        done = {"projected": 0, "duplicates": 0, "parents": 0}
+        for name in study_names(self.storage, experiment):
+            led = StudyLedger.load(self.storage, name)
+            if led is None:
+                continue
+            for stage, trials in (("search", led.search_trials), ("final", led.final_trials)):
+                for t in trials:
+                    if t.state in (TrialState.RUNNING, TrialState.WAITING):
+                        continue  # a live worker's, or not started
+                    runs = index.get((name, stage, str(t.number)), [])
+                    keep = t.user_attrs.get(RUN_ATTR)
+                    if len(runs) > 1:  # two runs for one trial: keep the ledger's (or the first)
+                        ids = [r.info.run_id for r in runs]
+                        keep = keep if keep in ids else ids[0]
+                        for r in runs:
+                            if r.info.run_id != keep:
+                                self.tracker.delete_run(r.info.run_id)
+                                done["duplicates"] += 1
+                        runs = [r for r in runs if r.info.run_id == keep]
+                    status = led.status(t)
+                    fresh = (
+                        runs
+                        and runs[0].data.tags.get("rnnbench.projected") == status
+                        and runs[0].info.status == _MLFLOW_STATUS[status]
+                    )
+                    if not fresh:
+                        self.project_trial(led, stage, t, index)
+                        done["projected"] += 1
+            self.refresh_parent(led, index)
+            done["parents"] += 1
+        return done
+
+
+def best_hparams(t: FrozenTrial) -> dict[str, Any]:
+    """The configuration a trial trained (searched values and, from its record, the rest)."""
+    return (record_of(t) or {}).get("hparams") or dict(t.params)
+
+
+def _meta_params(tags: dict[str, Any], seed) -> dict[str, Any]:
+    out = {k: tags[k] for k in ("cell", "layers", "bidirectional") if k in tags}
+    if seed is not None:
+        out["seed"] = seed
+    return out
+
+
+def _ms(when) -> int | None:
+    return int(when.timestamp() * 1000) if when is not None else None
