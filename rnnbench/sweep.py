@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,9 @@ from rnnbench.errors import RnnbenchError
 from rnnbench.experiment import CategoricalParam, Experiment, FloatParam, IntParam
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# rnnbench asks and tells and renews heartbeats itself (scheduler.Lease): these do not apply.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 FINAL_SUFFIX = "::final"
 RECORD = "record"  # user attribute holding a finished trial's whole result
@@ -118,17 +123,41 @@ def open_storage(url: str | None, home: Path, *, lease_seconds: float | None = N
 
     lease = lease_seconds or lease_duration()
     try:
-        # Heartbeats in the database's own clock: a worker on another machine judges a lease
-        # without trusting our clock. No failed-trial callback: rnnbench requeues lost trials
-        # itself, idempotently (see scheduler.recover).
-        return RDBStorage(
-            normalize_rdb_url(url),
-            engine_kwargs={"pool_pre_ping": True},
-            heartbeat_interval=max(1, int(lease / 4)),
-            grace_period=max(2, int(lease)),
-        )
+        # Machines starting together would race to create Optuna's tables: one at a time.
+        with _schema_lock(normalize_rdb_url(url)):
+            # Heartbeats in the database's own clock: a worker on another machine judges a lease
+            # without trusting our clock. No failed-trial callback: rnnbench requeues lost trials
+            # itself, idempotently (see scheduler.recover).
+            return RDBStorage(
+                normalize_rdb_url(url),
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=max(1, int(lease / 4)),
+                grace_period=max(2, int(lease)),
+            )
+    except StoreError:
+        raise
     except Exception as exc:  # connection refused, bad password, unknown database...
         raise StoreError(f"Optuna storage {_redact(url)} is not reachable: {_first_line(exc)}") from None
+
+
+@contextmanager
+def _schema_lock(url: str):
+    """A PostgreSQL advisory lock around schema creation (other databases: no lock)."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(7202611)"))  # rnnbench's schema key
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(7202611)"))
+    finally:
+        engine.dispose()
 
 
 def lease_duration() -> float:

@@ -188,3 +188,52 @@ def test_parallel_workers_run_the_same_counts(tmp_path: Path, workers: int):
     _, _, keys = _counts(home, "par")
     assert max(keys.values()) == 1
     assert {"[w0]", "[w1]"} <= {w for w in ("[w0]", "[w1]") if w in result.stdout}
+
+
+def test_ctrl_c_then_resume(tmp_path: Path):
+    """SIGINT mid-trial: exit 130, the trial is `interrupted` (not counted, costs no retry), its
+    configuration runs again on resume, and MLflow shows the same."""
+    home = tmp_path / "home"
+    path = _write(tmp_path, "ctrlc", trials=2, epochs=4, seeds=1, train_size=2048)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnbench.cli", "run", str(path)],
+        env=_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen, deadline = [], time.monotonic() + 180
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch 1/4" in line:
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, "".join(seen) + out
+    assert "to resume" in out and "Traceback" not in out
+    states, runs, _ = _counts(home, "ctrlc")
+    assert states["search"] == Counter({"interrupted": 1, "waiting": 1})
+    assert [r.data.tags["rnnbench.status"] for r in runs if r.data.tags["rnnbench.stage"] == "search"] == [
+        "interrupted"
+    ]
+    resumed = _run(["run", str(path)], home)
+    assert resumed.returncode == 0, resumed.stderr
+    states, runs, keys = _counts(home, "ctrlc")
+    assert states["search"] == Counter({"complete": 2, "interrupted": 1})
+    assert max(keys.values()) == 1
+
+
+def test_more_final_seeds_extend_a_finished_study(tmp_path: Path):
+    """Raising final.seeds and running again adds the seeds; the parent run shows all of them."""
+    home = tmp_path / "home"
+    assert _run(["run", str(_write(tmp_path, "ext", trials=1, seeds=1))], home).returncode == 0
+    again = _run(["run", str(_write(tmp_path, "ext", trials=1, seeds=2))], home)
+    assert again.returncode == 0, again.stderr
+    assert "(n=2)" in again.stdout
+    states, runs, _ = _counts(home, "ext")
+    assert states["search"] == Counter({"complete": 1}) and states["final"] == Counter({"complete": 2})
+    parent = next(r for r in runs if r.data.tags["rnnbench.stage"] == "study")
+    assert parent.data.metrics["final_seeds"] == 2 and parent.info.status == "FINISHED"
+    seeds = sorted(int(r.data.tags["rnnbench.seed"]) for r in runs if r.data.tags["rnnbench.stage"] == "final")
+    assert seeds == [0, 1]

@@ -264,7 +264,7 @@ def status_notes(df: pd.DataFrame) -> list[str]:
     """What is missing or went wrong, in words a reader acts on."""
     notes = []
     search = df[df["stage"] == "search"]
-    for state in ("failed", "pruned", "interrupted", "running"):
+    for state in ("failed", "pruned", "lost", "interrupted", "running"):
         n = int((search["status"] == state).sum())
         if n:
             reasons = ""

@@ -1,0 +1,188 @@
+"""The ledger's rules in isolation: torn journals, idempotent recovery, leases, idempotent
+projection, and stores refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from rnnbench.scheduler import LEASE_ATTR, Lease, owner_identity, recover
+from rnnbench.sweep import RETRY_OF, open_storage, repair_journal, trial_status
+
+
+def _study(tmp_path: Path, name: str = "e/task/gru-1L-uni"):
+    storage = open_storage(None, tmp_path)
+    return storage, optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
+
+
+def test_torn_last_journal_record_is_cut_before_appending(tmp_path: Path, capsys):
+    storage, s = _study(tmp_path)
+    s.tell(s.ask(), 1.0)
+    journal = tmp_path / "optuna.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code": 5, "worker_id": "x", "trial_id"')  # a crash mid-write
+    message = repair_journal(journal)
+    assert "half-written" in message and journal.read_bytes() == whole
+    # appending after the repair keeps the file readable (it used to glue onto the torn line)
+    storage, s = _study(tmp_path)
+    s.tell(s.ask(), 2.0)
+    assert [t.value for t in _study(tmp_path)[1].get_trials()] == [1.0, 2.0]
+    assert repair_journal(journal) is None  # an intact file is left alone
+
+
+def test_garbled_tail_is_cut_and_damage_inside_is_refused(tmp_path: Path):
+    _, s = _study(tmp_path)
+    s.tell(s.ask(), 1.0)
+    journal = tmp_path / "optuna.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b"\x00\x00\x00\n")  # NULs a crash can leave behind
+    repair_journal(journal)
+    assert journal.read_bytes() == whole
+    lines = whole.splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:1] + [b"{broken\n"] + lines[1:]))
+    from rnnbench.sweep import StoreError
+
+    with pytest.raises(StoreError, match="damaged"):
+        storage = open_storage(None, tmp_path)
+        optuna.load_study(study_name="e/task/gru-1L-uni", storage=storage).get_trials()
+
+
+def _expired_trial(storage, s, params=None):
+    trial = s.ask()
+    trial.suggest_float("lr", 1e-3, 1e-1)
+    storage.set_trial_system_attr(
+        trial._trial_id, LEASE_ATTR, {"owner": {"machine": "elsewhere", "pid": 1, "start": 0}, "expires": 0}
+    )
+    return trial
+
+
+def test_recovery_is_idempotent_whatever_is_killed_when(tmp_path: Path):
+    storage, s = _study(tmp_path)
+    lost = _expired_trial(storage, s)
+    # a recovery killed after queueing the copy, before failing the trial:
+    s.enqueue_trial(lost.params, user_attrs={RETRY_OF: lost.number, "retries": 1})
+    assert recover(storage, s) == 0  # fails it, does not queue it again
+    assert recover(storage, s) == 0
+    trials = s.get_trials()
+    assert [trial_status(t) for t in trials] == ["lost", "waiting"]
+    # a recovery killed after failing, before queueing: the next one queues exactly one copy
+    other = _expired_trial(storage, s)
+    storage.set_trial_state_values(other._trial_id, TrialState.FAIL)
+    assert recover(storage, s) == 1 and recover(storage, s) == 0
+    copies = [t for t in s.get_trials() if t.user_attrs.get(RETRY_OF) == other.number]
+    assert len(copies) == 1 and copies[0].system_attrs["fixed_params"] == other.params
+
+
+def test_a_live_lease_is_never_recovered(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("RNNBENCH_LEASE_SECONDS", "2")
+    storage, s = _study(tmp_path)
+    trial = s.ask()
+    lease = Lease(storage, trial._trial_id, owner_identity()).start()
+    try:
+        time.sleep(3)  # longer than the lease: only its renewals keep it
+        assert recover(storage, s) == 0
+        assert s.get_trials()[0].state == TrialState.RUNNING
+    finally:
+        lease.stop()
+    time.sleep(2.5)  # renewals stopped, but the owner (this process) is alive: expiry decides
+    recover(storage, s)
+    assert trial_status(s.get_trials()[0]) == "lost"
+
+
+def test_retries_are_bounded(tmp_path: Path):
+    storage, s = _study(tmp_path)
+    first = _expired_trial(storage, s)
+    assert recover(storage, s, max_retries=1) == 1  # lost once: one copy queued
+    copy = _expired_trial(storage, s)  # the copy is claimed (queued trials go first) and lost too
+    assert copy.params == first.params
+    assert recover(storage, s, max_retries=1) == 0  # no third run of it: it counts as failed
+    assert [trial_status(t, 1) for t in s.get_trials()] == ["lost", "failed"]
+
+
+def test_projection_twice_writes_the_same_run(tmp_path: Path):
+    """The same ledger record projected twice: one run, one point per epoch."""
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.projection import Projection, StudyLedger
+    from rnnbench.scheduler import LedgerLock
+    from rnnbench.sweep import RECORD
+    from rnnbench.tracking import Tracker, create_sqlite_store
+
+    storage, s = _study(tmp_path)
+    s.set_user_attr("tags", {"study": s.study_name, "cell": "gru", "metric": "mse", "direction": "minimize"})
+    s.set_user_attr("trials", 1)
+    trial = s.ask()
+    trial.suggest_float("lr", 1e-3, 1e-1)
+    history = [{"epoch": e, "time_ms": 1000 * e, "metrics": {"valid_mse": 1.0 / e}} for e in (1, 2)]
+    trial.set_user_attr(RECORD, {"status": "complete", "history": history, "best_valid": {"mse": 0.5}})
+    s.tell(trial, 0.5)
+    uri = create_sqlite_store(tmp_path)
+    projection = Projection(Tracker(uri, "e"), storage, LedgerLock(None, tmp_path))
+    led = StudyLedger.load(storage, s.study_name)
+    first = projection.project_trial(led, "search", led.search_trials[0])
+    second = projection.project_trial(StudyLedger.load(storage, s.study_name), "search", led.search_trials[0])
+    assert first == second
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(first, "valid_mse")] == [1.0, 0.5]
+    assert projection.sync("e")["projected"] == 0  # nothing stale left
+
+
+def _run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RNNBENCH_HOME": str(home), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "rnnbench.cli", "run", "experiments/smoke.yaml", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--storage", "sqlite:///x.db"], "SQLite is not safe"),
+        (["--storage", "redis://127.0.0.1:1/0"], "unknown storage scheme"),
+        (["--storage", "postgresql://nobody:pw@127.0.0.1:1/optuna"], "not reachable"),
+        (["--tracking-uri", "http://127.0.0.1:1"], "not reachable"),
+        (["--tracking-uri", "ftp://example/x"], "unknown tracking URI scheme"),
+    ],
+)
+def test_unusable_stores_are_one_line_and_write_nothing(tmp_path: Path, args, expected):
+    home = tmp_path / "home"
+    result = _run_cli(args, home)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("error:"), result.stderr
+    assert not home.exists()
+
+
+def test_wrong_postgres_credentials_are_one_line(tmp_path: Path):
+    from tests.services import Postgres, postgres_bin
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL server binaries are not installed")
+    pg = Postgres().start()
+    try:
+        url = pg.create_database("optuna").replace("postgres@", "nobody@")
+        result = _run_cli(["--storage", url], tmp_path / "home")
+        assert result.returncode == 2 and "not reachable" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "home").exists()
+    finally:
+        pg.stop()
+
+
+def test_record_is_plain_json(tmp_path: Path):
+    from rnnbench.runner import _json_safe
+
+    record = _json_safe({"a": float("nan"), "b": [1, 2.5, float("inf")], "c": {"d": True}})
+    assert json.loads(json.dumps(record)) == {"a": None, "b": [1, 2.5, None], "c": {"d": True}}
