@@ -213,7 +213,9 @@ def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True
         return None
     uri = tracking_uri or tracking_uri_for(path)
     if tracking_uri is None and not (path / "mlflow.db").is_file():
-        raise ConfigError(f"no MLflow store in {path}: run `rnnbench run EXPERIMENT.yaml` first or pass --home")
+        raise ConfigError(
+            f"no MLflow store in {path}: run `rnnbench run EXPERIMENT.yaml` first or pass --home"
+        )
     ledger = open_storage(storage, path)
     if not study_names(ledger, name):
         if required:
@@ -275,7 +277,10 @@ def ui_command(home, tracking_uri, host, port) -> None:
 )
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the run home's store).")
-@click.option("--storage", help="Optuna storage, to repair MLflow from before reporting (default: the run home's journal).")
+@click.option(
+    "--storage",
+    help="Optuna storage, to repair MLflow from before reporting (default: the run home's journal).",
+)
 def report_command(experiment, out, fmt, home, tracking_uri, storage) -> None:
     """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file)."""
     import time

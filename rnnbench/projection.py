@@ -140,7 +140,9 @@ class Projection:
             run_id = led.attrs.get(PARENT_ATTR)
             if run_id and self.tracker.get_run(run_id) is not None:
                 return run_id
-            found = (index if index is not None else self.tracker.runs_by_key()).get((led.name, "study", None))
+            found = (index if index is not None else self.tracker.runs_by_key()).get(
+                (led.name, "study", None)
+            )
             if found:
                 run_id = found[0].info.run_id
             else:
@@ -176,13 +178,22 @@ class Projection:
                 self.tracker.log_params(run_id, {f"best.{k}": v for k, v in best_hparams(best).items()})
         for name, values in s["tests"].items():
             mean, low, high = mean_ci(values)
-            metrics |= {f"test_{name}_mean": mean, f"test_{name}_ci95_low": low, f"test_{name}_ci95_high": high}
+            metrics |= {
+                f"test_{name}_mean": mean,
+                f"test_{name}_ci95_low": low,
+                f"test_{name}_ci95_high": high,
+            }
         metrics |= {f"baseline_test_{k}": v for k, v in led.attrs.get(BASELINE_ATTR, {}).items()}
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
         done = search_done and (
             best is None
             or not led.seeds
-            or {*led.seeds} <= {(record_of(t) or {}).get("seed") for t in led.final_trials if led.status(t) in ("complete", "pruned", "failed")}
+            or {*led.seeds}
+            <= {
+                (record_of(t) or {}).get("seed")
+                for t in led.final_trials
+                if led.status(t) in ("complete", "pruned", "failed")
+            }
         )
         tags["status"] = ("complete" if best is not None else "no_completed_trial") if done else "running"
         self.tracker.log_metrics(run_id, metrics)
@@ -242,7 +253,9 @@ class Projection:
         if record.get("parameters"):
             self.tracker.log_metrics(run_id, record["parameters"], step=0, timestamp=started)
         for entry in record.get("history", []):
-            self.tracker.log_metrics(run_id, entry["metrics"], step=entry["epoch"], timestamp=entry["time_ms"])
+            self.tracker.log_metrics(
+                run_id, entry["metrics"], step=entry["epoch"], timestamp=entry["time_ms"]
+            )
         final_metrics = {f"best_valid_{k}": v for k, v in (record.get("best_valid") or {}).items()}
         final_metrics |= record.get("summary") or {}
         final_metrics |= {f"test_{k}": v for k, v in (record.get("test") or {}).items()}

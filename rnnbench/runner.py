@@ -381,9 +381,7 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
     if 130 in errors or -2 in errors:
         raise KeyboardInterrupt
     if errors:
-        raise ConfigError(
-            f"{len(errors)} worker(s) kept dying (exit codes {errors}); see their output above"
-        )
+        raise ConfigError(f"{len(errors)} worker(s) kept dying (exit codes {errors}); see their output above")
 
 
 def _recover_all(plan: Plan, storage) -> int:
@@ -715,7 +713,9 @@ class Worker:
             frozen = (led.search if stage == "search" else led.final)._storage.get_trial(trial._trial_id)
             self.projection.project_trial(led, stage, frozen)
         except Exception as exc:
-            self.progress.log(f"warning: MLflow run of {study.name} not updated ({exc}); `rnnbench sync` repairs it")
+            self.progress.log(
+                f"warning: MLflow run of {study.name} not updated ({exc}); `rnnbench sync` repairs it"
+            )
         self._refresh_parent(study)
 
     def _baseline(self, study: Study) -> dict[str, float]:

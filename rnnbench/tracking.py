@@ -182,7 +182,9 @@ class Tracker:
         except RnnbenchError:
             raise
         except Exception as exc:  # unreachable server, bad URI, locked database...
-            raise TrackingError(f"MLflow tracking store {tracking_uri} is not usable: {_first(exc)}") from None
+            raise TrackingError(
+                f"MLflow tracking store {tracking_uri} is not usable: {_first(exc)}"
+            ) from None
         self.experiment_id = exp_id
 
     def _create_experiment(self, name: str, location: str | None) -> str:
@@ -220,7 +222,11 @@ class Tracker:
             run = self.client.get_run(run_id)
         except MlflowException:
             return None
-        return run if run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id else None
+        return (
+            run
+            if run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
+            else None
+        )
 
     def start_run(
         self,

@@ -33,7 +33,9 @@ pruner: {{name: none}}
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    faults = f"mid_trial:{tmp_path / 'killed-mid-trial'},after_ledger_write:{tmp_path / 'killed-after-ledger'}"
+    faults = (
+        f"mid_trial:{tmp_path / 'killed-mid-trial'},after_ledger_write:{tmp_path / 'killed-after-ledger'}"
+    )
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -57,8 +59,12 @@ def _check_agreement(storage, client, experiment: str, tmp_path: Path) -> dict:
     ledger = ledger_view(storage, experiment)
     per_state = Counter((stage, status) for (_, stage, _), (status, _) in ledger.items())
     for study in {k[0] for k in ledger}:
-        search = Counter(s for (name, stage, _), (s, _) in ledger.items() if name == study and stage == "search")
-        final = Counter(s for (name, stage, _), (s, _) in ledger.items() if name == study and stage == "final")
+        search = Counter(
+            s for (name, stage, _), (s, _) in ledger.items() if name == study and stage == "search"
+        )
+        final = Counter(
+            s for (name, stage, _), (s, _) in ledger.items() if name == study and stage == "final"
+        )
         assert search["complete"] + search["pruned"] + search["failed"] == 3, (study, search)
         assert final["complete"] == 2 and set(final) == {"complete"}, (study, final)
     assert per_state[("search", "lost")] == 1, per_state  # the mid-trial kill, and only it
@@ -106,9 +112,7 @@ def test_workers_killed_on_one_machine(tmp_path: Path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("died (exit code -9)") == 2, result.stdout
-    counts = _check_agreement(
-        open_storage(None, home), MlflowClient(tracking_uri_for(home)), "one", tmp_path
-    )
+    counts = _check_agreement(open_storage(None, home), MlflowClient(tracking_uri_for(home)), "one", tmp_path)
     print(f"\none machine, --workers 3: {counts}, {time.monotonic() - started:.0f} s")
 
 
@@ -154,7 +158,5 @@ def test_machines_killed_with_postgres_and_mlflow_server(tmp_path: Path, servers
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [-9, -9, 0], "\n\n".join(o[-2000:] for o in outputs)
-    counts = _check_agreement(
-        open_storage(optuna_url, tmp_path), MlflowClient(mlflow.url), "many", tmp_path
-    )
+    counts = _check_agreement(open_storage(optuna_url, tmp_path), MlflowClient(mlflow.url), "many", tmp_path)
     print(f"\nthree machines, PostgreSQL: {counts}, {time.monotonic() - started:.0f} s")

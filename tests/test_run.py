@@ -52,10 +52,8 @@ def _counts(home: Path, name: str):
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from rnnbench.sweep import open_storage
+    from rnnbench.sweep import open_storage, trial_status
     from rnnbench.tracking import tracking_uri_for
-
-    from rnnbench.sweep import trial_status
 
     storage = open_storage(None, home)
     states = {}
@@ -235,5 +233,7 @@ def test_more_final_seeds_extend_a_finished_study(tmp_path: Path):
     assert states["search"] == Counter({"complete": 1}) and states["final"] == Counter({"complete": 2})
     parent = next(r for r in runs if r.data.tags["rnnbench.stage"] == "study")
     assert parent.data.metrics["final_seeds"] == 2 and parent.info.status == "FINISHED"
-    seeds = sorted(int(r.data.tags["rnnbench.seed"]) for r in runs if r.data.tags["rnnbench.stage"] == "final")
+    seeds = sorted(
+        int(r.data.tags["rnnbench.seed"]) for r in runs if r.data.tags["rnnbench.stage"] == "final"
+    )
     assert seeds == [0, 1]
