@@ -129,11 +129,12 @@ class Projection:
 
     # ------------------------------------------------------------------ parent runs
 
-    def parent_id(self, led: StudyLedger, index: dict | None = None) -> str:
+    def parent_id(self, led: StudyLedger, index: dict | None = None, verify: bool = True) -> str:
         """The study's parent run: the one the ledger names, else the one tagged with its
-        coordinates, else a new one (under the study's lock, so machines never make two)."""
+        coordinates, else a new one (under the study's lock, so machines never make two).
+        ``verify=False`` trusts the ledger's id (a worker's hot path; a sync verifies)."""
         run_id = led.attrs.get(PARENT_ATTR)
-        if run_id and self.tracker.get_run(run_id) is not None:
+        if run_id and (not verify or self.tracker.get_run(run_id) is not None):
             return run_id
         with self.lock(led.name + "::mlflow-parent"):
             led.attrs = dict(load_study(self.storage, led.name).user_attrs)
@@ -153,9 +154,9 @@ class Projection:
             led.attrs[PARENT_ATTR] = run_id
             return run_id
 
-    def refresh_parent(self, led: StudyLedger, index: dict | None = None) -> None:
+    def refresh_parent(self, led: StudyLedger, index: dict | None = None, verify: bool = True) -> None:
         """Study-level numbers on the parent run, recomputed from the ledger every time."""
-        run_id = self.parent_id(led, index)
+        run_id = self.parent_id(led, index, verify)
         s = led.summary()
         metrics: dict[str, float] = {
             "trials_complete": s["search"]["complete"],
@@ -196,8 +197,7 @@ class Projection:
             }
         )
         tags["status"] = ("complete" if best is not None else "no_completed_trial") if done else "running"
-        self.tracker.log_metrics(run_id, metrics)
-        self.tracker.set_tags(run_id, tags)
+        self.tracker.log_batch(run_id, metrics, tags)
         run = self.tracker.get_run(run_id)
         if done and run is not None and run.info.status == "RUNNING":
             self.tracker.end_run(run_id, "FINISHED")
@@ -213,14 +213,19 @@ class Projection:
         run_id = self.tracker.start_run(
             name,
             {**led.tags, **tags, "stage": stage, "trial": trial.number, "status": "running"},
-            self.parent_id(led),
+            self.parent_id(led, verify=False),
         )
         trial.set_user_attr(RUN_ATTR, run_id)
         self.tracker.log_params(run_id, params)
         return run_id
 
-    def project_trial(self, led: StudyLedger, stage: str, t: FrozenTrial, index: dict | None = None) -> str:
-        """Write a finished trial's ledger record to its MLflow run (creating it if missing)."""
+    def project_trial(
+        self, led: StudyLedger, stage: str, t: FrozenTrial, index: dict | None = None, live: bool = False
+    ) -> str:
+        """Write a finished trial's ledger record to its MLflow run (creating it if missing).
+
+        ``live=True``: its worker already logged the params and every epoch to this run (the
+        same points), so only what the end adds is written."""
         status = led.status(t)
         record = record_of(t) or {}
         run_id = self._child_id(led, stage, t, index)

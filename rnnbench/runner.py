@@ -60,15 +60,15 @@ class _EpochReporter(Callback):
         self.parameters: dict[str, float] = {}
         self.data: dict[str, Any] = {}
         self.started_ms = _now_ms()
-        self._warned = False
+        self.live_failed = False
 
     def _live(self, call, *args, **kwargs) -> None:
         try:
             call(*args, **kwargs)
         except Exception as exc:  # MLflow down mid-trial: the ledger still gets everything
-            if not self._warned:
+            if not self.live_failed:
                 self.progress.log(f"warning: MLflow write failed ({exc}); `rnnbench sync` repairs it")
-                self._warned = True
+                self.live_failed = True
 
     def on_fit_start(self, info: dict[str, Any]) -> None:
         params = info["parameters"]
@@ -550,7 +550,7 @@ class Worker:
             led.search.set_user_attr(BASELINE_ATTR, self._baseline(study))
             led.attrs[BASELINE_ATTR] = led.search.user_attrs[BASELINE_ATTR]
         try:
-            self.projection.refresh_parent(led)
+            self.projection.refresh_parent(led, verify=False)
         except Exception as exc:  # the ledger has it; the next start or `rnnbench sync` projects it
             self.progress.log(f"warning: MLflow parent run of {study.name} not updated ({exc})")
 
@@ -689,7 +689,7 @@ class Worker:
             )
             return
         _fault("after_ledger_write")
-        self._project(study, stage, trial)
+        self._project(study, stage, trial, live=not reporter.live_failed)
         status = record["status"]
         self.progress.trial_ended(status, detail)
 
@@ -704,14 +704,14 @@ class Worker:
         }
         trial.set_user_attr(RECORD, _json_safe(record))
 
-    def _project(self, study: Study, stage: str, trial) -> None:
+    def _project(self, study: Study, stage: str, trial, live: bool = False) -> None:
         """The trial's record into MLflow, then the parent; best effort (the ledger has it all)."""
         from rnnbench.projection import StudyLedger
 
         try:
             led = StudyLedger.load(self.storage, study.name)
-            frozen = (led.search if stage == "search" else led.final)._storage.get_trial(trial._trial_id)
-            self.projection.project_trial(led, stage, frozen)
+            frozen = self.storage.get_trial(trial._trial_id)
+            self.projection.project_trial(led, stage, frozen, live=live)
         except Exception as exc:
             self.progress.log(
                 f"warning: MLflow run of {study.name} not updated ({exc}); `rnnbench sync` repairs it"

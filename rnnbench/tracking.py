@@ -263,6 +263,24 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+        timestamp: int | None = None,
+        step: int = 0,
+    ) -> None:
+        """Metrics and tags in one call (one transaction on a SQL store)."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000) if timestamp is None else int(timestamp)
+        items = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
+        run_tags = [RunTag(f"{TAG}{k}", str(v)) for k, v in (tags or {}).items()]
+        self.client.log_batch(run_id, metrics=items[:1000], tags=run_tags)
+        if len(items) > 1000:
+            self.log_metrics(run_id, {m.key: m.value for m in items[1000:]}, step, now)
+
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
