@@ -12,7 +12,7 @@ evaluating. Two ways to feed it:
   restarting it, so capped epochs still cover the whole training text. Evaluation reads the split
   as ONE stream with the state carried from its first character to its last (as AWD-LSTM scores
   its test set at batch size 1): every character is scored once, conditioned on all the text
-  before it, whatever the batch size, which only a training layout may depend on.
+  before it in the split, whatever the batch size (which only lays out the training streams).
 - ``stateless``: training draws random windows of ``seq_len`` characters, each from a zero state;
   evaluation reads contiguous non-overlapping windows, each from a zero state (``batch_size`` only
   groups windows, so it changes nothing measured).
