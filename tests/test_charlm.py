@@ -129,6 +129,44 @@ def test_capped_epochs_resume_the_streams_and_cover_the_whole_training_text():
     assert seen >= set(range(32, n - 32))
 
 
+def positions_read(batch) -> torch.Tensor:
+    """Text positions of a batch's inputs: its slices are views into the split's one id tensor."""
+    x = batch.inputs
+    rows = torch.arange(x.shape[0]).unsqueeze(1) * x.stride(0)
+    return (x.storage_offset() + rows + torch.arange(x.shape[1]) * x.stride(1)).reshape(-1)
+
+
+class RecordingCharLM(CharLM):
+    """Records the training positions of every batch it hands out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs: list[list[torch.Tensor]] = []
+
+    def batches(self, split, batch_size, *, device, generator=None):
+        if generator is not None:
+            self.epochs.append([])
+        for batch in super().batches(split, batch_size, device=device, generator=generator):
+            if generator is not None:
+                positions = positions_read(batch)
+                assert torch.equal(self._ids[split][positions], batch.inputs.reshape(-1))
+                self.epochs[-1].append(positions)
+            yield batch
+
+
+def test_the_trainer_with_steps_per_epoch_covers_the_training_text():
+    from rnnbench.trainer import Architecture, Trainer
+
+    task = RecordingCharLM("synthetic", seq_len=32)
+    trainer = Trainer({"epochs": 3, "steps_per_epoch": 20}, {"device": "cpu"})
+    trainer.fit(task, Architecture("lstm"), {"hidden_size": 8, "batch_size": 32, "embedding_dim": 8})
+    n = len(task._ids["train"])
+    assert [len(epoch) for epoch in task.epochs] == [20, 20, 20]  # batches of the 3 capped epochs
+    read = [torch.cat(epoch) for epoch in task.epochs]
+    assert len(torch.cat(read[:2]).unique()) == 2 * 20 * 32 * 32  # the second epoch read new text
+    assert set(torch.cat(read).tolist()) >= set(range(32, n - 32))  # all of it by the third
+
+
 def test_uncapped_epochs_each_read_one_whole_pass_as_before():
     task, n = positions_task(seq_len=32)
     generator, replay = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
