@@ -192,21 +192,28 @@ class Study:
 
 
 def expand(experiment: Experiment) -> tuple[list[Study], list[tuple[str, str]]]:
-    """All studies, plus (study name, reason) for combinations a task refuses (with skip_invalid)."""
-    from rnnbench.plugins import get_task
+    """All studies, plus (study name, reason) for combinations a task refuses (with skip_invalid).
 
+    A combination is refused by the task's own ``check_architecture``, the very check the trainer
+    runs, on an instance built with the entry's options (construction reads no data), so a plugin's
+    refusal is known here instead of failing every trial.
+    """
     studies, skipped = [], []
     for task in experiment.tasks:
-        task_cls = get_task(task.name)
+        checker = None
         for cell in experiment.cells:
             for layers, bidirectional in itertools.product(cell.layers, cell.bidirectional):
                 study = Study(experiment, cell, layers, bidirectional, task)
-                if bidirectional and task_cls.causal:
-                    reason = f"task {task.name!r} is causal: bidirectional architectures are refused"
+                if checker is None:
+                    checker = study.make_task()
+                try:
+                    checker.check_architecture(bidirectional=bidirectional)
+                except ConfigError as refusal:
+                    reason = str(refusal)
                     if not experiment.skip_invalid:
                         raise ConfigError(
                             f"{study.name}: {reason} (set skip_invalid: true to skip such combinations)"
-                        )
+                        ) from None
                     skipped.append((study.name, reason))
                     continue
                 studies.append(study)

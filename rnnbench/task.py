@@ -6,13 +6,25 @@ through the methods below, so a third-party task gets every cell, the sweep and 
 
 Lifecycle, driven by the trainer::
 
-    task = TaskClass(dataset="synthetic", data_path=None, seed=0, **options)
+    task = TaskClass(dataset="synthetic", data_path=None, seed=0, **options)   # no I/O
     task.setup()                                   # load files, build vocabularies (once)
-    task.check_architecture(bidirectional=...)     # refuse what cannot work (causal tasks)
+    task.check_architecture(bidirectional=...)     # refuse what cannot work (also at parse time)
     model = task.build_model(encoder_factory, hparams)
-    for batch in task.batches("train", batch_size, device=..., generator=...):
-        loss, carry = task.training_loss(model, batch, carry)
-    scores = task.evaluate(model, "valid", batch_size, device=...)   # every metric, floats
+    generator = torch.Generator().manual_seed(seed)                # one per training run
+    for epoch in epochs:
+        carry = None
+        for batch in task.batches("train", batch_size, device=..., generator=generator):
+            loss, carry = task.training_loss(model, batch, carry)
+        scores = task.evaluate(model, "valid", eval_batch_size, device=...)   # every metric, floats
+
+The measurement rule: nothing a sweep tunes may change what is measured. ``evaluate`` scores every
+position of the split (token, character, window, sequence) exactly once, with a context that does
+not depend on ``batch_size``, and returns the same numbers (up to float rounding) whatever
+``batch_size`` it is called with: ``batch_size`` may only decide how many independent items are
+computed together. So padding must not reach a score, no batch may be dropped or cut short, and
+scores are sums over items divided once at the end, never means of per-batch means.
+:func:`rnnbench.testing.check_evaluate_batch_independence` checks this for any task; call it (or
+:func:`rnnbench.testing.check_task_contract`) from a plugin's own tests.
 """
 
 from __future__ import annotations
@@ -143,11 +155,23 @@ class Task(abc.ABC):
     def batches(
         self, split: str, batch_size: int, *, device: torch.device, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
-        """Yield the batches of one pass over ``split``. Shuffle with ``generator`` when given
-        (training); a fixed order otherwise (evaluation)."""
+        """Yield the batches of one epoch over ``split``.
+
+        With ``generator`` (training): shuffle with it. The trainer creates one generator per
+        training run and passes it to every epoch, and may stop an epoch early
+        (``steps_per_epoch``); a task that walks its data in order can key per-run state on the
+        generator (weakly) to resume where the last epoch stopped (charlm does).
+        Without ``generator`` (evaluation): a fixed order, and exactly the items ``evaluate``
+        scores, so ``sum(b.tokens for b in batches)`` does not depend on ``batch_size``.
+        """
 
     def check_architecture(self, *, bidirectional: bool) -> None:
-        """Raise ConfigError when this task cannot work with the architecture."""
+        """Raise ConfigError when this task cannot work with the architecture.
+
+        Called on a fresh instance, before :meth:`setup`, when the experiment file is parsed (so a
+        refused combination is skipped or reported before any trial runs), and again by the trainer:
+        decide from the options, never from loaded data.
+        """
         if self.causal and bidirectional:
             raise ConfigError(
                 f"task {self.name!r} is causal: a bidirectional encoder is refused because its "
@@ -171,7 +195,10 @@ class Task(abc.ABC):
     def evaluate(
         self, model: nn.Module, split: str, batch_size: int, *, device: torch.device
     ) -> dict[str, float]:
-        """Every metric of :attr:`metrics` on ``split`` (model already in eval mode)."""
+        """Every metric of :attr:`metrics` on ``split`` (model already in eval mode).
+
+        The same numbers whatever ``batch_size`` is: see the measurement rule in the module
+        docstring."""
 
     def baseline(self, split: str) -> dict[str, float]:
         """The trivial baseline's metrics on ``split`` (majority class, persistence, uniform...)."""

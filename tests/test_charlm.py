@@ -62,40 +62,152 @@ def test_synthetic_corpus_is_deterministic_by_seed():
     assert facts["chars_train"] == 45_000 and facts["chars_valid"] == 2_500
 
 
-def test_stateful_batches_continue_each_stream():
+def test_stateful_training_batches_continue_each_stream():
     task = CharLM("synthetic", seq_len=16, mode="stateful")
     task.setup()
-    ids = task._ids["valid"]
-    batches = list(task.batches("valid", 4, device=CPU))
-    length = (len(ids) - 1) // 4
+    ids = task._ids["train"]
+    batches = list(task.batches("train", 4, device=CPU, generator=torch.Generator().manual_seed(1)))
     for batch in batches:
         assert batch.inputs.dtype == torch.long and batch.inputs.shape[0] == 4
         assert batch.tokens == batch.inputs.numel()
     for before, after in zip(batches, batches[1:]):
         assert torch.equal(after.inputs[:, 0], before.targets[:, -1])  # each row goes on
+    # Training shifts the layout by a random offset below seq_len; each row stays contiguous.
     rows = torch.cat([b.inputs for b in batches], dim=1)
-    assert torch.equal(rows[1], ids[length : 2 * length])  # row s is a contiguous slice of the text
-    assert sum(b.tokens for b in batches) == 4 * length
+    offset = next(o for o in range(16) if torch.equal(ids[o : o + rows.shape[1]], rows[0]))
+    length = (len(ids) - offset - 1) // 4
+    assert rows.shape[1] == length and torch.equal(rows[1], ids[offset + length : offset + 2 * length])
+    assert [b.extra["new_pass"] for b in batches] == [True] + [False] * (len(batches) - 1)
 
-    # Training shifts the layout by a random offset below seq_len; the order stays contiguous.
-    shifted = list(task.batches("valid", 4, device=CPU, generator=torch.Generator().manual_seed(1)))
-    first = shifted[0].inputs[0]
-    offset = next(o for o in range(16) if torch.equal(ids[o : o + len(first)], first))
-    assert 0 <= offset < 16
+
+def test_stateful_evaluation_reads_one_stream_whatever_the_batch_size():
+    task = CharLM("synthetic", seq_len=16, mode="stateful")
+    task.setup()
+    ids = task._ids["valid"]
+    for batch_size in (1, 4, 64):
+        batches = list(task.batches("valid", batch_size, device=CPU))
+        assert all(b.inputs.shape[0] == 1 for b in batches)
+        assert torch.equal(torch.cat([b.inputs[0] for b in batches]), ids[:-1])
+        assert torch.equal(torch.cat([b.targets[0] for b in batches]), ids[1:])  # every character once
+    model = tiny_model(task)
+    scores = [task.evaluate(model, "valid", b, device=CPU)["perplexity"] for b in (1, 7, 64)]
+    assert scores[0] == scores[1] == scores[2]
+
+
+def positions_task(seq_len: int) -> tuple[CharLM, int]:
+    """A stateful task whose training "text" is its own positions, so a batch shows what it read."""
+    task = CharLM("synthetic", seq_len=seq_len, mode="stateful")
+    task.setup()
+    task._ids["train"] = torch.arange(len(task._ids["train"]))
+    return task, len(task._ids["train"])
+
+
+def capped_epoch(task, generator, batch_size, cap):
+    """One epoch stopped after ``cap`` batches, exactly as the trainer stops it (steps_per_epoch)."""
+    batches = []
+    for batch in task.batches("train", batch_size, device=CPU, generator=generator):
+        batches.append(batch)
+        if len(batches) >= cap:
+            break
+    return batches
+
+
+def test_capped_epochs_resume_the_streams_and_cover_the_whole_training_text():
+    # experiments/smoke.yaml: seq_len 32, batch_size 32, steps_per_epoch 20 (a pass is 44 batches).
+    task, n = positions_task(seq_len=32)
+    generator = torch.Generator().manual_seed(0)
+    first, second = (capped_epoch(task, generator, 32, 20) for _ in range(2))
+    assert torch.equal(second[0].inputs[:, 0], first[-1].targets[:, -1])  # it resumes, not restarts
+    seen = torch.cat([b.inputs.reshape(-1) for b in first + second])
+    assert len(seen.unique()) == len(seen) == 2 * 20 * 32 * 32  # no character read twice
+    assert len(seen) / n > 0.9  # restarting every epoch read about 48% of the text
+    third = capped_epoch(task, generator, 32, 20)
+    # The rest of the pass, then a new pass (fresh offset, state reset) fills the capped epoch.
+    assert [b.extra["new_pass"] for b in third].index(True) == 44 - 40
+    seen = set(torch.cat([seen, *(b.inputs.reshape(-1) for b in third)]).tolist())
+    # A pass leaves out fewer than seq_len characters at the start and batch_size at the end.
+    assert seen >= set(range(32, n - 32))
+
+
+def positions_read(batch) -> torch.Tensor:
+    """Text positions of a batch's inputs: its slices are views into the split's one id tensor."""
+    x = batch.inputs
+    rows = torch.arange(x.shape[0]).unsqueeze(1) * x.stride(0)
+    return (x.storage_offset() + rows + torch.arange(x.shape[1]) * x.stride(1)).reshape(-1)
+
+
+class RecordingCharLM(CharLM):
+    """Records the training positions of every batch it hands out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epochs: list[list[torch.Tensor]] = []
+
+    def batches(self, split, batch_size, *, device, generator=None):
+        if generator is not None:
+            self.epochs.append([])
+        for batch in super().batches(split, batch_size, device=device, generator=generator):
+            if generator is not None:
+                positions = positions_read(batch)
+                assert torch.equal(self._ids[split][positions], batch.inputs.reshape(-1))
+                self.epochs[-1].append(positions)
+            yield batch
+
+
+def test_the_trainer_with_steps_per_epoch_covers_the_training_text():
+    from rnnbench.trainer import Architecture, Trainer
+
+    task = RecordingCharLM("synthetic", seq_len=32)
+    trainer = Trainer({"epochs": 3, "steps_per_epoch": 20}, {"device": "cpu"})
+    trainer.fit(task, Architecture("lstm"), {"hidden_size": 8, "batch_size": 32, "embedding_dim": 8})
+    n = len(task._ids["train"])
+    assert [len(epoch) for epoch in task.epochs] == [20, 20, 20]  # batches of the 3 capped epochs
+    read = [torch.cat(epoch) for epoch in task.epochs]
+    assert len(torch.cat(read[:2]).unique()) == 2 * 20 * 32 * 32  # the second epoch read new text
+    assert set(torch.cat(read).tolist()) >= set(range(32, n - 32))  # all of it by the third
+
+
+def test_uncapped_epochs_each_read_one_whole_pass_as_before():
+    task, n = positions_task(seq_len=32)
+    generator, replay = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(3):
+        batches = list(task.batches("train", 32, device=CPU, generator=generator))
+        offset = int(torch.randint(32, (1,), generator=replay))  # the one draw per epoch it always made
+        length = (n - offset - 1) // 32
+        assert int(batches[0].inputs[0, 0]) == offset and len(batches) == math.ceil(length / 32)
+        assert torch.equal(
+            torch.cat([b.inputs for b in batches], 1).reshape(-1), torch.arange(offset, offset + 32 * length)
+        )
+
+
+def test_a_new_pass_starts_from_a_zero_state():
+    task = CharLM("synthetic", seq_len=8)
+    model = tiny_model(task)
+    batches = iter(task.batches("train", 4, device=CPU, generator=torch.Generator().manual_seed(0)))
+    first, second = next(batches), next(batches)
+    _, carry = task.training_loss(model, first, None)
+    fresh, _ = task.training_loss(model, first, None)
+    marked, _ = task.training_loss(model, first, carry)  # first batch of a pass: the carry is dropped
+    carried, _ = task.training_loss(model, second, carry)
+    dropped, _ = task.training_loss(model, second, None)
+    assert first.extra["new_pass"] and marked.item() == fresh.item()
+    assert not second.extra["new_pass"] and carried.item() != dropped.item()
 
 
 def test_stateful_training_carries_a_detached_state_and_stateless_none():
     for mode, carries in (("stateful", True), ("stateless", False)):
         task = CharLM("synthetic", seq_len=8, mode=mode)
         model = tiny_model(task).train()
-        batch = next(iter(task.batches("train", 4, device=CPU, generator=torch.Generator().manual_seed(0))))
+        batches = iter(task.batches("train", 4, device=CPU, generator=torch.Generator().manual_seed(0)))
+        batch, following = next(batches), next(batches)
         loss, carry = task.training_loss(model, batch, None)
         assert loss.dim() == 0 and loss.requires_grad
         if carries:
             h, c = carry[0]
             assert h.shape == (4, 16) and not h.requires_grad and not c.requires_grad
-            loss_next, _ = task.training_loss(model, batch, carry)
-            assert loss_next.item() != pytest.approx(loss.item())  # the carried state is used
+            with_carry, _ = task.training_loss(model, following, carry)
+            without, _ = task.training_loss(model, following, None)
+            assert with_carry.item() != pytest.approx(without.item())  # the carried state is used
         else:
             assert carry is None
 
@@ -140,7 +252,7 @@ def test_stateful_evaluation_equals_one_pass_over_the_whole_split():
     task = CharLM("synthetic", seq_len=50, mode="stateful")
     model = tiny_model(task)
     recorder = RecordingModel(model)
-    scores = task.evaluate(recorder, "valid", 1, device=CPU)
+    scores = task.evaluate(recorder, "valid", 64, device=CPU)
     # One index-tensor forward per window, state carried from the second window on.
     ids = task._ids["valid"]
     assert len(recorder.calls) == math.ceil((len(ids) - 1) / 50)

@@ -11,6 +11,7 @@ import pytest
 
 from rnnbench.errors import ConfigError
 from rnnbench.experiment import expand, parse
+from rnnbench.tasks.memory import Memory, MemoryOptions
 
 VALID = """\
 name: ok
@@ -139,3 +140,62 @@ def test_labels_tell_repeated_entries_apart():
     names = [s.name for s in studies]
     assert len(names) == len(set(names))
     assert "ok/memory-T30/lstm-fb0-1L-uni" in names and "ok/memory-synthetic/lstm-1L-uni" in names
+
+
+# -- one causality check: the task's own check_architecture, at parse time as at run time ---------
+class BackwardShyOptions(MemoryOptions):
+    backward_ok: bool = False
+
+
+class BackwardShy(Memory):
+    """A plugin-style task: not declared causal, but refusing bidirectional encoders by option."""
+
+    name = "backward-shy"
+    causal = False
+    Options = BackwardShyOptions
+
+    def check_architecture(self, *, bidirectional: bool) -> None:
+        if bidirectional and not self.options.backward_ok:
+            raise ConfigError("task 'backward-shy' refuses bidirectional encoders unless backward_ok")
+
+
+SHY = """\
+name: shy
+cells: [{name: gru, bidirectional: [false, true]}]
+tasks: [{name: backward-shy, options: {seq_len: 10%s}}]
+"""
+
+
+@pytest.fixture
+def backward_shy(monkeypatch):
+    from rnnbench.plugins import Registered, registry
+
+    monkeypatch.setitem(registry().tasks, "backward-shy", Registered("backward-shy", BackwardShy, "tests"))
+
+
+def test_a_refusal_in_check_architecture_is_known_at_parse_time(backward_shy):
+    assert not BackwardShy.causal  # the class attribute alone would let the combination through
+    with pytest.raises(ConfigError, match="refuses bidirectional encoders unless backward_ok") as info:
+        parse(SHY % "", "exp.yaml")
+    assert "shy/backward-shy-synthetic/gru-1L-bi" in str(info.value) and "skip_invalid" in str(info.value)
+
+    studies, skipped = expand(parse(SHY % "" + "skip_invalid: true\n"))
+    assert [s.name for s in studies] == ["shy/backward-shy-synthetic/gru-1L-uni"]
+    assert skipped == [
+        (
+            "shy/backward-shy-synthetic/gru-1L-bi",
+            "task 'backward-shy' refuses bidirectional encoders unless backward_ok",
+        )
+    ]
+    # The check runs on an instance with the entry's options, as the trainer's does.
+    studies, skipped = expand(parse(SHY % ", backward_ok: true"))
+    assert len(studies) == 2 and skipped == []
+    for study in studies:  # what parse time keeps, run time accepts
+        study.make_task().check_architecture(bidirectional=study.arch.bidirectional)
+
+
+def test_builtin_causal_tasks_give_their_own_reason_at_parse_time():
+    _, skipped = expand(parse(VALID))
+    with pytest.raises(ConfigError) as refusal:
+        Memory(seq_len=10).check_architecture(bidirectional=True)
+    assert [reason for _, reason in skipped] == [str(refusal.value)] * 2

@@ -27,3 +27,28 @@ def test_readme_cell_example_runs_deep_and_bidirectional_with_padding():
     assert torch.all(out[3, 1:] == 0)
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
+
+
+def test_readme_task_contract_example_runs(monkeypatch):
+    import sys
+    import types
+
+    from rnnbench.tasks.memory import Memory
+
+    block = next(
+        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "check_task_contract(" in b
+    )
+
+    class SmallMemory(Memory):  # a real task stands in for the reader's own (small: a fast test)
+        def __init__(self, dataset="synthetic", **options):
+            super().__init__(
+                dataset, **{"seq_len": 10, "train_size": 300, "valid_size": 150, "test_size": 150, **options}
+            )
+
+    plugin = types.ModuleType("my_tasks.plugin")
+    plugin.MyTask = SmallMemory
+    monkeypatch.setitem(sys.modules, "my_tasks", types.ModuleType("my_tasks"))
+    monkeypatch.setitem(sys.modules, "my_tasks.plugin", plugin)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own documentation)
+    namespace["test_my_task_keeps_the_rnnbench_contract"]()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rnnbench.data.batching import bucketed_index_batches, padded_batches
-from rnnbench.data.vocab import PAD_ID, UNK_ID, Vocab, tokenize
+from rnnbench.data.vocab import PAD_ID, UNK_ID, Vocab, tokenize, whitespace_tokenize
 from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.tasks import sentiment
@@ -23,6 +23,50 @@ def test_tokenize_lowercases_drops_html_and_splits_punctuation():
     assert tokenize("Great film!<br /><br />I didn't LIKE the end...") == [
         "great", "film", "!", "i", "didn't", "like", "the", "end", ".", ".", ".",
     ]  # fmt: skip
+
+
+def test_whitespace_tokenize_keeps_tokens_that_come_tokenised():
+    ptb = "it 's a charming and often affecting journey -- a sci-fi tale , mr. smith . "
+    assert whitespace_tokenize(ptb) == [
+        "it", "'s", "a", "charming", "and", "often", "affecting", "journey", "--", "a", "sci-fi", "tale",
+        ",", "mr.", "smith", ".",
+    ]  # fmt: skip
+    assert tokenize(ptb)[:3] == ["it", "'", "s"]  # the regex splits the clitic a second time
+    assert whitespace_tokenize("Great FILM") == ["great", "film"]  # lowercased, like the regex
+
+
+def test_tokenizer_default_follows_the_dataset_and_the_option_overrides_it():
+    assert SentimentTask("sst2").tokenizer == "whitespace"
+    assert SentimentTask("synthetic").tokenizer == "whitespace"
+    assert SentimentTask("imdb").tokenizer == "regex"
+    assert SentimentTask("csv").tokenizer == "regex"
+    assert SentimentTask("sst2", tokenizer="regex").tokenizer == "regex"
+    assert SentimentTask("csv", tokenizer="whitespace").tokenizer == "whitespace"
+    with pytest.raises(ConfigError, match="tokenizer"):
+        SentimentTask("sst2", tokenizer="spacy")
+
+
+def test_the_synthetic_texts_tokenise_alike_either_way():
+    texts = sentiment.synthetic_reviews(300, seed=0, split="train").texts
+    assert [whitespace_tokenize(t) for t in texts] == [tokenize(t) for t in texts]
+    task = SentimentTask("synthetic", synthetic_size=200, tokenizer="regex")
+    task.setup()
+    default = SentimentTask("synthetic", synthetic_size=200)
+    default.setup()
+    assert default.vocab.itos == task.vocab.itos and default.describe()["tokenizer"] == "whitespace"
+
+
+def test_csv_tokenizer_option_reaches_the_vocabulary(tmp_path):
+    rows = [f"it 's sci-fi {w},{label}" for w, label in [("fun", "pos"), ("dull", "neg")] * 20]
+    _write_csv(tmp_path / "train.csv", rows)
+    _write_csv(tmp_path / "test.csv", rows[:4])
+    vocabularies = {}
+    for tokenizer in ("regex", "whitespace"):
+        task = SentimentTask("csv", data_path=tmp_path, tokenizer=tokenizer)
+        task.setup()
+        vocabularies[tokenizer] = set(task.vocab.itos)
+    assert {"'s", "sci-fi"} <= vocabularies["whitespace"] and not {"'s", "sci-fi"} & vocabularies["regex"]
+    assert {"'", "s", "sci", "-", "fi"} <= vocabularies["regex"]
 
 
 def test_vocab_keeps_frequent_words_with_pad_and_unk_first():
@@ -224,6 +268,20 @@ def test_sst2_rows_and_label_balance(shared_data):
     assert raw["train"].texts[0] == "hide new secretions from the parental units"  # trailing space gone
     assert facts["truncated"] == {"train": 0, "valid": 0, "test": 0}
     assert task.baseline("valid")["accuracy"] == pytest.approx(444 / 872)  # positive is the majority
+
+
+def test_sst2_is_split_as_it_was_tokenised(shared_data):
+    raw = SentimentTask("sst2").read_raw_splits()["train"].texts
+    changed = [t for t in raw if tokenize(t) != whitespace_tokenize(t)]
+    # Sentences the regex would re-split ('s -> ' s, -- -> - -, sci-fi -> sci - fi, mr. -> mr .)
+    assert (len(changed), len(raw)) == (19_634, 67_349)
+    clitic = [t for t in raw if any("'" in w and tokenize(w) != [w] for w in t.split())]
+    assert len(clitic) == 9_666  # 9,666 of them over apostrophes: 's, 're, '' (n't stays whole)
+    task = SentimentTask("sst2")
+    task.setup()
+    assert {"'s", "--", "sci-fi"} <= set(task.vocab.itos) and task.describe()["tokenizer"] == "whitespace"
+    first = task.splits["train"].ids[0]
+    assert task.vocab.decode(first) == raw[0].split()  # every word of the first sentence is in the vocabulary
 
 
 def test_imdb_train_is_split_into_train_and_valid(shared_data):

@@ -24,8 +24,17 @@ _WORD_OR_SYMBOL = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercased words and punctuation of ``text``; HTML tags such as ``<br />`` become spaces."""
+    """Lowercased words and punctuation of raw ``text``; HTML tags such as ``<br />`` become spaces."""
     return _WORD_OR_SYMBOL.findall(_HTML_TAG.sub(" ", text).lower())
+
+
+def whitespace_tokenize(text: str) -> list[str]:
+    """Lowercased whitespace-separated tokens, for corpora that come tokenised (SST-2's PTB tokens
+    such as ``'s``, ``--`` and ``sci-fi``, which :func:`tokenize` would split again)."""
+    return text.lower().split()
+
+
+TOKENIZERS = {"regex": tokenize, "whitespace": whitespace_tokenize}
 
 
 class Vocab:

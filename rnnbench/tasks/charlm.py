@@ -4,18 +4,26 @@ The corpus is encoded once into a LongTensor and moved to the device once per sp
 is a slice or a gather of that tensor, so no Python loop runs per character while training or
 evaluating. Two ways to feed it:
 
-- ``stateful`` (truncated BPTT, as char-rnn): the split is laid out as ``batch_size`` parallel
-  contiguous streams; consecutive batches continue each stream and the hidden state is carried
-  across batches, detached at each boundary. Each training epoch starts the layout at a random
-  offset below ``seq_len`` so window boundaries move between epochs.
+- ``stateful`` (truncated BPTT, as char-rnn): training lays the split out as ``batch_size``
+  parallel contiguous streams; consecutive batches continue each stream and the hidden state is
+  carried across batches, detached at each boundary. A pass over the streams starts at a random
+  offset below ``seq_len`` so window boundaries move between passes. When the trainer caps an
+  epoch (``steps_per_epoch``), the next epoch resumes the pass where it stopped instead of
+  restarting it, so capped epochs still cover the whole training text. Evaluation reads the split
+  as ONE stream with the state carried from its first character to its last (as AWD-LSTM scores
+  its test set at batch size 1): every character is scored once, conditioned on all the text
+  before it in the split, whatever the batch size (which only lays out the training streams).
 - ``stateless``: training draws random windows of ``seq_len`` characters, each from a zero state;
-  evaluation reads contiguous non-overlapping windows, each from a zero state.
+  evaluation reads contiguous non-overlapping windows, each from a zero state (``batch_size`` only
+  groups windows, so it changes nothing measured).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +122,9 @@ class CharLM(Task):
         self._ids: dict[str, Tensor] = {}
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
         self._facts: dict[str, Any] = {}
+        # Where each training run's stateful streams stand, keyed by the run's generator (the
+        # trainer makes one per run and passes it to every epoch), so a capped epoch resumes.
+        self._passes: weakref.WeakKeyDictionary[torch.Generator, _Pass] = weakref.WeakKeyDictionary()
 
     # -- data -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -175,16 +186,31 @@ class CharLM(Task):
         self._ready(split)
         ids = self._device_ids(split, device)
         if self.options.mode == "stateful":
-            streams = min(batch_size, len(ids) - 1)
-            offset = 0
-            if generator is not None:  # shift window boundaries between epochs; order must stay
-                high = min(self.options.seq_len, len(ids) - streams)
-                offset = int(torch.randint(high, (1,), generator=generator))
-            yield from _stream_batches(ids[offset:], streams, self.options.seq_len)
+            if generator is None:  # evaluation: one stream, whatever batch_size is
+                yield from _stream_batches(ids, 1, self.options.seq_len)
+            else:
+                yield from self._stateful_epoch(ids, batch_size, generator)
         elif generator is not None:
             yield from _random_window_batches(ids, batch_size, self.options.seq_len, generator)
         else:
             yield from _contiguous_window_batches(ids, batch_size, self.options.seq_len)
+
+    def _stateful_epoch(self, ids: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """One training epoch of streams: the rest of the run's pass in progress, then one new pass.
+
+        An uncapped epoch always ends a pass, so it reads exactly one whole pass. A capped one stops
+        mid-pass; the next epoch of the same run (same generator) resumes there, so the epochs
+        together walk through the whole text instead of re-reading each stream's beginning.
+        """
+        streams, seq_len = min(batch_size, len(ids) - 1), self.options.seq_len
+        current = self._passes.get(generator)
+        if current is not None and current.streams == streams and current.column < current.length:
+            yield from current.batches(ids, seq_len)
+        # Drawn only when reached, so a run that never gets here consumes the generator as before.
+        offset = int(torch.randint(min(seq_len, len(ids) - streams), (1,), generator=generator))
+        current = _Pass(streams, offset, (len(ids) - offset - 1) // streams)
+        self._passes[generator] = current
+        yield from current.batches(ids, seq_len)
 
     # -- model ----------------------------------------------------------------------------------
     def build_model(self, make_encoder: EncoderFactory, hparams: dict[str, Any]) -> nn.Module:
@@ -194,6 +220,8 @@ class CharLM(Task):
 
     def training_loss(self, model: nn.Module, batch: Batch, carry: Any = None) -> tuple[Tensor, Any]:
         stateful = self.options.mode == "stateful"
+        if batch.extra.get("new_pass"):  # the streams jumped: a state from the last pass would lie
+            carry = None
         logits, state = model(batch.inputs, carry if stateful else None)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
         return loss, detach_state(state) if stateful else None
@@ -274,20 +302,45 @@ def _scores(mean_nll: float) -> dict[str, float]:
     return {"perplexity": math.exp(mean_nll), "bits_per_char": mean_nll / math.log(2)}
 
 
+@dataclass
+class _Pass:
+    """One pass of a training run over ``streams`` parallel rows of the text, read from ``offset``.
+
+    Row ``s`` holds characters ``offset + [s*length, (s+1)*length)``; ``column`` is the next column
+    to read. The fewer than ``streams + offset`` characters the layout leaves out move with the
+    offset drawn for each pass.
+    """
+
+    streams: int
+    offset: int
+    length: int
+    column: int = 0
+
+    def batches(self, ids: Tensor, seq_len: int) -> Iterator[Batch]:
+        span = self.streams * self.length
+        inputs = ids[self.offset : self.offset + span].view(self.streams, self.length)
+        targets = ids[self.offset + 1 : self.offset + span + 1].view(self.streams, self.length)
+        while self.column < self.length:
+            start = self.column
+            steps = min(seq_len, self.length - start)
+            self.column += steps  # before the yield: a run stopped after this batch resumes past it
+            yield Batch(
+                inputs[:, start : start + steps],
+                targets[:, start : start + steps],
+                None,
+                self.streams * steps,
+                {"new_pass": start == 0},
+            )
+
+
 def _stream_batches(ids: Tensor, streams: int, seq_len: int) -> Iterator[Batch]:
     """``streams`` contiguous rows of the text, read ``seq_len`` columns at a time.
 
     Row ``s`` holds characters ``[s*L, (s+1)*L)``; the fewer than ``streams`` characters left over
-    by the layout are not scored (as in PyTorch's word_language_model batchify).
+    by the layout are not scored (as in PyTorch's word_language_model batchify), so evaluation
+    uses one stream, which leaves nothing over.
     """
-    length = (len(ids) - 1) // streams
-    inputs = ids[: streams * length].view(streams, length)
-    targets = ids[1 : streams * length + 1].view(streams, length)
-    for start in range(0, length, seq_len):
-        steps = min(seq_len, length - start)
-        yield Batch(
-            inputs[:, start : start + steps], targets[:, start : start + steps], None, streams * steps
-        )
+    yield from _Pass(streams, 0, (len(ids) - 1) // streams).batches(ids, seq_len)
 
 
 def _contiguous_window_batches(ids: Tensor, batch_size: int, seq_len: int) -> Iterator[Batch]:

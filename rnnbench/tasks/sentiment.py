@@ -27,7 +27,7 @@ from rnnbench.data.readers import (
     read_labelled_texts,
 )
 from rnnbench.data.resolve import DataFile
-from rnnbench.data.vocab import UNK, UNK_ID, Vocab, tokenize
+from rnnbench.data.vocab import TOKENIZERS, UNK, UNK_ID, Vocab
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
@@ -53,11 +53,20 @@ IMDB_FILES = {
 }
 USER_FILE_EXTENSIONS = (".csv", ".tsv", ".csv.gz", ".tsv.gz")
 USER_FILE_OPTIONS = ("train_file", "valid_file", "test_file", "text_column", "label_column", "delimiter")
+# SST-2 comes PTB-tokenised and the synthetic texts are words joined by spaces: split them as they
+# are. IMDB reviews and user files are raw text.
+DEFAULT_TOKENIZER = {"synthetic": "whitespace", "sst2": "whitespace", "imdb": "regex", "csv": "regex"}
 
 
 class SentimentOptions(TaskOptions):
     pooling: Literal["final", "mean", "max"] = "final"
     max_len: int = Field(400, ge=1, description="tokens kept from the start of each text")
+    tokenizer: Literal["whitespace", "regex"] | None = Field(
+        None,
+        description="whitespace: split pre-tokenised text as it is (default for sst2 and synthetic); "
+        "regex: words and punctuation of raw text, HTML tags dropped (default for imdb and csv); "
+        "both lowercase",
+    )
     min_freq: int = Field(2, ge=1, description="training-split count a word needs to enter the vocabulary")
     max_vocab: int = Field(30000, ge=3, description="vocabulary size including <pad> and <unk>")
     valid_fraction: float = Field(
@@ -154,6 +163,7 @@ class SentimentTask(Task):
             raise ConfigError(
                 f"task 'sentiment' options {misplaced} only apply to dataset 'csv', not {dataset!r}"
             )
+        self.tokenizer: str = self.options.tokenizer or DEFAULT_TOKENIZER[dataset]
         self.vocab: Vocab | None = None
         self.classes: list[str] = []
         self.splits: dict[str, EncodedSplit] = {}
@@ -168,6 +178,7 @@ class SentimentTask(Task):
         class_index = {label: i for i, label in enumerate(self.classes)}
         for split in ("valid", "test"):
             _check_labels(raw[split], class_index)
+        tokenize = TOKENIZERS[self.tokenizer]
         tokens = {split: [tokenize(text) or [UNK] for text in raw[split].texts] for split in SPLITS}
         self.vocab = Vocab.build(
             tokens["train"], min_freq=self.options.min_freq, max_size=self.options.max_vocab
@@ -321,6 +332,7 @@ class SentimentTask(Task):
                 for s, d in self.splits.items()
             },
             "vocab_size": len(self.vocab),
+            "tokenizer": self.tokenizer,
             "max_len": self.options.max_len,
             "truncated": {s: d.truncated for s, d in self.splits.items()},
             "mean_tokens": {s: d.tokens / max(len(d.ids), 1) for s, d in self.splits.items()},
