@@ -108,14 +108,27 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     show_default=True,
     help="Times a configuration is run again after its worker died, before it counts as failed.",
 )
-def run_command(experiment_file, dry_run, workers, home, tracking_uri, storage, device, max_retries) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="torch CPU threads per worker (default: the cores divided among the workers).",
+)
+def run_command(
+    experiment_file, dry_run, workers, home, tracking_uri, storage, device, max_retries, threads
+) -> None:
     """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test."""
     from rnnbench import experiment as experiment_mod
     from rnnbench import runner
 
     exp = experiment_mod.load(experiment_file)
     plan = runner.prepare(
-        exp, home=home, tracking_uri=tracking_uri, storage_url=storage, max_retries=max_retries
+        exp,
+        home=home,
+        tracking_uri=tracking_uri,
+        storage_url=storage,
+        max_retries=max_retries,
+        device=device,
+        threads=threads,
     )
     if dry_run:
         _print_table(
@@ -126,7 +139,7 @@ def run_command(experiment_file, dry_run, workers, home, tracking_uri, storage, 
             click.echo(f"skipped {name}: {reason}")
         return
     try:
-        result = runner.start(plan, workers=workers, device=device)
+        result = runner.start(plan, workers=workers)
     except KeyboardInterrupt:
         click.echo(
             f"interrupted: finished trials are kept; run `rnnbench run {experiment_file}` again to resume",

@@ -85,7 +85,7 @@ class TaskEntry(_Strict):
 
 
 class BudgetSpec(_Strict):
-    trials: int = Field(10, ge=1)
+    trials: int = Field(10, ge=0)  # 0: no search, the fixed configuration goes to the final seeds
     epochs: int = Field(5, ge=1)
     steps_per_epoch: int | None = Field(None, ge=1)
     max_minutes_per_trial: float | None = Field(None, gt=0)

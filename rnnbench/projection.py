@@ -90,6 +90,11 @@ class StudyLedger:
     def seeds(self) -> list[int]:
         return list(self.attrs.get(SEEDS_ATTR, []))
 
+    @property
+    def no_search(self) -> bool:
+        """A fixed configuration: no search trials, straight to the final seeds."""
+        return int(self.attrs.get(BUDGET_ATTR, 1)) == 0
+
     def status(self, t: FrozenTrial) -> str:
         return trial_status(t, self.max_retries)
 
@@ -111,10 +116,20 @@ class StudyLedger:
         for t in seeds:
             for k, v in ((record_of(t) or {}).get("test") or t.user_attrs.get("test", {})).items():
                 tests.setdefault(k, []).append(v)
+        metric = self.tags.get("metric")
+        if best is not None:
+            best_valid = best.value
+        elif self.no_search and seeds and metric:  # no search: validation of the seeds themselves
+            values = [((record_of(t) or {}).get("best_valid") or {}).get(metric) for t in seeds]
+            values = [v for v in values if v is not None]
+            best_valid = sum(values) / len(values) if values else None
+        else:
+            best_valid = None
         return {
             "search": search,
             "final": final,
             "best": best,
+            "best_valid": best_valid,
             "seeds": [(record_of(t) or {}).get("seed", t.user_attrs.get("seed")) for t in seeds],
             "seed_values": [t.value for t in seeds],
             "tests": tests,
@@ -170,8 +185,8 @@ class Projection:
         tags: dict[str, Any] = {}
         best = s["best"]
         search_done = led.search_done()
+        metrics["best_valid"] = s["best_valid"]
         if best is not None:
-            metrics["best_valid"] = best.value
             summary = (record_of(best) or {}).get("summary") or best.user_attrs.get("summary", {})
             metrics |= {k: v for k, v in summary.items() if isinstance(v, (int, float))}
             tags["best_trial"] = best.number
@@ -186,17 +201,19 @@ class Projection:
             }
         metrics |= {f"baseline_test_{k}": v for k, v in led.attrs.get(BASELINE_ATTR, {}).items()}
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
-        done = search_done and (
-            best is None
-            or not led.seeds
-            or {*led.seeds}
-            <= {
-                (record_of(t) or {}).get("seed")
-                for t in led.final_trials
-                if led.status(t) in ("complete", "pruned", "failed")
-            }
-        )
-        tags["status"] = ("complete" if best is not None else "no_completed_trial") if done else "running"
+        finished = {
+            (record_of(t) or {}).get("seed")
+            for t in led.final_trials
+            if led.status(t) in ("complete", "pruned", "failed")
+        }
+        runnable = best is not None or led.no_search
+        done = search_done and (not runnable or not led.seeds or {*led.seeds} <= finished)
+        if not done:
+            tags["status"] = "running"
+        else:
+            tags["status"] = "complete" if runnable else "no_completed_trial"
+        if led.seeds:
+            tags["final_seeds"] = ",".join(str(seed) for seed in led.seeds)
         self.tracker.log_batch(run_id, metrics, tags)
         run = self.tracker.get_run(run_id)
         if done and run is not None and run.info.status == "RUNNING":

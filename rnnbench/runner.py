@@ -43,6 +43,8 @@ class Plan:
     tracking_uri: str
     storage_url: str | None
     max_retries: int = 3
+    device: str | None = None  # --device: overrides the experiment's
+    threads: int | None = None  # --threads: torch threads per worker
 
 
 def _now_ms() -> int:
@@ -53,9 +55,19 @@ class _EpochReporter(Callback):
     """Keeps the trial's history for its ledger record, shows it live in MLflow (one batched
     call per epoch, best effort: the projection repairs it), reports progress, and prunes."""
 
-    def __init__(self, tracker, run_id: str, progress: Progress, primary: str, epochs: int, trial=None):
+    def __init__(
+        self,
+        tracker,
+        run_id: str,
+        progress: Progress,
+        primary: str,
+        epochs: int,
+        trial=None,
+        extra_counts: dict[str, float] | None = None,
+    ):
         self.tracker, self.run_id, self.progress = tracker, run_id, progress
         self.primary, self.epochs, self.trial = primary, epochs, trial
+        self.extra_counts = extra_counts or {}
         self.history: list[dict[str, Any]] = []
         self.parameters: dict[str, float] = {}
         self.data: dict[str, Any] = {}
@@ -72,7 +84,7 @@ class _EpochReporter(Callback):
 
     def on_fit_start(self, info: dict[str, Any]) -> None:
         params = info["parameters"]
-        counts = {"params_total": params["total"]}
+        counts = {"params_total": params["total"], **self.extra_counts}
         if params.get("encoder"):
             counts |= {f"params_encoder_{k}": params["encoder"][k] for k in ("total", "input", "recurrent")}
         self.parameters, self.data = counts, dict(info["data"])
@@ -95,19 +107,26 @@ class _EpochReporter(Callback):
 
 
 def prepare(
-    experiment: Experiment, *, home=None, tracking_uri=None, storage_url=None, max_retries: int = 3
+    experiment: Experiment,
+    *,
+    home=None,
+    tracking_uri=None,
+    storage_url=None,
+    max_retries: int = 3,
+    device: str | None = None,
+    threads: int | None = None,
 ) -> Plan:
     studies, skipped = expand(experiment)
     home = run_home(home)
     from rnnbench.tracking import tracking_uri_for
 
-    return Plan(
-        experiment, studies, skipped, home, tracking_uri or tracking_uri_for(home), storage_url, max_retries
-    )
+    uri = tracking_uri or tracking_uri_for(home)
+    return Plan(experiment, studies, skipped, home, uri, storage_url, max_retries, device, threads)
 
 
 def dry_run(plan: Plan) -> list[dict[str, Any]]:
-    """The plan as rows: study, trials, seeds, parameter-count range over the searched hidden sizes."""
+    """The plan as rows: study, trials, seeds, parameter-count range over the searched sizes
+    (with a parameter budget: the hidden sizes it solves at the search space's extremes)."""
     from rnnbench.sweep import trial_budget
 
     rows, tasks = [], {}
@@ -118,21 +137,40 @@ def dry_run(plan: Plan) -> list[dict[str, Any]]:
             tasks[key] = study.make_task()
             tasks[key].setup()
         task = tasks[key]
-        sizes = _hidden_range(e)
-        counts = [_count_parameters(task, study, h) for h in sizes] if sizes else []
+        corners = _search_corners(e)
         if e.parameter_budget:
-            hidden = solve_hidden_size(task, study, e.parameter_budget)
-            sizes, counts = [hidden], [_count_parameters(task, study, hidden)]
+            sizes = [solve_hidden_size(task, study, e.parameter_budget, hp) for hp in corners]
+        else:
+            sizes = _hidden_range(e)
+            corners = [corners[0], corners[-1]] if len(sizes) > 1 else corners[:1]
+        counts = [_count_parameters(task, study, h, hp) for h, hp in zip(sizes, corners)]
         rows.append(
             {
                 "study": study.name,
                 "trials": trial_budget(e),
                 "seeds": e.final.seeds,
-                "hidden": "-".join(str(s) for s in sizes),
-                "parameters": "-".join(f"{c:,}" for c in counts),
+                "hidden": "-".join(dict.fromkeys(str(s) for s in sizes)),
+                "parameters": "-".join(dict.fromkeys(f"{c:,}" for c in counts)),
             }
         )
     return rows
+
+
+def _search_corners(e: Experiment) -> list[dict[str, Any]]:
+    """Searched numeric hyperparameters all at their low, then all at their high end."""
+    low, high = {}, {}
+    for name, p in e.search.items():
+        if name == "hidden_size":
+            continue
+        if p.type == "categorical":
+            numeric = [c for c in p.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+            if numeric:
+                low[name], high[name] = min(numeric), max(numeric)
+            else:
+                low[name] = high[name] = p.choices[0]
+        else:
+            low[name], high[name] = p.low, p.high
+    return [low, high]
 
 
 def _hidden_range(e: Experiment) -> list[int]:
@@ -144,13 +182,14 @@ def _hidden_range(e: Experiment) -> list[int]:
     return [int(spec.low), int(spec.high)]
 
 
-def _count_parameters(task, study: Study, hidden: int) -> int:
+def _count_parameters(task, study: Study, hidden: int, hparams: dict[str, Any] | None = None) -> int:
+    """Parameters of the whole model a trial with these hyperparameters trains."""
     from rnnbench.encoder import Encoder
     from rnnbench.plugins import get_cell
     from rnnbench.trainer import split_hparams
 
     hp, cell_hp, task_hp = split_hparams(
-        {**study.fixed_hparams, "hidden_size": hidden}, get_cell(study.arch.cell), task
+        {**study.fixed_hparams, **(hparams or {}), "hidden_size": hidden}, get_cell(study.arch.cell), task
     )
     arch = study.arch
     model = task.build_model(
@@ -160,16 +199,18 @@ def _count_parameters(task, study: Study, hidden: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def solve_hidden_size(task, study: Study, target: int) -> int:
-    """Largest hidden size whose whole model stays within ``target`` parameters (fair comparisons)."""
+def solve_hidden_size(task, study: Study, target: int, hparams: dict[str, Any] | None = None) -> int:
+    """Largest hidden size whose whole model, with *these* hyperparameters (a searched embedding
+    size counts too), stays within ``target`` parameters: fair comparisons at equal size."""
     low, high = 1, 4096
-    if _count_parameters(task, study, low) > target:
+    if _count_parameters(task, study, low, hparams) > target:
         raise ConfigError(
             f"{study.name}: parameter_budget {target:,} is below the smallest model of this architecture"
+            + (f" with {hparams}" if hparams else "")
         )
     while low < high:
         mid = (low + high + 1) // 2
-        if _count_parameters(task, study, mid) <= target:
+        if _count_parameters(task, study, mid, hparams) <= target:
             low = mid
         else:
             high = mid - 1
@@ -208,7 +249,7 @@ def open_stores(plan: Plan, *, create: bool = True):
     return tracker, storage, lock
 
 
-def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[str, Any]:
+def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
     """Prepare the stores in this process, then run the studies with ``workers`` processes."""
     from filelock import FileLock, Timeout
 
@@ -240,7 +281,13 @@ def start(plan: Plan, *, workers: int = 1, device: str | None = None) -> dict[st
                 f"{repaired['duplicates']} duplicate(s) removed",
                 flush=True,
             )
-        settings = {"device": device or e.device, "precision": e.precision, "deterministic": e.deterministic}
+        settings = {
+            "device": plan.device or e.device,
+            "precision": e.precision,
+            "deterministic": e.deterministic,
+        }
+        if plan.threads:
+            settings["threads"] = plan.threads
         if workers <= 1:
             Worker(plan, 0, settings, stores=(tracker, storage, lock)).run()
         else:
@@ -277,15 +324,17 @@ def create_study(plan: Plan, storage, study: Study):
         load_if_exists=True,
     )
     attrs = s.user_attrs
-    expected, found = study.fingerprint(), attrs.get("fingerprint")
-    if found is not None and found != expected:
+    parts = fingerprint_parts(plan, study)
+    _check_fingerprint(study, attrs, parts)
+    seeds = final_seeds(e)
+    stored_seeds = attrs.get(SEEDS_ATTR)
+    if stored_seeds and seeds[: len(stored_seeds)] != stored_seeds:
         raise ConfigError(
-            f"study {study.name} already exists with a different search space, budget, sampler, "
-            f"task or fixed hyperparameters (stored {attrs.get('budget')}); mixing them would "
-            "make its trials incomparable. Rename the experiment (name:) or use another run home."
+            f"study {study.name} has final seeds {stored_seeds}; final.seeds can grow (more seeds are "
+            "added) but not shrink or change. Rename the experiment (name:) or use another run home."
         )
     wanted = {
-        "fingerprint": expected,
+        FINGERPRINT_ATTR: parts,
         "search_space": {k: v.model_dump() for k, v in e.search.items()},
         "budget": e.budget.model_dump(),
         TAGS_ATTR: {
@@ -294,7 +343,7 @@ def create_study(plan: Plan, storage, study: Study):
             "direction": direction,
         },
         BUDGET_ATTR: trial_budget(e),
-        SEEDS_ATTR: final_seeds(e),
+        SEEDS_ATTR: seeds,
         RETRIES_ATTR: plan.max_retries,
     }
     for key, value in wanted.items():
@@ -303,8 +352,67 @@ def create_study(plan: Plan, storage, study: Study):
     return s, f
 
 
+# Raise when a change alters what a trial measures: studies stored under another version are
+# refused on resume instead of silently mixing numbers measured two ways.
+PROTOCOL_VERSION = 2  # 2: charlm evaluates one stream; final seeds apart from the search seed
+FINGERPRINT_ATTR = "fingerprint_parts"
+FINAL_SEED_BASE = 10_000  # final seeds: FINAL_SEED_BASE + i, never the search's sampler.seed
+
+
 def final_seeds(e: Experiment) -> list[int]:
-    return list(range(e.final.seeds))
+    """K seeds disjoint from the search seed: final seed i must not replay the winning trial."""
+    seeds, candidate = [], FINAL_SEED_BASE
+    while len(seeds) < e.final.seeds:
+        if candidate != e.sampler.seed:
+            seeds.append(candidate)
+        candidate += 1
+    return seeds
+
+
+def fingerprint_parts(plan: Plan, study: Study) -> dict[str, str]:
+    """What must not change under a resumed study, one short hash per key, so a refusal can say
+    which key changed. final.seeds is not here: it may grow (see create_study)."""
+    import hashlib
+
+    e = plan.experiment
+    task = study.make_task()
+    resolved = task.options.model_dump() if hasattr(task, "options") else {}
+    parts = {
+        "protocol": PROTOCOL_VERSION,
+        "search": {k: v.model_dump() for k, v in sorted(e.search.items())},
+        "fixed": study.fixed_hparams,
+        "budget": e.budget.model_dump(),
+        "sampler": e.sampler.model_dump(),
+        "pruner": e.pruner.model_dump(),
+        "task": {**study.task_entry.model_dump(), "resolved_options": resolved},
+        "parameter_budget": e.parameter_budget,
+        "final.epochs": e.final.epochs,
+        "precision": e.precision,
+        "deterministic": e.deterministic,
+        "device": plan.device or e.device,
+    }
+    return {
+        k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        for k, v in parts.items()
+    }
+
+
+def _check_fingerprint(study: Study, attrs: dict[str, Any], parts: dict[str, str]) -> None:
+    advice = "Rename the experiment (name:) or use another run home."
+    stored = attrs.get(FINGERPRINT_ATTR)
+    if stored is None and "fingerprint" in attrs:
+        raise ConfigError(
+            f"study {study.name} was run by an earlier rnnbench whose measurement protocol differs "
+            f"(e.g. charlm evaluation, final seeds); resuming it would mix two protocols. {advice}"
+        )
+    if stored is None:
+        return
+    changed = [k for k in parts if stored.get(k) != parts[k]]
+    if changed:
+        raise ConfigError(
+            f"study {study.name} already exists with a different {', '.join(changed)}; mixing them "
+            f"would make its trials incomparable. {advice}"
+        )
 
 
 def _study_tags(study: Study) -> dict[str, Any]:
@@ -337,7 +445,7 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
     import torch
 
     gpus = torch.cuda.device_count() if settings["device"] in ("auto", "cuda") else 0
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = settings.get("threads") or max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # fork and torch threads do not mix
     respawns_left = 2 * workers
 
@@ -434,6 +542,10 @@ class Worker:
 
         self.plan, self.e, self.worker = plan, plan.experiment, worker
         self.settings = RunSettings(**settings)
+        if self.settings.threads:  # before any run is created: runs record the thread count
+            import torch
+
+            torch.set_num_threads(self.settings.threads)
         self.tracker, self.storage, self.lock = stores or open_stores(plan, create=False)
         self.projection = Projection(self.tracker, self.storage, self.lock)
         self.owner = owner_identity(worker)
@@ -468,11 +580,14 @@ class Worker:
         return self._tasks[key]
 
     def _hparams(self, study: Study, task, params: dict[str, Any]) -> dict[str, Any]:
+        """The trial's whole configuration; under a parameter budget, hidden_size is solved from
+        it (so a searched embedding size is paid for out of the same budget)."""
         hp = {**study.fixed_hparams, **params}
         if self.e.parameter_budget:
-            if study.name not in self._hidden:
-                self._hidden[study.name] = solve_hidden_size(task, study, self.e.parameter_budget)
-            hp["hidden_size"] = self._hidden[study.name]
+            key = json.dumps([study.name, hp], sort_keys=True, default=str)
+            if key not in self._hidden:
+                self._hidden[key] = solve_hidden_size(task, study, self.e.parameter_budget, hp)
+            hp["hidden_size"] = self._hidden[key]
         return hp
 
     def _claim(self, study: Study, stage: str):
@@ -512,7 +627,7 @@ class Worker:
             self._recover_now_and_then(study)
             return "waiting"
         best = led.summary()["best"]
-        if best is None or not led.seeds:
+        if (best is None and not led.no_search) or not led.seeds:
             self._refresh_parent(study)
             return "done"
         led, trial = self._claim(study, "final")
@@ -591,8 +706,8 @@ class Worker:
             hp = self._hparams(study, task, suggest(trial, e))
             seed, label = e.sampler.seed, f"trial {trial.number}"
             epochs = e.budget.epochs
-        else:
-            hp = self._hparams(study, task, best_hparams(best))
+        else:  # the best configuration, or the fixed one when nothing is searched
+            hp = self._hparams(study, task, best_hparams(best) if best is not None else {})
             seed = int(trial.user_attrs["seed"])
             label, epochs = f"seed {seed}", e.final.epochs or e.budget.epochs
         budget = Budget(
@@ -603,12 +718,19 @@ class Worker:
         )
         tags: dict[str, Any] = {"worker": self.worker}
         if stage == "final":
-            tags |= {"seed": seed, "best_trial": best.number}
+            tags |= {"seed": seed} | ({"best_trial": best.number} if best is not None else {})
         meta = {"seed": seed, "cell": arch.cell, "layers": arch.layers, "bidirectional": arch.bidirectional}
         run_id = self.projection.open_child(led, stage, trial, tags, {**hp, **meta})
         self.progress.trial_started(study.name, stage, trial.number, label)
+        target = {"params_target": e.parameter_budget} if e.parameter_budget else {}
         reporter = _EpochReporter(
-            self.tracker, run_id, self.progress, primary, budget.epochs, trial if stage == "search" else None
+            self.tracker,
+            run_id,
+            self.progress,
+            primary,
+            budget.epochs,
+            trial if stage == "search" else None,
+            extra_counts=target,
         )
         record: dict[str, Any] = {
             "hparams": hp,
@@ -616,7 +738,7 @@ class Worker:
             "worker": self.worker,
             "started_ms": reporter.started_ms,
         }
-        if stage == "final":
+        if stage == "final" and best is not None:
             record["best_trial"] = best.number
         trainer = Trainer(budget, self.settings)
         failed, value, state = True, None, optuna.trial.TrialState.COMPLETE
@@ -639,6 +761,7 @@ class Worker:
             summary = {
                 **result.summary,
                 "params_total": result.parameters["total"],
+                **target,
                 "best_epoch": result.best_epoch,
             }
             record |= {
@@ -779,7 +902,7 @@ def summarize(plan: Plan, storage) -> dict[str, Any]:
             {
                 "study": study.name,
                 **{k: s["search"][k] for k in ("complete", "pruned", "failed", "lost", "interrupted")},
-                "best_valid": s["best"].value if s["best"] is not None else math.nan,
+                "best_valid": s["best_valid"] if s["best_valid"] is not None else math.nan,
                 "seeds": len(s["seeds"]),
                 "test_mean": mean,
                 "test_ci95": (low, high),

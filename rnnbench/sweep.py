@@ -255,15 +255,20 @@ def make_sampler(
 def make_pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
     spec = experiment.pruner
     if spec.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.warmup_epochs)
+        # Epochs are reported as steps 1, 2, ... and Optuna may prune from step == n_warmup_steps:
+        # "warmup_epochs: N" means the first N epochs are never pruned.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.warmup_epochs + 1)
     if spec.name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=experiment.budget.epochs)
     return optuna.pruners.NopPruner()
 
 
 def trial_budget(experiment: Experiment) -> int:
-    """Trials per study; a grid has at most as many points as it has combinations."""
-    if experiment.sampler.name == "grid" and experiment.search:
+    """Trials per study; a grid has at most as many points as it has combinations, and an
+    experiment that searches nothing has none (its one configuration goes to the final seeds)."""
+    if not experiment.search:
+        return 0
+    if experiment.sampler.name == "grid":
         size = 1
         for p in experiment.search.values():
             size *= len(p.choices)
