@@ -86,10 +86,22 @@ class TaskEntry(_Strict):
 
 class BudgetSpec(_Strict):
     trials: int = Field(10, ge=0)  # 0: no search, the fixed configuration goes to the final seeds
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(5, ge=1)  # passes over the training data (unlimited when max_steps is set)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps per trial
+    eval_every: int | None = Field(None, ge=1)  # steps between validations (default: every epoch)
     steps_per_epoch: int | None = Field(None, ge=1)
     max_minutes_per_trial: float | None = Field(None, gt=0)
-    patience: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1)  # validations without improvement before stopping
+
+    def epochs_limit(self) -> int:
+        """Passes over the data a trial may make: ``epochs`` if given, unlimited under max_steps."""
+        return self.epochs if "epochs" in self.model_fields_set or not self.max_steps else 10**9
+
+    def validations(self) -> int | None:
+        """How many validations a trial makes at most, when the step budget says."""
+        if self.eval_every and self.max_steps:
+            return -(-self.max_steps // self.eval_every)
+        return None if self.eval_every else self.epochs_limit()
 
 
 class FinalSpec(_Strict):

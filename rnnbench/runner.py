@@ -705,13 +705,15 @@ class Worker:
         if stage == "search":
             hp = self._hparams(study, task, suggest(trial, e))
             seed, label = e.sampler.seed, f"trial {trial.number}"
-            epochs = e.budget.epochs
+            epochs = e.budget.epochs_limit()
         else:  # the best configuration, or the fixed one when nothing is searched
             hp = self._hparams(study, task, best_hparams(best) if best is not None else {})
             seed = int(trial.user_attrs["seed"])
-            label, epochs = f"seed {seed}", e.final.epochs or e.budget.epochs
+            label, epochs = f"seed {seed}", e.final.epochs or e.budget.epochs_limit()
         budget = Budget(
             epochs=epochs,
+            max_steps=e.budget.max_steps,
+            eval_every=e.budget.eval_every,
             steps_per_epoch=e.budget.steps_per_epoch,
             max_minutes=e.budget.max_minutes_per_trial,
             patience=e.budget.patience,
@@ -728,7 +730,7 @@ class Worker:
             run_id,
             self.progress,
             primary,
-            budget.epochs,
+            (e.budget.validations() or "?") if stage == "search" or not e.final.epochs else e.final.epochs,
             trial if stage == "search" else None,
             extra_counts=target,
         )

@@ -259,7 +259,8 @@ def make_pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
         # "warmup_epochs: N" means the first N epochs are never pruned.
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.warmup_epochs + 1)
     if spec.name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=experiment.budget.epochs)
+        rounds = experiment.budget.validations() or experiment.budget.epochs
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=min(rounds, 10**6))
     return optuna.pruners.NopPruner()
 
 

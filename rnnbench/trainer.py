@@ -45,7 +45,10 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(10, ge=1)
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps in all")
+    eval_every: int | None = Field(
+        None, ge=1, description="steps between validations (default: once per epoch)"
+    )
     steps_per_epoch: int | None = Field(None, ge=1, description="cap an epoch (large datasets)")
     max_minutes: float | None = Field(None, gt=0)
     patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
@@ -158,6 +161,18 @@ def make_optimizer(params, hp: dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr, weight_decay=wd, momentum=float(hp["momentum"]))
 
 
+def _batch_stream(task: Task, batch_size: int, device, generator, passes: int):
+    """Training batches pass after pass (at most ``passes``), each flagged with whether it
+    starts a new pass."""
+    for _ in range(passes):
+        first = True
+        for batch in task.batches("train", batch_size, device=device, generator=generator):
+            yield batch, first
+            first = False
+        if first:
+            return  # no batch at all: the round sees zero steps and fails with no_data
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -238,14 +253,29 @@ class Trainer:
         best_state, best_epoch, best_valid, bad_epochs = None, -1, None, 0
         steps, start, stop_reason = 0, time.perf_counter(), "epochs"
         eval_tokens: dict[str, int] = {}
-        for epoch in range(1, budget.epochs + 1):
+        # A round ends in a validation: an epoch (capped at steps_per_epoch), or eval_every
+        # steps read from one stream of training batches that runs across epochs.
+        stream = None
+        if budget.eval_every:
+            stream = _batch_stream(task, batch_size, device, generator, passes=budget.epochs)
+        for epoch in range(1, (budget.epochs if stream is None else 2**62) + 1):
             model.train()
             loss_sum = torch.zeros((), device=device)
             norm_sum = torch.zeros((), device=device)
             norm_max = torch.zeros((), device=device)
-            epoch_steps, epoch_tokens, carry = 0, 0, None
+            epoch_steps, epoch_tokens = 0, 0
+            if stream is None or epoch == 1:
+                carry = None  # an epoch starts fresh; a stream's rounds carry state within a pass
             t0 = time.perf_counter()
-            for batch in task.batches("train", batch_size, device=device, generator=generator):
+            if stream is None:
+                batches = (
+                    (b, False) for b in task.batches("train", batch_size, device=device, generator=generator)
+                )
+            else:
+                batches = stream
+            for batch, new_pass in batches:
+                if new_pass:
+                    carry = None  # a new pass over the data: no state carried from the last one
                 with autocast:
                     loss, carry = task.training_loss(model, batch, carry)
                 optimizer.zero_grad(set_to_none=True)
@@ -272,9 +302,13 @@ class Trainer:
                     budget.steps_per_epoch and epoch_steps >= budget.steps_per_epoch
                 ):
                     break
+                if budget.eval_every and epoch_steps >= budget.eval_every:
+                    break
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time = time.perf_counter() - t0
+            if epoch_steps == 0 and stream is not None and epoch > 1:
+                break  # the stream ended: `epochs` passes over the data are done
             if epoch_steps == 0:
                 raise TrialFailed(
                     "no_data", f"task {task.name!r} produced no training batch at batch size {batch_size}"
