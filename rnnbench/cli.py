@@ -100,14 +100,18 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the run home).")
 @click.option("--storage", help="Optuna storage: a journal file path or an RDB URL (postgresql://...).")
-@click.option("--device", help="Override the experiment's device (auto, cpu, cuda, cuda:1).")
+@click.option("--device", help="Override the experiment's device (auto, cpu, cuda, cuda:1, mps).")
 def run_command(experiment_file, dry_run, workers, home, tracking_uri, storage, device) -> None:
     """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test."""
     from rnnbench import experiment as experiment_mod
-    from rnnbench import runner
+    from rnnbench import preflight, runner
 
     exp = experiment_mod.load(experiment_file)
+    if device is not None:
+        experiment_mod.check_device(device)
     plan = runner.prepare(exp, home=home, tracking_uri=tracking_uri, storage_url=storage)
+    # Every dataset loaded and every model run once, tiny, before any store exists (exit 2 on failure).
+    click.echo(preflight.check_experiment(exp, plan.studies, device=device).line())
     if dry_run:
         _print_table(
             f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget each",
@@ -157,6 +161,32 @@ def _print_table(title: str, rows: list[dict]) -> None:
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
+
+
+@app.command("check")
+@click.argument("experiment_file", required=False, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--device", help="Device to run the checks on (default: the experiment's, or cpu).")
+def check_command(experiment_file, device) -> None:
+    """Check every installed cell and task against its contract; with EXPERIMENT_FILE, validate it
+    and run its pre-flight (every dataset loaded, every model run once) instead. Writes nothing."""
+    from rnnbench import preflight
+    from rnnbench.errors import ContractError
+
+    if experiment_file is not None:
+        from rnnbench import experiment as experiment_mod
+
+        exp = experiment_mod.load(experiment_file)
+        studies, _ = experiment_mod.expand(exp)
+        click.echo(preflight.check_experiment(exp, studies, device=device).line())
+        return
+    verdicts = preflight.check_installed(device=device or "cpu")
+    for v in verdicts:
+        if v.error is None:
+            click.echo(f"ok   {v.kind} {v.name} ({v.origin}) {v.seconds:.2f} s")
+        else:
+            click.echo(f"FAIL {v.error}")
+    if failed := [v for v in verdicts if v.error]:
+        raise ContractError(f"{len(failed)} of {len(verdicts)} plugins break their contract (see above)")
 
 
 @app.command("ui")

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from rnnbench.errors import ConfigError, UnknownNameError
+from rnnbench.hparams import Domain
 
 SPLITS = ("train", "valid", "test")
 
@@ -84,7 +85,9 @@ class Task(abc.ABC):
       no files) must be one of them; tasks reading user files accept ``data_path``;
     - ``Options``: a :class:`TaskOptions` subclass declaring the task's options;
     - ``hparam_defaults``: hyperparameters the task itself reads from ``hparams`` (embedding size,
-      pooling...), with their defaults, so a sweep can search them.
+      pooling...), with their defaults, so a sweep can search them;
+    - ``hparam_domains``: the values each of them may take (name -> :class:`rnnbench.hparams.Domain`),
+      so a fixed value or search range outside them is refused before a run starts.
     """
 
     name: ClassVar[str] = ""
@@ -93,6 +96,7 @@ class Task(abc.ABC):
     datasets: ClassVar[tuple[str, ...]] = ("synthetic",)
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     hparam_defaults: ClassVar[dict[str, Any]] = {}
+    hparam_domains: ClassVar[dict[str, Domain]] = {}
 
     def __init__(
         self, dataset: str = "synthetic", *, data_path: str | Path | None = None, seed: int = 0, **options

@@ -29,6 +29,7 @@ from rnnbench.data.readers import (
 from rnnbench.data.resolve import DataFile
 from rnnbench.data.vocab import UNK, UNK_ID, Vocab, tokenize
 from rnnbench.errors import ConfigError, DataError
+from rnnbench.hparams import positive_int
 from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
 # The SST-2 test labels and the IMDB CSVs were built for this project: no canonical URL to fetch.
@@ -67,7 +68,7 @@ class SentimentOptions(TaskOptions):
         description="share of train held out (stratified) when a dataset has no valid file",
     )
     synthetic_size: int = Field(
-        2000, ge=40, description="synthetic training texts; valid and test get a quarter each"
+        2000, ge=40, le=1_000_000, description="synthetic training texts; valid and test get a quarter each"
     )
     # dataset "csv" only
     train_file: str | None = None
@@ -147,6 +148,7 @@ class SentimentTask(Task):
     datasets = ("synthetic", "sst2", "imdb", "csv")
     Options = SentimentOptions
     hparam_defaults = {"embedding_dim": 64}
+    hparam_domains = {"embedding_dim": positive_int()}
 
     def __init__(self, dataset: str = "synthetic", *, data_path=None, seed: int = 0, **options):
         super().__init__(dataset, data_path=data_path, seed=seed, **options)
