@@ -167,6 +167,11 @@ class SentimentTask(Task):
             if not texts.texts:
                 raise DataError(f"{texts.path} holds no examples")
         self.classes = _sorted_labels(raw["train"].labels)
+        if len(self.classes) < 2:  # it would "score" accuracy 1.0 by always answering that class
+            raise DataError(
+                f"{raw['train'].path}: every training example has label {self.classes[0]!r}; "
+                f"a classifier needs two or more classes (check label_column and the file)"
+            )
         class_index = {label: i for i, label in enumerate(self.classes)}
         for split in ("valid", "test"):
             _check_labels(raw[split], class_index)
