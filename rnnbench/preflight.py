@@ -147,11 +147,11 @@ def _cell_alone(cls: type, hparams: dict[str, Any], device: torch.device) -> Non
             projected = cell.project_input(x)
         if not isinstance(projected, Tensor) or list(projected.shape[:2]) != [TINY_BATCH, 2]:
             raise _Broken("project_input(x) must keep the leading dimensions of x ([batch, time, ...])")
-        with _step("forward_projected(project_input(x_t), state)"):
+        with _step("forward_projected(project_input(x_t), state)"):  # from a non-zero state
             hp, _ = _check_output(
-                cell.forward_projected(projected[:, 0], state), state, "forward_projected", device=device
+                cell.forward_projected(projected[:, 1], s1), state, "forward_projected", device=device
             )
-        if not torch.allclose(hp, h1, rtol=1e-4, atol=1e-5):
+        if not torch.allclose(hp, h2, rtol=1e-4, atol=1e-5):
             raise _Broken("forward(x_t, state) must equal forward_projected(project_input(x_t), state)")
     with _step("backward through two steps"):
         (h1.sum() + h2.sum()).backward()
