@@ -300,6 +300,32 @@ def rnnbench_cells():
 '''
 
 
+TORCH_STYLE_PLUGIN = '''
+import torch
+from torch import nn
+from rnnbench import Cell, hookimpl
+
+
+class ElmanCell(Cell):
+    """Written as a PyTorch user would: bare super().__init__(), own layers, no project_input."""
+
+    def __init__(self, input_size, hidden_size, alpha=1.0):
+        super().__init__()
+        self.ih = nn.Linear(input_size, hidden_size)
+        self.hh = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.alpha = alpha
+
+    def forward(self, x_t, h):
+        h = torch.tanh(self.ih(x_t) + self.alpha * self.hh(h))
+        return h, h
+
+
+@hookimpl
+def rnnbench_cells():
+    return {"elman": ElmanCell}
+'''
+
+
 def install_fake(site: Path, dist: str, module: str, source: str, entry_name: str) -> None:
     """What pip leaves behind: a module and a .dist-info with an entry point of group rnnbench."""
     (site / f"{module}.py").write_text(textwrap.dedent(source))
@@ -323,6 +349,7 @@ def test_broken_plugin_refused_by_run_and_named_by_check(tmp_path: Path):
     install_fake(
         site, "rnnbench-missing-dep", "missing_dep_plugin", "import not_installed_anywhere\n", "missing"
     )
+    install_fake(site, "rnnbench-elman", "elman_plugin", TORCH_STYLE_PLUGIN, "elman")
     (tmp_path / "exp.yaml").write_text(
         "name: hw\ncells: [halfwidth]\ntasks: [{name: memory, options: {seq_len: 5, train_size: 64}}]\n"
         "budget: {trials: 3, epochs: 1}\nfinal: {seeds: 0}\n"
@@ -345,8 +372,21 @@ def test_broken_plugin_refused_by_run_and_named_by_check(tmp_path: Path):
     )
 
     check = rnnbench(["check"], site, home, tmp_path)
-    assert check.returncode == 2 and not home.exists()
+    assert check.returncode == 2 and not home.exists(), check.stderr
     out = check.stdout.splitlines()
     assert any(line.startswith("FAIL cell 'halfwidth' (rnnbench-halfwidth 1.0, entry point") for line in out)
     assert any(line.startswith("ok   cell lstm (builtin") for line in out)
     assert any(line.startswith("ok   task memory (builtin") for line in out)
+    assert any(line.startswith("ok   cell elman (rnnbench-elman 1.0, entry point elman") for line in out), (
+        check.stderr
+    )
+
+    # the PyTorch-style cell runs a whole (tiny) experiment, hyperparameter and all
+    (tmp_path / "elman.yaml").write_text(
+        "name: el\ncells: [{name: elman, hparams: {alpha: 0.5}}]\n"
+        "tasks: [{name: memory, options: {seq_len: 5, train_size: 64, valid_size: 32, test_size: 32}}]\n"
+        "search: {hidden_size: {type: int, low: 4, high: 8}}\nbudget: {trials: 1, epochs: 1}\nfinal: {seeds: 1}\n"
+    )
+    good = rnnbench(["run", str(tmp_path / "elman.yaml")], site, home, tmp_path)
+    assert good.returncode == 0, good.stdout[-1500:] + good.stderr[-1500:]
+    assert "el/memory-synthetic/elman-1L-uni" in good.stdout and "(n=1)" in good.stdout
