@@ -188,15 +188,10 @@ def _cell_in_encoder(cls: type, hparams: dict[str, Any], device, layers: int, bi
 
 
 # -- tasks ----------------------------------------------------------------------------------------
-def _train_step(task, model: nn.Module, device) -> None:
-    """One batch of 2 through ``training_loss`` and backward; gradients must reach the encoder's cells."""
-    from rnnbench.encoder import Encoder
+def _first_batch(task, device):
+    """The first training batch of 2 (read once per task entry: bucketing a large split is slow)."""
     from rnnbench.task import Batch
 
-    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
-    if not encoders:
-        raise _Broken("build_model must build its encoder with make_encoder(input_size)")
-    model.to(device).train()
     with _step(f"batches('train', {TINY_BATCH})"):
         batch = next(
             iter(
@@ -208,6 +203,18 @@ def _train_step(task, model: nn.Module, device) -> None:
         raise DataError(f"task {task.name!r}: the train split yields no batch")
     if not isinstance(batch, Batch):
         raise _Broken(f"batches() must yield rnnbench.task.Batch objects, got {_kind(batch)}")
+    return batch
+
+
+def _train_step(task, model: nn.Module, device, batch=None) -> None:
+    """One batch of 2 through ``training_loss`` and backward; gradients must reach the encoder's cells."""
+    from rnnbench.encoder import Encoder
+
+    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+    if not encoders:
+        raise _Broken("build_model must build its encoder with make_encoder(input_size)")
+    model.to(device).train()
+    batch = batch if batch is not None else _first_batch(task, device)
     with _step("training_loss(model, batch, None)"):
         result = task.training_loss(model, batch, None)
     if not (isinstance(result, tuple) and len(result) == 2):
@@ -356,9 +363,25 @@ def _tiny_hparams(study) -> dict[str, Any]:
     return {**searched, **study.fixed_hparams, "hidden_size": TINY_HIDDEN}
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from threads, and on a busy machine OpenMP threads spin and wait.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def check_experiment(experiment, studies, *, device: str | None = None) -> Summary:
     """Load every dataset of ``studies`` and run each (cell, task, variant) once, tiny. Raises
     DataError, ConfigError or ContractError (all exit code 2) before anything is written."""
+    with _one_thread():
+        return _check_experiment(experiment, studies, device)
+
+
+def _check_experiment(experiment, studies, device: str | None) -> Summary:
     from rnnbench.plugins import registry
     from rnnbench.trainer import seed_everything, split_hparams
 
@@ -367,6 +390,7 @@ def check_experiment(experiment, studies, *, device: str | None = None) -> Summa
     reg = registry()
     tasks: dict[str, Any] = {}
     checked_cells: set[str] = set()
+    first: dict[str, Any] = {}
     for study in studies:
         entry = study.task_entry
         key = json.dumps(entry.model_dump(), sort_keys=True, default=str)
@@ -379,6 +403,7 @@ def check_experiment(experiment, studies, *, device: str | None = None) -> Summa
                 task = study.make_task()
                 task.setup()
             _check_metrics(task)
+            first[key] = _first_batch(task, target)
         except DataError as err:
             raise DataError(f"task {label}: {err}") from None
         except _Broken as rule:
@@ -390,7 +415,8 @@ def check_experiment(experiment, studies, *, device: str | None = None) -> Summa
     for study in studies:
         arch = study.arch
         cell_entry, task_entry = reg.cell(arch.cell), reg.task(study.task_entry.name)
-        task = tasks[json.dumps(study.task_entry.model_dump(), sort_keys=True, default=str)]
+        key = json.dumps(study.task_entry.model_dump(), sort_keys=True, default=str)
+        task = tasks[key]
         hp, cell_hp, task_hp = split_hparams(_tiny_hparams(study), cell_entry.cls, task)
         cell_key = json.dumps(
             [arch.cell, cell_hp, arch.layers, arch.bidirectional], sort_keys=True, default=str
@@ -404,7 +430,7 @@ def check_experiment(experiment, studies, *, device: str | None = None) -> Summa
         try:
             task.check_architecture(bidirectional=arch.bidirectional)
             model = _build(task, arch.cell, arch.layers, arch.bidirectional, hp, cell_hp, task_hp)
-            _train_step(task, model, target)
+            _train_step(task, model, target, first[key])
         except _Broken as rule:
             # The cell passed its own checks above, so what breaks here is the task's (or ours).
             if task_entry.source != "builtin":
@@ -433,6 +459,12 @@ def check_installed(*, device: str = "cpu") -> list[Verdict]:
     reg = registry()
     target = resolve_device(device)
     verdicts = []
+    with _one_thread():
+        _check_all(reg, target, verdicts)
+    return verdicts
+
+
+def _check_all(reg, target, verdicts: list[Verdict]) -> None:
     for kind, entries, check in (("cell", reg.cells, check_cell), ("task", reg.tasks, check_task)):
         for entry in entries.values():
             started = time.perf_counter()
@@ -442,7 +474,6 @@ def check_installed(*, device: str = "cpu") -> list[Verdict]:
             except RnnbenchError as err:
                 error = str(err)
             verdicts.append(Verdict(kind, entry.name, entry.origin, time.perf_counter() - started, error))
-    return verdicts
 
 
 def _kind(value) -> str:

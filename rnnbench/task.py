@@ -220,7 +220,9 @@ def detach_state(state: Any) -> Any:
 def _one_line(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{loc}: {msg}")
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = (
+            "unknown option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        )
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
