@@ -119,7 +119,7 @@ class Registry:
                 if plugin is not None and self.pm.is_registered(plugin):
                     self.pm.unregister(plugin)  # older pluggy may leave it half-registered
                 warnings.warn(
-                    f"skipped plugin {ep.name!r} from {dist} ({ep.value}): {_one_line(exc)}",
+                    f"skipped plugin {ep.name!r} from {dist} ({ep.value}): {one_line_error(exc)}",
                     PluginWarning,
                     stacklevel=2,
                 )
@@ -132,7 +132,7 @@ class Registry:
             try:
                 result = impl.function()
             except Exception as exc:
-                warnings.warn(f"skipped {kind}s of plugin {where}: {_one_line(exc)}", PluginWarning)
+                warnings.warn(f"skipped {kind}s of plugin {where}: {one_line_error(exc)}", PluginWarning)
                 continue
             if not isinstance(result, dict):
                 warnings.warn(
@@ -168,7 +168,8 @@ class Registry:
         return self.tasks[name]
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line_error(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message, cut if long."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return clip_message(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
 
