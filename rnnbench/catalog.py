@@ -46,7 +46,7 @@ def _cache_file() -> Path:
 def build() -> dict[str, Any]:
     """Load every plugin and describe its cells and tasks (imports torch)."""
     from rnnbench.encoder import Encoder
-    from rnnbench.plugins import Registry
+    from rnnbench.plugins import Registry, one_line_error
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -59,7 +59,12 @@ def build() -> dict[str, Any]:
         except Exception as exc:  # a cell that cannot be built at the reference size is still listed
             params = None
             caught.append(
-                warnings.WarningMessage(f"cell {entry.name!r} failed to build: {exc}", UserWarning, "", 0)
+                warnings.WarningMessage(
+                    f"cell {entry.name!r} ({entry.origin}) failed to build: {one_line_error(exc)}",
+                    UserWarning,
+                    "",
+                    0,
+                )
             )
         cells.append(
             {

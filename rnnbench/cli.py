@@ -100,7 +100,7 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: sqlite store in the run home).")
 @click.option("--storage", help="Optuna storage: a journal file path or an RDB URL (postgresql://...).")
-@click.option("--device", help="Override the experiment's device (auto, cpu, cuda, cuda:1).")
+@click.option("--device", help="Override the experiment's device (auto, cpu, cuda, cuda:1, mps).")
 @click.option(
     "--max-retries",
     type=click.IntRange(min=0, max=100),
@@ -118,9 +118,11 @@ def run_command(
 ) -> None:
     """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test."""
     from rnnbench import experiment as experiment_mod
-    from rnnbench import runner
+    from rnnbench import preflight, runner
 
     exp = experiment_mod.load(experiment_file)
+    if device is not None:
+        experiment_mod.check_device(device)
     plan = runner.prepare(
         exp,
         home=home,
@@ -130,6 +132,8 @@ def run_command(
         device=device,
         threads=threads,
     )
+    # Every dataset loaded and every model run once, tiny, before any store exists (exit 2 on failure).
+    click.echo(preflight.check_experiment(exp, plan.studies, device=device).line())
     if dry_run:
         _print_table(
             f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget each",
@@ -236,6 +240,32 @@ def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True
         return None
     tracker = Tracker(uri, name, artifact_root=path / "artifacts")
     return Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
+
+
+@app.command("check")
+@click.argument("experiment_file", required=False, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--device", help="Device to run the checks on (default: the experiment's, or cpu).")
+def check_command(experiment_file, device) -> None:
+    """Check every installed cell and task against its contract; with EXPERIMENT_FILE, validate it
+    and run its pre-flight (every dataset loaded, every model run once) instead. Writes nothing."""
+    from rnnbench import preflight
+    from rnnbench.errors import ContractError
+
+    if experiment_file is not None:
+        from rnnbench import experiment as experiment_mod
+
+        exp = experiment_mod.load(experiment_file)
+        studies, _ = experiment_mod.expand(exp)
+        click.echo(preflight.check_experiment(exp, studies, device=device).line())
+        return
+    verdicts = preflight.check_installed(device=device or "cpu")
+    for v in verdicts:
+        if v.error is None:
+            click.echo(f"ok   {v.kind} {v.name} ({v.origin}) {v.seconds:.2f} s")
+        else:
+            click.echo(f"FAIL {v.error}")
+    if failed := [v for v in verdicts if v.error]:
+        raise ContractError(f"{len(failed)} of {len(verdicts)} plugins break their contract (see above)")
 
 
 @app.command("ui")

@@ -19,7 +19,7 @@ import torch
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from rnnbench.cells.base import Cell, State
+from rnnbench.cells.base import Cell, State, build_cell
 from rnnbench.errors import ConfigError
 
 _FUSED_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
@@ -72,7 +72,7 @@ class Encoder(nn.Module):
         self.num_directions = 2 if bidirectional else 1
         self.output_size = hidden_size * self.num_directions
         self.cells = nn.ModuleList(
-            cell_cls(input_size if layer == 0 else self.output_size, hidden_size, **cell_hparams)
+            build_cell(cell_cls, input_size if layer == 0 else self.output_size, hidden_size, **cell_hparams)
             for layer in range(num_layers)
             for _ in range(self.num_directions)
         )

@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+from typing import Any
+
+# An echoed value is cut to this many characters; a whole message to MESSAGE_LIMIT. A 10 MB column
+# name or option value must not become a 10 MB error line.
+VALUE_LIMIT = 80
+MESSAGE_LIMIT = 1000
+_LONG_WORD = re.compile(r"\S{201,}")
+
+
+def shorten(value: Any, limit: int = VALUE_LIMIT) -> str:
+    """``repr(value)`` for a message, cut in the middle when longer than ``limit`` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 3, limit // 3
+    return f"{text[:head]}…{text[-tail:]} ({len(text):,} characters)"
+
+
+def clip_message(message: str) -> str:
+    """Cut overlong words (a value echoed by code that did not shorten it) and an overlong message."""
+    message = _LONG_WORD.sub(lambda m: f"{m[0][:120]}…{m[0][-40:]} ({len(m[0]):,} characters)", message)
+    if len(message) > MESSAGE_LIMIT:
+        message = f"{message[:700]} …[{len(message) - 900:,} characters cut]… {message[-200:]}"
+    return message
 
 
 class RnnbenchError(Exception):
     """Base of every error whose message is meant for the user."""
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return clip_message(super().__str__())
 
 
 class ConfigError(RnnbenchError):
@@ -24,17 +52,26 @@ class UnknownNameError(ConfigError):
     def __init__(self, kind: str, name: str, known: Iterable[str]):
         known = sorted(known)
         self.kind, self.name, self.known = kind, name, known
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        close = difflib.get_close_matches(str(name)[:200], known, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        super().__init__(f"unknown {kind} {name!r}{hint} (known: {', '.join(known) or 'none'})")
+        super().__init__(f"unknown {kind} {shorten(name)}{hint} (known: {', '.join(known) or 'none'})")
 
 
 class PluginError(RnnbenchError):
     """A plugin conflicts with another one or returned something unusable."""
 
 
+class ContractError(PluginError):
+    """A plugin's cell or task breaks a rule of the Cell or Task contract (found by the pre-flight
+    check, before anything runs): bad input to ``rnnbench run``, so exit code 2."""
+
+    exit_code = 2
+
+
 class DataError(RnnbenchError):
-    """A dataset file is missing, corrupt or malformed."""
+    """A dataset file is missing, corrupt or malformed (bad input: exit code 2)."""
+
+    exit_code = 2
 
 
 class TrialFailed(RnnbenchError):

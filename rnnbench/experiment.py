@@ -2,7 +2,12 @@
 
 Every mistake becomes one ConfigError line with the key path and, where known, the YAML line.
 Validation needs no data and creates nothing on disk; names of cells, tasks, datasets, options and
-hyperparameters are checked against the plugin registry with a closest-match suggestion.
+hyperparameters are checked against the plugin registry with a closest-match suggestion, and every
+fixed value and search range against the domain its trainer, cell or task declares.
+
+Everything a hostile or mistyped file could make huge is bounded before it is used: the file's
+size, its encoding, the values its YAML aliases expand to, every string, the number of trials,
+seeds, studies and epochs (see the limits below).
 """
 
 from __future__ import annotations
@@ -16,11 +21,22 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rnnbench.errors import ConfigError, RnnbenchError
+from rnnbench.errors import ConfigError, RnnbenchError, shorten
+
+# Bounds on what a file may ask for; each is far above any sensible experiment.
+MAX_FILE_BYTES = 1 << 20  # an experiment file is a few KB
+MAX_YAML_VALUES = 10_000  # values after alias expansion (a YAML "billion laughs" expands to 10^9)
+MAX_YAML_DEPTH = 64
+MAX_STRING = 4096  # characters of any one string (a path fits)
+MAX_STUDIES = 1000
+MAX_TRIALS = 10_000
+MAX_SEEDS = 1000
+MAX_EPOCHS = 10_000
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _Range(_Strict):
@@ -52,7 +68,7 @@ class FloatParam(_Range):
 
 class CategoricalParam(_Strict):
     type: Literal["categorical"]
-    choices: list[Any] = Field(min_length=1)
+    choices: list[Any] = Field(min_length=1, max_length=1000)
 
 
 SearchParam = Annotated[IntParam | FloatParam | CategoricalParam, Field(discriminator="type")]
@@ -62,14 +78,16 @@ def _as_list(value):
     return value if isinstance(value, list) else [value]
 
 
-_LABEL = Field(None, pattern=r"^[A-Za-z0-9_.+=-]+$", description="names this entry in study names")
+_LABEL = Field(
+    None, pattern=r"^[A-Za-z0-9_.+=-]+$", max_length=100, description="names this entry in study names"
+)
 
 
 class CellEntry(_Strict):
     name: str
     label: str | None = _LABEL  # tells apart two entries of one cell (e.g. different hparams)
-    layers: list[Annotated[int, Field(ge=1, le=16)]] = [1]
-    bidirectional: list[bool] = [False]
+    layers: list[Annotated[int, Field(ge=1, le=16)]] = Field([1], min_length=1, max_length=16)
+    bidirectional: list[bool] = Field([False], min_length=1, max_length=2)
     hparams: dict[str, Any] = {}
 
     _listify = field_validator("layers", "bidirectional", mode="before")(_as_list)
@@ -85,13 +103,15 @@ class TaskEntry(_Strict):
 
 
 class BudgetSpec(_Strict):
-    trials: int = Field(10, ge=0)  # 0: no search, the fixed configuration goes to the final seeds
-    epochs: int = Field(5, ge=1)  # passes over the training data (unlimited when max_steps is set)
-    max_steps: int | None = Field(None, ge=1)  # optimizer steps per trial
-    eval_every: int | None = Field(None, ge=1)  # steps between validations (default: every epoch)
-    steps_per_epoch: int | None = Field(None, ge=1)
-    max_minutes_per_trial: float | None = Field(None, gt=0)
-    patience: int | None = Field(None, ge=1)  # validations without improvement before stopping
+    trials: int = Field(
+        10, ge=0, le=MAX_TRIALS
+    )  # 0: no search, the fixed configuration goes to the final seeds
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS)  # passes over the training data (unlimited under max_steps)
+    max_steps: int | None = Field(None, ge=1, le=10**12)  # optimizer steps per trial
+    eval_every: int | None = Field(None, ge=1, le=10**12)  # steps between validations (default: every epoch)
+    steps_per_epoch: int | None = Field(None, ge=1, le=10**9)
+    max_minutes_per_trial: float | None = Field(None, gt=0, le=7 * 24 * 60)
+    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)  # validations without improvement before stopping
 
     def epochs_limit(self) -> int:
         """Passes over the data a trial may make: ``epochs`` if given, unlimited under max_steps."""
@@ -105,26 +125,40 @@ class BudgetSpec(_Strict):
 
 
 class FinalSpec(_Strict):
-    seeds: int = Field(3, ge=0)
-    epochs: int | None = Field(None, ge=1, description="default: budget.epochs")
+    seeds: int = Field(3, ge=0, le=MAX_SEEDS)
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS, description="default: budget.epochs")
 
 
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random", "grid"] = "tpe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range
 
 
 class PrunerSpec(_Strict):
     name: Literal["median", "hyperband", "none"] = "median"
-    warmup_epochs: int = Field(1, ge=0)
+    warmup_epochs: int = Field(1, ge=0, le=MAX_EPOCHS)
+
+
+def check_device(name: Any) -> str:
+    """A device name torch would accept: auto, cpu, cuda, cuda:N, or mps where torch has it.
+    Whether the machine has that device is checked by the pre-flight, on the machine that runs."""
+    import re
+
+    import torch
+
+    if isinstance(name, str) and (
+        re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", name) or (name == "mps" and hasattr(torch.backends, "mps"))
+    ):
+        return name
+    raise ConfigError(f"unknown device {shorten(name)}; expected {DEVICES}")
 
 
 class Experiment(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    cells: list[str | CellEntry] = Field(min_length=1)
-    tasks: list[str | TaskEntry] = Field(min_length=1)
-    search: dict[str, SearchParam] = {}
-    fixed: dict[str, Any] = {}
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    cells: list[str | CellEntry] = Field(min_length=1, max_length=100)
+    tasks: list[str | TaskEntry] = Field(min_length=1, max_length=100)
+    search: dict[str, SearchParam] = Field({}, max_length=100)
+    fixed: dict[str, Any] = Field({}, max_length=100)
     budget: BudgetSpec = BudgetSpec()
     final: FinalSpec = FinalSpec()
     sampler: SamplerSpec = SamplerSpec()
@@ -132,8 +166,18 @@ class Experiment(_Strict):
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     deterministic: bool = False  # torch.use_deterministic_algorithms: reproducible, often slower
-    parameter_budget: int | None = Field(None, ge=1, description="solve hidden_size per architecture")
+    parameter_budget: int | None = Field(
+        None, ge=1, le=10**9, description="solve hidden_size per architecture"
+    )
     skip_invalid: bool = False
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        try:
+            return check_device(device)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
     @field_validator("cells", mode="after")
     @classmethod
@@ -157,6 +201,11 @@ class Experiment(_Strict):
             not isinstance(p, CategoricalParam) for p in self.search.values()
         ):
             raise ValueError("the grid sampler needs every search parameter to be categorical")
+        studies = len(self.tasks) * sum(len(c.layers) * len(c.bidirectional) for c in self.cells)
+        if studies > MAX_STUDIES:
+            raise ValueError(
+                f"the experiment expands to {studies:,} studies; at most {MAX_STUDIES:,} are run"
+            )
         return self
 
 
@@ -242,25 +291,87 @@ def expand(experiment: Experiment) -> tuple[list[Study], list[tuple[str, str]]]:
     return studies, skipped
 
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map key paths (tuples of keys/indices) to 1-based YAML line numbers, for error messages."""
+def _compose(text: str, source: str) -> yaml.Node | None:
+    """The YAML node graph, refused when its aliases would expand it beyond any real experiment.
+
+    Composing is linear in the text (an alias is the same node object again); loading or walking
+    the expanded tree is not: 9 levels of 9 aliases are 9^9 values. So the expanded size is counted
+    on the graph, each node once, before anything walks it.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source}: not valid YAML: nested more than {MAX_YAML_DEPTH} levels deep"
+        ) from None
+    if root is None:
+        return None
+    sizes: dict[int, int] = {}
+
+    def expanded(node, depth: int, open_nodes: set[int]) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(
+                f"{source} line {node.start_mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels"
+            )
+        if id(node) in open_nodes:
+            raise ConfigError(
+                f"{source} line {node.start_mark.line + 1}: a YAML alias refers to its own parent"
+            )
+        open_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        size = 1
+        for child in children:
+            size += expanded(child, depth + 1, open_nodes)
+            if size > MAX_YAML_VALUES:
+                raise ConfigError(
+                    f"{source} line {node.start_mark.line + 1}: this document expands to more than "
+                    f"{MAX_YAML_VALUES:,} values through YAML aliases (*name); an experiment needs a few "
+                    "hundred: write the values out"
+                )
+        open_nodes.discard(id(node))
+        sizes[id(node)] = size
+        return size
+
+    expanded(root, 0, set())
+    return root
+
+
+def _yaml_lines(root: yaml.Node | None, source: str = "<string>") -> dict[tuple, int]:
+    """Map key paths (tuples of keys/indices) to 1-based YAML line numbers, for error messages.
+
+    Refuses any string longer than MAX_STRING (a 10 MB option value would otherwise be carried into
+    every trial and echoed in every message). ``root`` must come from :func:`_compose` (bounded).
+    """
     lines: dict[tuple, int] = {}
 
     def walk(node, path):
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                p = (*path, key.value)
+                p = (*path, key.value if isinstance(key, yaml.ScalarNode) else str(key.start_mark.line))
                 lines[p] = key.start_mark.line + 1
+                walk(key, p)
                 walk(value, p)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 lines[(*path, i)] = item.start_mark.line + 1
                 walk(item, (*path, i))
+        elif len(node.value) > MAX_STRING:
+            raise ConfigError(
+                f"{source} line {node.start_mark.line + 1}: {_format_loc(path)}: a value of "
+                f"{len(node.value):,} characters; at most {MAX_STRING:,} are accepted"
+            )
 
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
     if root is not None:
         walk(root, ())
     return lines
@@ -290,16 +401,15 @@ def _format_loc(loc: tuple) -> str:
 
 
 def parse(text: str, source: str = "<string>") -> Experiment:
-    """Parse and validate an experiment (schema + registry names)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    """Parse and validate an experiment (schema, bounds, registry names, hyperparameter domains)."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(
+            f"{source}: {len(text):,} characters; an experiment file is at most {MAX_FILE_BYTES:,}"
+        )
+    lines = _yaml_lines(_compose(text, source), source)  # bounded before anything expands it
+    data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: an experiment file must be a mapping of keys (name, cells, tasks, ...)")
-    lines = _yaml_lines(text)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
@@ -374,6 +484,7 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
                 )
     task_hparams: set[str] = set()
     for i, task in enumerate(e.tasks):
+        where = ("tasks", i, "name") if ("tasks", i, "name") in lines else ("tasks", i)
         try:
             cls = reg.task(task.name).cls
             task_hparams |= set(cls.hparam_defaults)
@@ -381,7 +492,15 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
                 task.dataset, data_path=task.data_path, **task.options
             )  # validates dataset and options; no I/O
         except RnnbenchError as err:
-            fail(("tasks", i, "name") if ("tasks", i, "name") in lines else ("tasks", i), err)
+            fail(where, err)
+        except Exception as exc:  # a plugin's constructor failing on its own options is its bug, not ours
+            fail(
+                where,
+                ConfigError(
+                    f"task {task.name!r} ({reg.task(task.name).source}) raised "
+                    f"{type(exc).__name__} checking its options: {exc}"
+                ),
+            )
         for key in task.hparams:
             if key not in cls.hparam_defaults:
                 from rnnbench.errors import UnknownNameError
@@ -397,10 +516,51 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
                 from rnnbench.errors import UnknownNameError
 
                 fail((section, key), UnknownNameError("hyperparameter", key, known))
+    _check_domains(e, reg, fail)
+
+
+def _check_domains(e: Experiment, reg, fail) -> None:
+    """Every fixed value and every search range inside the domain of each cell, task or the trainer
+    that reads it. A numeric domain is an interval, so a range is checked at its two ends."""
+    from rnnbench.trainer import TRAINER_HPARAM_DOMAINS
+
+    owners: dict[str, dict[str, Any]] = {k: {"the trainer": d} for k, d in TRAINER_HPARAM_DOMAINS.items()}
+    for kind, entries, lookup in (("cell", e.cells, reg.cell), ("task", e.tasks, reg.task)):
+        for i, entry in enumerate(entries):
+            domains = getattr(lookup(entry.name).cls, "hparam_domains", {}) or {}
+            for key, domain in domains.items():
+                owners.setdefault(key, {})[f"{kind} {entry.name!r}"] = domain
+            for key, value in entry.hparams.items():
+                if key in domains and (why := domains[key].problem(value)):
+                    fail((f"{kind}s", i, "hparams", key), ConfigError(why))
+    for section in ("fixed", "search"):
+        for key, value in getattr(e, section).items():
+            for owner, domain in owners.get(key, {}).items():
+                why = domain.problem(value) if section == "fixed" else domain.search_problem(value)
+                if why:
+                    by = "" if owner == "the trainer" else f" (as {owner} declares)"
+                    fail((section, key), ConfigError(f"{why}{by}"))
 
 
 def load(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist")
-    return parse(path.read_text(), str(path))
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(
+                f"{path}: {size / 2**20:.1f} MiB; an experiment file is at most {MAX_FILE_BYTES // 2**20} MiB"
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read experiment file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM from a Windows editor is fine
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save the experiment file as UTF-8"
+        ) from None
+    return parse(text, str(path))

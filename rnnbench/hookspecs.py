@@ -26,7 +26,10 @@ def rnnbench_cells() -> dict[str, type]:
     and ``forward(x_t, state) -> (h_t, new_state)`` for one time step (``x_t``: ``[batch, input]``,
     ``h_t``: ``[batch, hidden]``; ``state`` a tensor or a tuple of tensors whose first dimension is
     the batch). Optionally ``project_input``/``forward_projected`` let the encoder hoist the input
-    projection out of the time loop (see :class:`rnnbench.Cell`).
+    projection out of the time loop (see :class:`rnnbench.Cell`). A cell may call
+    ``super().__init__()`` bare and build its own layers, as PyTorch modules do; its hyperparameters
+    are its keyword arguments after the sizes, their values declared in ``hparam_domains``.
+    ``rnnbench check`` tests a cell against all of this.
 
     Names are global: two plugins returning the same name is an error naming both. The class
     docstring's first line is the description ``rnnbench list`` shows. Stacking, bidirectional

@@ -1,7 +1,9 @@
 """Plugin manager: builtin plugins first, then every installed entry point of group ``rnnbench``.
 
 A plugin that fails to import or returns something malformed is named in a one-line warning and
-skipped; the others still load. Two plugins registering the same name is a PluginError.
+skipped; the others still load. Two plugins registering the same name is a PluginError. Each cell
+and task remembers where it came from (distribution, entry point, class), so the pre-flight check
+can name exactly what broke the contract.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from functools import lru_cache
 import pluggy
 
 from rnnbench import hookspecs
-from rnnbench.errors import PluginError, UnknownNameError
+from rnnbench.errors import PluginError, UnknownNameError, clip_message, shorten
 
 ENTRY_POINT_GROUP = "rnnbench"
 DISABLE_ENV = "RNNBENCH_DISABLE_PLUGINS"
@@ -38,6 +40,20 @@ class PluginWarning(UserWarning):
     """A third-party plugin was skipped."""
 
 
+_default_formatwarning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    # One line saying what was skipped; Python's own format adds the file, line and source line of
+    # the warn() call inside rnnbench, which tells the user nothing.
+    if issubclass(category, PluginWarning):
+        return f"warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_warning
+
+
 @dataclass(frozen=True)
 class Registered:
     """One cell or task class and where it came from."""
@@ -45,6 +61,16 @@ class Registered:
     name: str
     cls: type
     source: str  # "builtin" or "<distribution> <version>"
+    entry_point: str | None = None  # "<name> = <module>" for third-party plugins
+
+    @property
+    def origin(self) -> str:
+        """Where the class comes from, for messages: distribution, entry point and class."""
+        where = [self.source]
+        if self.entry_point:
+            where.append(f"entry point {self.entry_point}")
+        where.append(f"class {self.cls.__module__}.{self.cls.__qualname__}")
+        return ", ".join(where)
 
     @property
     def description(self) -> str:
@@ -59,6 +85,7 @@ class Registry:
         self.pm = pluggy.PluginManager("rnnbench")
         self.pm.add_hookspecs(hookspecs)
         self._sources: dict[int, str] = {}
+        self._entry_points: dict[int, str] = {}
         for module_name in BUILTIN_PLUGINS:
             try:
                 module = importlib.import_module(module_name)
@@ -87,11 +114,12 @@ class Registry:
                 if self.pm.is_registered(plugin):
                     continue
                 self._register(plugin, dist, f"{dist}:{ep.name}")
+                self._entry_points[id(plugin)] = f"{ep.name} = {ep.value}"
             except Exception as exc:  # a broken plugin must not take the others down
                 if plugin is not None and self.pm.is_registered(plugin):
                     self.pm.unregister(plugin)  # older pluggy may leave it half-registered
                 warnings.warn(
-                    f"skipped plugin {ep.name!r} from {dist} ({ep.value}): {type(exc).__name__}: {exc}",
+                    f"skipped plugin {ep.name!r} from {dist} ({ep.value}): {one_line_error(exc)}",
                     PluginWarning,
                     stacklevel=2,
                 )
@@ -104,9 +132,7 @@ class Registry:
             try:
                 result = impl.function()
             except Exception as exc:
-                warnings.warn(
-                    f"skipped {kind}s of plugin {where}: {type(exc).__name__}: {exc}", PluginWarning
-                )
+                warnings.warn(f"skipped {kind}s of plugin {where}: {one_line_error(exc)}", PluginWarning)
                 continue
             if not isinstance(result, dict):
                 warnings.warn(
@@ -119,7 +145,7 @@ class Registry:
                 if not (isinstance(name, str) and name and isinstance(cls, type) and issubclass(cls, base)):
                     warnings.warn(
                         f"skipped {kind} {name!r} of plugin {where}: expected a subclass of "
-                        f"rnnbench.{base.__name__}, got {cls!r}",
+                        f"rnnbench.{base.__name__}, got {shorten(cls)}",
                         PluginWarning,
                     )
                     continue
@@ -128,7 +154,7 @@ class Registry:
                         f"{kind} name {name!r} is registered twice: by {found[name].source} "
                         f"({found[name].cls.__module__}) and by {source} ({cls.__module__})"
                     )
-                found[name] = Registered(name, cls, source)
+                found[name] = Registered(name, cls, source, self._entry_points.get(id(impl.plugin)))
         return dict(sorted(found.items()))
 
     def cell(self, name: str) -> Registered:
@@ -140,6 +166,12 @@ class Registry:
         if name not in self.tasks:
             raise UnknownNameError("task", name, self.tasks)
         return self.tasks[name]
+
+
+def one_line_error(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message, cut if long."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return clip_message(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
 
 
 def _cell_base() -> type:

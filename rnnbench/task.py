@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from rnnbench.errors import ConfigError, UnknownNameError
+from rnnbench.hparams import Domain
 
 SPLITS = ("train", "valid", "test")
 
@@ -96,7 +97,27 @@ class Task(abc.ABC):
       no files) must be one of them; tasks reading user files accept ``data_path``;
     - ``Options``: a :class:`TaskOptions` subclass declaring the task's options;
     - ``hparam_defaults``: hyperparameters the task itself reads from ``hparams`` (embedding size,
-      pooling...), with their defaults, so a sweep can search them.
+      pooling...), with their defaults, so a sweep can search them;
+    - ``hparam_domains``: the values each of them may take (name -> :class:`rnnbench.hparams.Domain`),
+      so a fixed value or search range outside them is refused before a run starts.
+
+    Rules the trainer, the sweep and the report rely on (``rnnbench check`` tests each of them):
+
+    - ``evaluate`` must not depend on the batch size: sum over examples (or positions) and divide
+      once; a mean of per-batch means weighs a short last batch like a full one, and the sweep tunes
+      the batch size, so the measure itself would change;
+    - ``metrics`` may be set per instance when options change what is measured (memory's copy
+      problem replaces the class's default in ``__init__``): the instance's tuple is the one used;
+    - ``build_model`` receives the trainer's hyperparameters (``hidden_size``, ``dropout``, ``lr``,
+      ...) merged with the task's own ``hparam_defaults``; read what you need, ignore the rest;
+    - ``describe()`` values become MLflow params (``data.<key>``): keys of letters, digits and
+      ``_ - . /``, values short (MLflow keeps 6,000 characters) and plain (numbers, strings, lists);
+    - ``batches`` may be iterated twice or more (each validation pass calls it again): return a fresh
+      iterator every call, never a one-shot generator over an open file;
+    - ``baseline`` keys must equal metric names (``{"accuracy": 0.5}`` for a metric named
+      ``accuracy``); extra keys are reported as they are;
+    - ``setup`` raises :class:`rnnbench.errors.DataError` naming the file and line of bad data: the
+      pre-flight runs it before any store exists, so the user gets one line and nothing written.
     """
 
     name: ClassVar[str] = ""
@@ -105,6 +126,7 @@ class Task(abc.ABC):
     datasets: ClassVar[tuple[str, ...]] = ("synthetic",)
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     hparam_defaults: ClassVar[dict[str, Any]] = {}
+    hparam_domains: ClassVar[dict[str, Domain]] = {}
 
     def __init__(
         self, dataset: str = "synthetic", *, data_path: str | Path | None = None, seed: int = 0, **options
@@ -225,7 +247,9 @@ def detach_state(state: Any) -> Any:
 def _one_line(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{loc}: {msg}")
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = (
+            "unknown option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        )
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)

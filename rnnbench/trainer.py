@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rnnbench.encoder import Encoder, parameter_counts
 from rnnbench.errors import ConfigError, TrialFailed
+from rnnbench.hparams import MAX_WIDTH, Domain
 from rnnbench.task import Task, _one_line
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -37,6 +38,17 @@ TRAINER_HPARAMS = {
     "batch_size": 32,
     "hidden_size": 64,
     "dropout": 0.0,
+}
+# Their domains, checked against every fixed value and search range before a run starts.
+TRAINER_HPARAM_DOMAINS = {
+    "optimizer": Domain("choice", choices=OPTIMIZERS),
+    "lr": Domain("float", 0.0, 10.0, low_open=True),
+    "weight_decay": Domain("float", 0.0, 1.0),
+    "momentum": Domain("float", 0.0, 1.0, high_open=True),
+    "clip_norm": Domain("float", 0.0, 1e6, nullable=True),  # 0 or null: no clipping
+    "batch_size": Domain("int", 1, 65536),
+    "hidden_size": Domain("int", 1, MAX_WIDTH),
+    "dropout": Domain("float", 0.0, 1.0, high_open=True),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -52,3 +53,42 @@ def test_readme_task_contract_example_runs(monkeypatch):
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own documentation)
     namespace["test_my_task_keeps_the_rnnbench_contract"]()
+
+
+def _block(language: str, marker: str) -> str:
+    return next(b for b in re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S) if marker in b)
+
+
+def test_readme_torch_style_cell_works_through_the_encoder_and_the_contract():
+    """The second style: a bare super().__init__() and the cell's own nn.Linear layers."""
+    namespace: dict = {}
+    exec(
+        "import torch\nfrom torch import nn\nfrom rnnbench import Cell\n"
+        + _block("python", "class ElmanCell"),
+        namespace,
+    )  # noqa: S102
+    cell_cls = namespace["ElmanCell"]
+    assert cell_cls.hparam_names() == ("alpha",)
+
+    from rnnbench.encoder import Encoder
+    from rnnbench.plugins import Registered
+    from rnnbench.preflight import check_cell
+
+    enc = Encoder(cell_cls, 3, 5, num_layers=2, bidirectional=True, alpha=0.5)
+    out, final = enc(torch.randn(4, 6, 3), torch.tensor([6, 4, 2, 1]))
+    assert out.shape == (4, 6, 10) and len(final) == 4 and enc.cells[2].input_size == 10
+    check_cell(Registered("elman", cell_cls, "readme"))
+
+
+def test_readme_pyproject_is_complete():
+    """Build system, name, version, dependencies and the entry point: what `pip install .` needs.
+    (Installing it for real, into a fresh venv, is done by hand: see the README's plugin section.)"""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads(_block("toml", "[build-system]"))
+    assert project["build-system"]["build-backend"] == "setuptools.build_meta"
+    assert {"name", "version", "dependencies"} <= set(project["project"])
+    assert "rnnbench" in project["project"]["dependencies"]
+    assert project["project"]["entry-points"]["rnnbench"] == {"mgu": "my_cells.plugin"}
+    assert project["tool"]["setuptools"]["packages"] == ["my_cells"]
+    assert "my_cells/plugin.py" in _block("python", "class MinimalGRU")

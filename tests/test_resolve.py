@@ -182,3 +182,45 @@ def test_file_url_downloads_too(roots, tmp_path, monkeypatch):
     source.write_bytes(PAYLOAD)
     path = resolve(DataFile(RELPATH, PAYLOAD_SHA256, source.as_uri()))
     assert path == cache / RELPATH and path.read_bytes() == PAYLOAD
+
+
+# -- local copies are checked against the manifest, once per (path, size, mtime) ----------------------
+def test_local_copy_checked_once_then_remembered(roots, monkeypatch):
+    data, cache = roots
+    target = data / RELPATH
+    target.parent.mkdir(parents=True)
+    target.write_bytes(PAYLOAD)
+    hashed = []
+    real = resolve_module.sha256_of
+    monkeypatch.setattr(resolve_module, "sha256_of", lambda path: hashed.append(path) or real(path))
+    file = DataFile(RELPATH, PAYLOAD_SHA256)
+    assert resolve(file) == target and resolve(file) == target
+    assert hashed == [target]  # the second resolve trusted the remembered (path, size, mtime)
+    assert (cache / "checksums.json").is_file()
+
+
+def test_one_changed_byte_is_an_error_naming_the_file_and_the_opt_out(roots, monkeypatch):
+    data, _ = roots
+    target = data / RELPATH
+    target.parent.mkdir(parents=True)
+    target.write_bytes(PAYLOAD)
+    file = DataFile(RELPATH, PAYLOAD_SHA256)
+    resolve(file)  # verified and remembered
+    stat = target.stat()
+    target.write_bytes(b"T" + PAYLOAD[1:])  # same size
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(DataError) as info:
+        resolve(file)
+    message = str(info.value)
+    assert str(target) in message and "RNNBENCH_SKIP_CHECKSUM=1" in message and "\n" not in message
+    monkeypatch.setenv("RNNBENCH_SKIP_CHECKSUM", "1")
+    assert resolve(file) == target  # an edited copy, on purpose
+
+
+def test_corrupt_cached_copy_is_refused_too(roots):
+    _, cache = roots
+    cached = cache / RELPATH
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(PAYLOAD[:-10])
+    with pytest.raises(DataError, match="is not the published charlm/demo/corpus.txt"):
+        resolve(DataFile(RELPATH, PAYLOAD_SHA256))

@@ -6,19 +6,59 @@ writes only the step equations.
 
 from __future__ import annotations
 
+import inspect
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from rnnbench.errors import ConfigError
+from rnnbench.errors import ConfigError, ContractError, shorten
+from rnnbench.hparams import Domain
 
 State = Tensor | tuple[Tensor, ...]
+_SIZES = ("input_size", "hidden_size")
+
+
+def check_sizes(cls: type, input_size, hidden_size) -> None:
+    for label, value in zip(_SIZES, (input_size, hidden_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{cls.__name__}: {label} must be a positive integer, got {shorten(value)}")
+
+
+def build_cell(cls: type[Cell], input_size: int, hidden_size: int, **hparams) -> Cell:
+    """Construct a cell the way the encoder does, and make sure it knows its sizes afterwards,
+    whichever way its ``__init__`` called (or skipped) ``Cell.__init__``."""
+    check_sizes(cls, input_size, hidden_size)
+    if unknown := set(hparams) - set(cls.hparam_names()):
+        # before construction: a PyTorch-style __init__ without **kwargs would raise a bare TypeError
+        raise ConfigError(
+            f"cell {cls.__name__} got unknown hyperparameter(s) {sorted(unknown)}; "
+            f"it accepts {sorted(cls.hparam_names()) or 'none'}"
+        )
+    cell = cls(input_size, hidden_size, **hparams)
+    if not isinstance(cell, Cell):
+        raise ContractError(f"{cls.__name__}(...) returned {type(cell).__name__}, not a Cell")
+    for label, want in zip(_SIZES, (input_size, hidden_size)):
+        got = getattr(cell, label, None)
+        if got is None:
+            setattr(cell, label, want)
+        elif got != want:
+            raise ContractError(f"{cls.__name__} set {label} = {shorten(got)}, but was built with {want}")
+    return cell
 
 
 class Cell(nn.Module):
     """Base class of every recurrent cell.
 
-    Subclasses implement ``__init__(input_size, hidden_size, **hparams)`` (call ``super().__init__``
-    first: it validates and stores the sizes), ``init_state`` and ``forward``.
+    Subclasses implement ``__init__(input_size, hidden_size, **hparams)``, ``init_state`` and
+    ``forward``. Either call ``super().__init__(input_size, hidden_size, **hparams)`` (it validates
+    the sizes and the hyperparameter names), or write the module the PyTorch way: call
+    ``super().__init__()`` with no arguments and build your own layers; ``self.input_size`` and
+    ``self.hidden_size`` are then taken from the constructor's own arguments all the same.
+
+    Hyperparameters are the keyword arguments of ``__init__`` after the two sizes (or override
+    ``hparam_names()``); declare their values in ``hparam_domains`` (name -> rnnbench.hparams.Domain)
+    so an experiment with a value out of range is refused before it starts.
 
     Optional, for speed: ``project_input(x)`` maps inputs of any leading shape ``[..., input]`` to
     their input projection, and ``forward_projected(xp_t, state)`` takes one step from a projected
@@ -27,23 +67,40 @@ class Cell(nn.Module):
     ``forward_projected(project_input(x_t), state)``.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, **hparams):
+    hparam_domains: ClassVar[dict[str, Domain]] = {}
+
+    def __new__(cls, *args, **kwargs):
+        # Remember the sizes the cell is constructed with, so a subclass that calls
+        # super().__init__() without them (as nn.Module subclasses do) still gets them set.
+        self = super().__new__(cls)
+        if args or kwargs:  # not when copy/pickle recreate it (they restore the attributes)
+            sizes = tuple(kwargs.get(key, args[i] if len(args) > i else None) for i, key in enumerate(_SIZES))
+            self.__dict__["_constructed_with"] = sizes
+        return self
+
+    def __init__(self, input_size: int | None = None, hidden_size: int | None = None, **hparams):
         super().__init__()
+        given = self.__dict__.pop("_constructed_with", (None, None))
+        input_size = given[0] if input_size is None else input_size
+        hidden_size = given[1] if hidden_size is None else hidden_size
         if unknown := set(hparams) - set(self.hparam_names()):
             raise ConfigError(
                 f"{type(self).__name__} got unknown hyperparameter(s) {sorted(unknown)}; "
                 f"it accepts {sorted(self.hparam_names()) or 'none'}"
             )
-        for label, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{label} must be a positive integer, got {value!r}")
+        check_sizes(type(self), input_size, hidden_size)
         self.input_size = input_size
         self.hidden_size = hidden_size
 
     @classmethod
     def hparam_names(cls) -> tuple[str, ...]:
-        """Names of the extra keyword hyperparameters this cell accepts."""
-        return ()
+        """Names of the extra keyword hyperparameters this cell accepts: by default the keyword
+        arguments of ``__init__`` after the two sizes, and every name in ``hparam_domains``."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # after self
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        sizes = set(positional[:2])  # the two sizes, whatever the subclass calls them
+        names = [p.name for p in params if p not in sizes and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return tuple(dict.fromkeys([*names, *cls.hparam_domains]))
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         """Zero state for a batch: a tensor ``[batch, hidden]`` or a tuple of such tensors."""

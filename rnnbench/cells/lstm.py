@@ -7,12 +7,15 @@ from torch import Tensor
 
 from rnnbench import hookimpl
 from rnnbench.cells.base import GatedCell, init_forget_bias
+from rnnbench.hparams import Domain
 
 
 class LSTMCell(GatedCell):
     """Long short-term memory (Hochreiter & Schmidhuber 1997), gates i, f, g, o as nn.LSTM."""
 
     gates = 4
+    # null keeps PyTorch's uniform initialisation of the forget-gate bias
+    hparam_domains = {"forget_bias": Domain("float", -100.0, 100.0, nullable=True)}
 
     def __init__(self, input_size: int, hidden_size: int, forget_bias: float | None = 1.0, **unknown):
         self.forget_bias = forget_bias

@@ -8,12 +8,14 @@ from torch import Tensor
 from rnnbench import hookimpl
 from rnnbench.cells.base import GatedCell
 from rnnbench.errors import ConfigError
+from rnnbench.hparams import Domain
 
 
 class RNNCell(GatedCell):
     """Elman RNN, tanh (or relu) activation; same parameters as nn.RNN."""
 
     gates = 1
+    hparam_domains = {"nonlinearity": Domain("choice", choices=("tanh", "relu"))}
 
     def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh", **unknown):
         if nonlinearity not in ("tanh", "relu"):

@@ -1,7 +1,11 @@
 """Find a dataset file: explicit path -> $RNNBENCH_DATA/<relpath> -> cache -> download.
 
 Downloads are checked against their sha256 and written atomically (temp file + rename), so an
-interrupted or corrupt download never leaves a half file in the cache. Offline and missing gives
+interrupted or corrupt download never leaves a half file in the cache. Files found in
+``$RNNBENCH_DATA`` or the cache are checked against the same sha256 once, and again only when their
+size or modification time changes (``checksums.json`` in the cache remembers the verdicts): an
+edited copy is an error naming the file, unless ``RNNBENCH_SKIP_CHECKSUM=1`` says it is on purpose.
+A file given explicitly (``data_path``) is the user's own and is not checked. Offline and missing gives
 one message naming the file and where to put it. Tests never reach the network: set
 ``RNNBENCH_OFFLINE=1`` (the test suite does) to forbid downloads.
 """
@@ -9,6 +13,7 @@ one message naming the file and where to put it. Tests never reach the network: 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.error
@@ -21,6 +26,7 @@ from rnnbench.errors import DataError
 DATA_ENV = "RNNBENCH_DATA"
 CACHE_ENV = "RNNBENCH_CACHE"
 OFFLINE_ENV = "RNNBENCH_OFFLINE"
+SKIP_CHECKSUM_ENV = "RNNBENCH_SKIP_CHECKSUM"
 
 
 @dataclass(frozen=True)
@@ -58,10 +64,10 @@ def resolve(file: DataFile, explicit: str | Path | None = None, *, offline: bool
     if root := os.environ.get(DATA_ENV):
         path = Path(root).expanduser() / file.relpath
         if path.is_file():
-            return path
+            return verify(path, file)
     cached = cache_dir() / file.relpath
     if cached.is_file():
-        return cached
+        return verify(cached, file)
     if offline is None:
         offline = os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes")
     where = f"${DATA_ENV}/{file.relpath}" + (
@@ -71,6 +77,45 @@ def resolve(file: DataFile, explicit: str | Path | None = None, *, offline: bool
         reason = "downloads are disabled" if file.url else "it has no download source"
         raise DataError(f"dataset file {file.relpath} not found and {reason}: put it at {where} or {cached}")
     return download(file, cached)
+
+
+def verify(path: Path, file: DataFile) -> Path:
+    """``path`` if its sha256 is the manifest's; hashed once per (path, size, mtime), then remembered."""
+    if file.sha256 is None or os.environ.get(SKIP_CHECKSUM_ENV, "").lower() in ("1", "true", "yes"):
+        return path
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    known = _read_checksums()
+    if known.get(key) != file.sha256:
+        got = sha256_of(path)
+        if got != file.sha256:
+            raise DataError(
+                f"{path} is not the published {file.relpath}: sha256 {got[:12]}…, expected "
+                f"{file.sha256[:12]}… (a changed or truncated copy); restore the original, or set "
+                f"{SKIP_CHECKSUM_ENV}=1 to use an edited copy on purpose"
+            )
+        known[key] = got
+        _write_checksums(known)
+    return path
+
+
+def _checksum_file() -> Path:
+    return cache_dir() / "checksums.json"
+
+
+def _read_checksums() -> dict[str, str]:
+    try:
+        data = json.loads(_checksum_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_checksums(known: dict[str, str]) -> None:
+    try:  # atomic: parallel workers may write at once; the last complete file wins
+        stage_atomically(_checksum_file(), lambda tmp: tmp.write_text(json.dumps(known, indent=0)))
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
 
 
 def download(file: DataFile, target: Path) -> Path:
@@ -120,4 +165,4 @@ def stage_atomically(target: Path, write) -> Path:
     return target
 
 
-__all__ = ["DataFile", "cache_dir", "download", "resolve", "sha256_of", "stage_atomically"]
+__all__ = ["DataFile", "cache_dir", "download", "resolve", "sha256_of", "stage_atomically", "verify"]

@@ -198,11 +198,11 @@ def write(tables: list[TaskTable], summary_df: pd.DataFrame, out: Path) -> dict[
     written: dict[str, list[Path]] = {}
     sections = []
     for t in tables:
-        stem = out / f"{t.task}"
-        t.table.to_csv(stem.with_suffix(".csv"), index=False)
+        files = {s: out / f"{t.task}{s}" for s in (".csv", ".md", ".html")}  # not with_suffix: mem.T10
+        t.table.to_csv(files[".csv"], index=False)
         shown = display_frame(t)
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in t.notes)
-        stem.with_suffix(".md").write_text(
+        files[".md"].write_text(
             f"## {t.task}\n\n{t.caption}\n\n{to_markdown(shown)}\n" + "".join(f"- {n}\n" for n in t.notes)
         )
         section = (
@@ -213,9 +213,9 @@ def write(tables: list[TaskTable], summary_df: pd.DataFrame, out: Path) -> dict[
             )
             + (f"<ul class='notes'>{notes}</ul>" if notes else "")
         )
-        stem.with_suffix(".html").write_text(_page(f"{t.task}", section))
+        files[".html"].write_text(_page(f"{t.task}", section))
         sections.append(section)
-        written[t.task] = [stem.with_suffix(s) for s in (".csv", ".md", ".html")]
+        written[t.task] = list(files.values())
     if not summary_df.empty:
         summary_df.to_csv(out / "summary.csv", index=False)
         shown = summary_df.copy()

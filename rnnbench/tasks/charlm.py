@@ -36,6 +36,7 @@ from rnnbench import hookimpl
 from rnnbench.data.chars import CharVocab, d2l_preprocess, markov_text, read_text
 from rnnbench.data.resolve import DataFile, resolve
 from rnnbench.errors import ConfigError, DataError, UnknownNameError
+from rnnbench.hparams import positive_int
 from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions, detach_state
 
 DATA_FILES = {
@@ -54,7 +55,9 @@ SYNTHETIC_CHARS = 50_000
 
 
 class CharLMOptions(TaskOptions):
-    seq_len: int = Field(64, ge=1, description="characters per window (the truncated-BPTT length)")
+    seq_len: int = Field(
+        64, ge=1, le=100_000, description="characters per window (the truncated-BPTT length)"
+    )
     mode: Literal["stateful", "stateless"] = "stateful"
     split: tuple[float, float, float] = Field(
         (0.9, 0.05, 0.05), description="contiguous train/valid/test fractions of the text, in order"
@@ -62,8 +65,10 @@ class CharLMOptions(TaskOptions):
     d2l_preprocess: bool = Field(
         False, description="d2l's cleaning: letters only, lowercased, lines joined (26 letters + space)"
     )
-    sample_prime: str = Field("The ", min_length=1, description="text the samples artifact starts from")
-    sample_length: int = Field(200, ge=0, description="characters generated after the prime")
+    sample_prime: str = Field(
+        "The ", min_length=1, max_length=1000, description="text the samples artifact starts from"
+    )
+    sample_length: int = Field(200, ge=0, le=100_000, description="characters generated after the prime")
     temperature: float = Field(0.8, gt=0, description="sampling temperature of the samples artifact")
 
     @field_validator("split")
@@ -102,6 +107,7 @@ class CharLM(Task):
     datasets = ("synthetic", "tinyshakespeare", "timemachine", "text")
     Options = CharLMOptions
     hparam_defaults = {"embedding_dim": 64}
+    hparam_domains = {"embedding_dim": positive_int()}
 
     options: CharLMOptions
 

@@ -47,6 +47,7 @@ from rnnbench.data.series import (
     to_tensor,
 )
 from rnnbench.errors import ConfigError, DataError
+from rnnbench.hparams import MAX_WIDTH, Domain
 from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
 TF_TUTORIAL_SPLIT = (0.7, 0.2, 0.1)
@@ -193,6 +194,7 @@ class ForecastTask(Task):
     datasets = tuple(DATASETS)
     Options = ForecastOptions
     hparam_defaults = {"input_projection": 0}  # 0: feed the z-scored columns to the encoder as they are
+    hparam_domains = {"input_projection": Domain("int", 0, MAX_WIDTH)}
 
     def __init__(self, dataset: str = "synthetic", *, data_path=None, seed: int = 0, **options):
         super().__init__(dataset, data_path=data_path, seed=seed, **options)

@@ -40,6 +40,7 @@ COPY_RECALL = 10  # symbols to remember and recall
 COPY_SYMBOLS = 8  # symbols 1..8; 0 is the blank and 9 the delimiter
 COPY_BLANK, COPY_DELIMITER = 0, 9
 COPY_TOKENS = COPY_SYMBOLS + 2
+MAX_GENERATED_STEPS = 50_000_000  # ~400 MB of generated data at most
 
 ADDING_METRICS = (Metric("mse", "minimize", "mean squared error of the predicted sum"),)
 COPY_METRICS = (
@@ -51,16 +52,26 @@ COPY_METRICS = (
 class MemoryOptions(TaskOptions):
     problem: Literal["adding", "copy"] = "adding"
     seq_len: int = Field(
-        50, ge=1, description="adding: sequence length; copy: steps between a symbol and its recall"
+        50,
+        ge=1,
+        le=100_000,
+        description="adding: sequence length; copy: steps between a symbol and its recall",
     )
-    train_size: int = Field(10_000, ge=1, description="training sequences")
-    valid_size: int = Field(1_000, ge=1, description="validation sequences (fixed for a seed)")
-    test_size: int = Field(1_000, ge=1, description="test sequences (fixed for a seed)")
+    train_size: int = Field(10_000, ge=1, le=10_000_000, description="training sequences")
+    valid_size: int = Field(1_000, ge=1, le=10_000_000, description="validation sequences (fixed for a seed)")
+    test_size: int = Field(1_000, ge=1, le=10_000_000, description="test sequences (fixed for a seed)")
 
     @model_validator(mode="after")
     def _adding_needs_two_halves(self) -> MemoryOptions:
         if self.problem == "adding" and self.seq_len < 2:
             raise ValueError("the adding problem needs seq_len >= 2 (one marker in each half)")
+        length = self.seq_len + (0 if self.problem == "adding" else 2 * COPY_RECALL)
+        steps = (self.train_size + self.valid_size + self.test_size) * length
+        if steps > MAX_GENERATED_STEPS:  # generated up front, in memory
+            raise ValueError(
+                f"train_size + valid_size + test_size sequences of seq_len {self.seq_len} are {steps:,} "
+                f"steps; at most {MAX_GENERATED_STEPS:,} are generated: lower the sizes or seq_len"
+            )
         return self
 
 

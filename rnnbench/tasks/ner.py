@@ -23,6 +23,7 @@ from rnnbench.data.readers import TaggedSentence, find_split_files, holdout_spli
 from rnnbench.data.resolve import DataFile
 from rnnbench.data.vocab import UNK_ID, Vocab
 from rnnbench.errors import ConfigError, DataError
+from rnnbench.hparams import Domain, positive_int
 from rnnbench.metrics.spans import extract_spans, span_f1
 from rnnbench.task import Batch, EncoderFactory, Metric, Task, TaskOptions
 
@@ -97,7 +98,10 @@ class NEROptions(TaskOptions):
         0.1, gt=0.0, lt=1.0, description="share of train held out when a dataset has no valid file"
     )
     synthetic_size: int = Field(
-        1000, ge=40, description="synthetic training sentences; valid and test get a quarter each"
+        1000,
+        ge=40,
+        le=1_000_000,
+        description="synthetic training sentences; valid and test get a quarter each",
     )
     token_column: int = 0
     tag_column: int = -1
@@ -158,6 +162,7 @@ class NERTask(Task):
     datasets = ("synthetic", "conll2003", "wnut17", "conll")
     Options = NEROptions
     hparam_defaults = {"embedding_dim": 64, "shape_dim": 8}
+    hparam_domains = {"embedding_dim": positive_int(), "shape_dim": Domain("int", 0, 1024)}
 
     def __init__(self, dataset: str = "synthetic", *, data_path=None, seed: int = 0, **options):
         super().__init__(dataset, data_path=data_path, seed=seed, **options)

@@ -29,6 +29,7 @@ from rnnbench.data.readers import (
 from rnnbench.data.resolve import DataFile
 from rnnbench.data.vocab import TOKENIZERS, UNK, UNK_ID, Vocab
 from rnnbench.errors import ConfigError, DataError
+from rnnbench.hparams import positive_int
 from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
 # The SST-2 test labels and the IMDB CSVs were built for this project: no canonical URL to fetch.
@@ -76,7 +77,7 @@ class SentimentOptions(TaskOptions):
         description="share of train held out (stratified) when a dataset has no valid file",
     )
     synthetic_size: int = Field(
-        2000, ge=40, description="synthetic training texts; valid and test get a quarter each"
+        2000, ge=40, le=1_000_000, description="synthetic training texts; valid and test get a quarter each"
     )
     # dataset "csv" only
     train_file: str | None = None
@@ -156,6 +157,7 @@ class SentimentTask(Task):
     datasets = ("synthetic", "sst2", "imdb", "csv")
     Options = SentimentOptions
     hparam_defaults = {"embedding_dim": 64}
+    hparam_domains = {"embedding_dim": positive_int()}
 
     def __init__(self, dataset: str = "synthetic", *, data_path=None, seed: int = 0, **options):
         super().__init__(dataset, data_path=data_path, seed=seed, **options)
@@ -175,6 +177,11 @@ class SentimentTask(Task):
             if not texts.texts:
                 raise DataError(f"{texts.path} holds no examples")
         self.classes = _sorted_labels(raw["train"].labels)
+        if len(self.classes) < 2:  # it would "score" accuracy 1.0 by always answering that class
+            raise DataError(
+                f"{raw['train'].path}: every training example has label {self.classes[0]!r}; "
+                f"a classifier needs two or more classes (check label_column and the file)"
+            )
         class_index = {label: i for i, label in enumerate(self.classes)}
         for split in ("valid", "test"):
             _check_labels(raw[split], class_index)

@@ -1,0 +1,482 @@
+"""Pre-flight: everything a run needs, tried once at a tiny size before any store exists.
+
+``rnnbench run`` calls :func:`check_experiment` after validating the experiment file and before
+the MLflow store, the Optuna journal or the run lock are created. It
+
+- loads every dataset the experiment names (``setup()`` once per distinct task entry), so a NaN in
+  a CSV or a missing column is one line with exit code 2, and nothing is written;
+- builds every (cell, task, variant) with hidden size 4 and runs one forward and backward pass on a
+  batch of 2, checking the Cell and Task contracts on the way: shapes, dtypes and devices of
+  outputs and states, a finite scalar loss, and gradients reaching every parameter of the cell.
+
+A plugin that breaks a rule is refused with a :class:`ContractError` naming its distribution, entry
+point, class and the rule, in seconds instead of failing every trial of its budget. ``rnnbench
+check`` runs the same checks on every installed cell and task, plus a deeper Task check on the
+task's synthetic data (:func:`check_task`: evaluate at two batch sizes and twice, baseline, describe).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rnnbench.errors import ConfigError, ContractError, DataError, RnnbenchError, clip_message, shorten
+
+TINY_BATCH, TINY_INPUT, TINY_HIDDEN, TINY_STEPS = 2, 3, 4, 5
+REFERENCE_CELL = "lstm"  # the builtin cell a task plugin is checked with (its state is a tuple)
+MLFLOW_PARAM_KEY = re.compile(r"^[\w\-. /]+$")  # what MLflow accepts as a param name
+MLFLOW_PARAM_VALUE = 6000  # characters MLflow keeps of a param value
+
+
+class _Broken(Exception):
+    """One rule of the contract, broken; turned into a ContractError naming the plugin."""
+
+
+@contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Name the contract method being called, so an exception inside it says where it came from."""
+    try:
+        yield
+    except (RnnbenchError, _Broken):
+        raise
+    except Exception as exc:
+        first = next((line for line in str(exc).splitlines() if line.strip()), "")
+        raise _Broken(f"{what} raised {type(exc).__name__}: {first}") from exc
+
+
+def _contract(kind: str, entry, rule: str) -> ContractError:
+    return ContractError(
+        clip_message(
+            f"{kind} {entry.name!r} ({entry.origin}) breaks the {kind.capitalize()} contract: {rule}"
+        )
+    )
+
+
+# -- cells ----------------------------------------------------------------------------------------
+def check_cell(
+    entry, hparams: dict[str, Any] | None = None, *, device=None, layers: int = 2, bidirectional: bool = True
+) -> None:
+    """The Cell contract, on ``entry`` (a registry entry) built with ``hparams``: alone, then in an
+    encoder of ``layers`` layers (both directions if ``bidirectional``) with padded sequences."""
+    device = torch.device(device or "cpu")
+    try:
+        _cell_alone(entry.cls, dict(hparams or {}), device)
+        _cell_in_encoder(entry.cls, dict(hparams or {}), device, layers, bidirectional)
+    except ConfigError as err:  # the cell refused a hyperparameter value: the experiment's mistake
+        raise ConfigError(f"cell {entry.name!r}: {err}") from None
+    except _Broken as rule:
+        raise _contract("cell", entry, str(rule)) from None
+
+
+def _tensors(state) -> list[Tensor] | None:
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, tuple) and state and all(isinstance(s, Tensor) for s in state):
+        return list(state)
+    return None
+
+
+def _check_state(state, what: str, like=None, *, device) -> None:
+    parts = _tensors(state)
+    if parts is None:
+        raise _Broken(f"{what} must be a tensor or a tuple of tensors, got {_kind(state)}")
+    for t in parts:
+        if t.dim() != 2 or t.shape[0] != TINY_BATCH:
+            raise _Broken(
+                f"{what} must hold tensors of shape [batch, n] = [{TINY_BATCH}, n], got {list(t.shape)}"
+            )
+        if t.dtype != torch.float32 or t.device.type != device.type:
+            raise _Broken(
+                f"{what} must be float32 on {device.type} as asked, got {t.dtype} on {t.device.type}"
+            )
+    if like is not None:
+        before = [list(t.shape) for t in _tensors(like)]
+        after = [list(t.shape) for t in parts]
+        if type(state) is not type(like) or before != after:
+            raise _Broken(
+                f"{what} must have the structure and shapes of the state it got: {before}, got {after}"
+            )
+
+
+def _check_output(out, state, what: str, *, device) -> tuple[Tensor, Any]:
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise _Broken(f"{what} must return (h_t, new_state), got {_kind(out)}")
+    h, new = out
+    if not isinstance(h, Tensor) or list(h.shape) != [TINY_BATCH, TINY_HIDDEN]:
+        got = list(h.shape) if isinstance(h, Tensor) else _kind(h)
+        raise _Broken(
+            f"{what} must return h_t of shape [batch, hidden] = [{TINY_BATCH}, {TINY_HIDDEN}], got {got}"
+        )
+    if h.dtype != torch.float32:
+        raise _Broken(f"{what} must return h_t in the input's dtype float32, got {h.dtype}")
+    if not bool(torch.isfinite(h).all()):
+        raise _Broken(f"{what} returned non-finite values from a random input and a zero state")
+    _check_state(new, f"the new state of {what}", like=state, device=device)
+    return h, new
+
+
+def _cell_alone(cls: type, hparams: dict[str, Any], device: torch.device) -> None:
+    from rnnbench.cells.base import build_cell
+
+    with _step(f"__init__({TINY_INPUT}, {TINY_HIDDEN})"):
+        cell = build_cell(cls, TINY_INPUT, TINY_HIDDEN, **hparams)
+    cell.to(device)
+    params = [(n, p) for n, p in cell.named_parameters() if p.requires_grad]
+    if not params:
+        raise _Broken("the cell has no trainable parameters (nn.Parameter or layers built in __init__)")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(TINY_BATCH, 2, TINY_INPUT, generator=generator).to(device)
+    with _step(f"init_state({TINY_BATCH}, device=..., dtype=float32)"):
+        state = cell.init_state(TINY_BATCH, device=device, dtype=torch.float32)
+    _check_state(state, f"init_state({TINY_BATCH})", device=device)
+    with _step("forward(x_t, state)"):
+        h1, s1 = _check_output(cell(x[:, 0], state), state, "forward(x_t, state)", device=device)
+    with _step("forward(x_t, state) from its own new state"):
+        h2, _ = _check_output(cell(x[:, 1], s1), state, "forward(x_t, state)", device=device)
+    if hasattr(cell, "project_input") and hasattr(cell, "forward_projected"):
+        with _step("project_input(x) on [batch, time, input]"):
+            projected = cell.project_input(x)
+        if not isinstance(projected, Tensor) or list(projected.shape[:2]) != [TINY_BATCH, 2]:
+            raise _Broken("project_input(x) must keep the leading dimensions of x ([batch, time, ...])")
+        with _step("forward_projected(project_input(x_t), state)"):  # from a non-zero state
+            hp, _ = _check_output(
+                cell.forward_projected(projected[:, 1], s1), state, "forward_projected", device=device
+            )
+        if not torch.allclose(hp, h2, rtol=1e-4, atol=1e-5):
+            raise _Broken("forward(x_t, state) must equal forward_projected(project_input(x_t), state)")
+    with _step("backward through two steps"):
+        (h1.sum() + h2.sum()).backward()
+    if missing := [n for n, p in params if p.grad is None]:
+        raise _Broken(f"parameters {missing} get no gradient from h_t over two steps (unused, or detached)")
+    if bad := [n for n, p in params if not bool(torch.isfinite(p.grad).all())]:
+        raise _Broken(f"parameters {bad} get non-finite gradients")
+
+
+def _cell_in_encoder(cls: type, hparams: dict[str, Any], device, layers: int, bidirectional: bool) -> None:
+    from rnnbench.encoder import Encoder
+
+    with _step(f"the encoder ({layers} layers{', bidirectional' if bidirectional else ''})"):
+        encoder = Encoder(cls, TINY_INPUT, TINY_HIDDEN, layers, bidirectional, **hparams).to(device)
+        x = torch.randn(TINY_BATCH, TINY_STEPS, TINY_INPUT, generator=torch.Generator().manual_seed(1)).to(
+            device
+        )
+        lengths = torch.tensor([TINY_STEPS, TINY_STEPS - 2])
+        out, finals = encoder(x, lengths)
+    directions = 2 if bidirectional else 1
+    if (
+        list(out.shape) != [TINY_BATCH, TINY_STEPS, TINY_HIDDEN * directions]
+        or len(finals) != layers * directions
+    ):
+        raise _Broken(f"the encoder's output has shape {list(out.shape)} with {len(finals)} final states")
+    if bool((out[1, TINY_STEPS - 2 :] != 0).any()) or not bool(torch.isfinite(out).all()):
+        raise _Broken(
+            "in an encoder with padded sequences, outputs must be finite and padding must stay zero"
+        )
+    with _step("backward through the encoder"):
+        out.sum().backward()
+    if missing := [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is None]:
+        raise _Broken(f"in a {layers}-layer encoder, parameters {missing} get no gradient")
+
+
+# -- tasks ----------------------------------------------------------------------------------------
+def _first_batch(task, device):
+    """The first training batch of 2 (read once per task entry: bucketing a large split is slow)."""
+    from rnnbench.task import Batch
+
+    with _step(f"batches('train', {TINY_BATCH})"):
+        batch = next(
+            iter(
+                task.batches("train", TINY_BATCH, device=device, generator=torch.Generator().manual_seed(0))
+            ),
+            None,
+        )
+    if batch is None:
+        raise DataError(f"task {task.name!r}: the train split yields no batch")
+    if not isinstance(batch, Batch):
+        raise _Broken(f"batches() must yield rnnbench.task.Batch objects, got {_kind(batch)}")
+    return batch
+
+
+def _train_step(task, model: nn.Module, device, batch=None) -> None:
+    """One batch of 2 through ``training_loss`` and backward; gradients must reach the encoder's cells."""
+    from rnnbench.encoder import Encoder
+
+    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
+    if not encoders:
+        raise _Broken("build_model must build its encoder with make_encoder(input_size)")
+    model.to(device).train()
+    batch = batch if batch is not None else _first_batch(task, device)
+    with _step("training_loss(model, batch, None)"):
+        result = task.training_loss(model, batch, None)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise _Broken(f"training_loss must return (loss, carry), got {_kind(result)}")
+    loss = result[0]
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        raise _Broken("training_loss must return a scalar loss tensor that requires grad (no .item())")
+    if not bool(torch.isfinite(loss)):
+        raise _Broken(f"training_loss is {float(loss)} on the first batch of a freshly built model")
+    with _step("backward of training_loss"):
+        loss.backward()
+    cells = [(n, p) for n, p in encoders[0].named_parameters() if p.requires_grad]
+    if any(p.grad is None for _, p in cells):
+        raise _Broken("the gradient of training_loss does not reach the encoder's cells")
+
+
+def _build(task, cell: str, layers: int, bidirectional: bool, hp: dict, cell_hp: dict, task_hp: dict):
+    from rnnbench.encoder import Encoder
+
+    def make_encoder(input_size: int) -> Encoder:
+        return Encoder(cell, input_size, TINY_HIDDEN, layers, bidirectional, float(hp["dropout"]), **cell_hp)
+
+    with _step("build_model(make_encoder, hparams)"):
+        model = task.build_model(make_encoder, {**hp, "hidden_size": TINY_HIDDEN, **task_hp})
+    if not isinstance(model, nn.Module):
+        raise _Broken(f"build_model must return an nn.Module, got {_kind(model)}")
+    return model
+
+
+def _check_metrics(task) -> None:
+    from rnnbench.task import Metric
+
+    metrics = task.metrics
+    if not metrics or not all(isinstance(m, Metric) for m in metrics):
+        raise _Broken("metrics must be a non-empty tuple of rnnbench.Metric, the primary one first")
+    if len({m.name for m in metrics}) != len(metrics) or any(
+        m.direction not in ("minimize", "maximize") for m in metrics
+    ):
+        raise _Broken("metric names must be distinct and directions 'minimize' or 'maximize'")
+
+
+def check_task(entry, *, device=None) -> None:
+    """The whole Task contract on ``entry``'s synthetic dataset with default options, trained one
+    step with a tiny builtin encoder, then evaluated: every metric, the same at batch sizes 8 and 3
+    and when evaluated twice; baseline keys are metric names; describe() values fit MLflow params."""
+    from rnnbench.plugins import get_cell
+    from rnnbench.trainer import TRAINER_HPARAMS, split_hparams
+
+    device = torch.device(device or "cpu")
+    try:
+        with _step("__init__('synthetic')"):
+            task = entry.cls("synthetic")
+        _check_metrics(task)
+        with _step("setup()"):
+            task.setup()
+        hp, cell_hp, task_hp = split_hparams(dict(TRAINER_HPARAMS), get_cell(REFERENCE_CELL), task)
+        torch.manual_seed(0)
+        model = _build(task, REFERENCE_CELL, 1, False, hp, cell_hp, task_hp)
+        _train_step(task, model, device)
+        model.eval()
+        scores = []
+        for batch_size in (8, 3, 8):
+            with _step(f"evaluate(model, 'valid', {batch_size})"), torch.no_grad():
+                scores.append(task.evaluate(model, "valid", batch_size, device=device))
+        names = [m.name for m in task.metrics]
+        for got in scores:
+            if not isinstance(got, dict) or any(
+                not isinstance(got.get(n), (int, float)) or not math.isfinite(got[n]) for n in names
+            ):
+                raise _Broken(
+                    f"evaluate must return every metric ({', '.join(names)}) as a finite float, got {shorten(got, 200)}"
+                )
+        if any(scores[2][n] != scores[0][n] for n in names):
+            raise _Broken(
+                "evaluate must give the same scores when called twice (batches may be iterated more than once)"
+            )
+        for n in names:
+            a, b = scores[0][n], scores[1][n]
+            if abs(a - b) > 1e-4 * max(1.0, abs(a)):
+                raise _Broken(
+                    f"evaluate must not depend on the batch size: valid {n} is {a:.6g} at batch size 8, {b:.6g} at 3"
+                )
+        with _step("baseline('valid')"):
+            baseline = task.baseline("valid")
+        if not isinstance(baseline, dict) or (baseline and not set(baseline) & set(names)):
+            raise _Broken(
+                f"baseline keys must be metric names ({', '.join(names)}), got {shorten(baseline, 200)}"
+            )
+        with _step("describe()"):
+            facts = task.describe()
+        _check_describe(facts)
+    except ConfigError as err:
+        raise ConfigError(f"task {entry.name!r}: {err}") from None
+    except _Broken as rule:
+        raise _contract("task", entry, str(rule)) from None
+
+
+def _check_describe(facts) -> None:
+    if not isinstance(facts, dict):
+        raise _Broken(f"describe() must return a dict (its values become MLflow params), got {_kind(facts)}")
+    for key, value in facts.items():
+        if not isinstance(key, str) or not MLFLOW_PARAM_KEY.match(f"data.{key}"):
+            raise _Broken(
+                f"describe() keys become MLflow param names (letters, digits, _ - . / space): {shorten(key)}"
+            )
+        if len(str(value)) > MLFLOW_PARAM_VALUE:
+            raise _Broken(
+                f"describe()[{key!r}] becomes an MLflow param of at most {MLFLOW_PARAM_VALUE} characters, got {len(str(value)):,}"
+            )
+
+
+# -- an experiment --------------------------------------------------------------------------------
+@dataclass
+class Summary:
+    datasets: int
+    models: int
+    seconds: float
+    tasks: dict[str, Any] = field(default_factory=dict, repr=False)  # set-up tasks, by task entry
+
+    def line(self) -> str:
+        return (
+            f"pre-flight: {self.datasets} dataset(s) loaded and checked, {self.models} model(s) built and "
+            f"trained one step ({self.seconds:.1f} s)"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a run would use, refused here when this machine does not have it."""
+    from rnnbench.experiment import check_device
+    from rnnbench.trainer import resolve_device as trainer_device
+
+    device = trainer_device(check_device(name))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} asked for, but MPS is not available here")
+    return device
+
+
+def _tiny_hparams(study) -> dict[str, Any]:
+    """The study's fixed values, the low end (or first choice) of each searched one, hidden size 4."""
+    searched = {
+        k: spec.choices[0] if spec.type == "categorical" else spec.low
+        for k, spec in study.experiment.search.items()
+    }
+    return {**searched, **study.fixed_hparams, "hidden_size": TINY_HIDDEN}
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from threads, and on a busy machine OpenMP threads spin and wait.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_experiment(experiment, studies, *, device: str | None = None) -> Summary:
+    """Load every dataset of ``studies`` and run each (cell, task, variant) once, tiny. Raises
+    DataError, ConfigError or ContractError (all exit code 2) before anything is written."""
+    with _one_thread():
+        return _check_experiment(experiment, studies, device)
+
+
+def _check_experiment(experiment, studies, device: str | None) -> Summary:
+    from rnnbench.plugins import registry
+    from rnnbench.trainer import seed_everything, split_hparams
+
+    started = time.perf_counter()
+    target = resolve_device(device or experiment.device)
+    reg = registry()
+    tasks: dict[str, Any] = {}
+    checked_cells: set[str] = set()
+    first: dict[str, Any] = {}
+    for study in studies:
+        entry = study.task_entry
+        key = json.dumps(entry.model_dump(), sort_keys=True, default=str)
+        if key in tasks:
+            continue
+        task_entry = reg.task(entry.name)
+        label = entry.label or f"{entry.name}-{entry.dataset}"
+        try:
+            with _step("setup()"):
+                task = study.make_task()
+                task.setup()
+            _check_metrics(task)
+            first[key] = _first_batch(task, target)
+        except DataError as err:
+            raise DataError(f"task {label}: {err}") from None
+        except _Broken as rule:
+            if task_entry.source == "builtin":
+                raise (rule.__cause__ or rule) from None  # a bug of ours: report it as one
+            raise _contract("task", task_entry, str(rule)) from None
+        tasks[key] = task
+    models = 0
+    for study in studies:
+        arch = study.arch
+        cell_entry, task_entry = reg.cell(arch.cell), reg.task(study.task_entry.name)
+        key = json.dumps(study.task_entry.model_dump(), sort_keys=True, default=str)
+        task = tasks[key]
+        hp, cell_hp, task_hp = split_hparams(_tiny_hparams(study), cell_entry.cls, task)
+        cell_key = json.dumps(
+            [arch.cell, cell_hp, arch.layers, arch.bidirectional], sort_keys=True, default=str
+        )
+        if cell_key not in checked_cells:
+            check_cell(
+                cell_entry, cell_hp, device=target, layers=arch.layers, bidirectional=arch.bidirectional
+            )
+            checked_cells.add(cell_key)
+        seed_everything(0)
+        try:
+            task.check_architecture(bidirectional=arch.bidirectional)
+            model = _build(task, arch.cell, arch.layers, arch.bidirectional, hp, cell_hp, task_hp)
+            _train_step(task, model, target, first[key])
+        except _Broken as rule:
+            # The cell passed its own checks above, so what breaks here is the task's (or ours).
+            if task_entry.source != "builtin":
+                raise _contract("task", task_entry, f"{study.name}: {rule}") from None
+            if cell_entry.source != "builtin":
+                raise _contract("cell", cell_entry, f"{study.name}: {rule}") from None
+            raise (rule.__cause__ or rule) from None
+        models += 1
+    return Summary(len(tasks), models, time.perf_counter() - started, tasks)
+
+
+# -- every installed plugin -----------------------------------------------------------------------
+@dataclass
+class Verdict:
+    kind: str
+    name: str
+    origin: str
+    seconds: float
+    error: str | None = None
+
+
+def check_installed(*, device: str = "cpu") -> list[Verdict]:
+    """:func:`check_cell` on every registered cell and :func:`check_task` on every task."""
+    from rnnbench.plugins import registry
+
+    reg = registry()
+    target = resolve_device(device)
+    verdicts = []
+    with _one_thread():
+        _check_all(reg, target, verdicts)
+    return verdicts
+
+
+def _check_all(reg, target, verdicts: list[Verdict]) -> None:
+    for kind, entries, check in (("cell", reg.cells, check_cell), ("task", reg.tasks, check_task)):
+        for entry in entries.values():
+            started = time.perf_counter()
+            error = None
+            try:
+                check(entry, device=target)
+            except RnnbenchError as err:
+                error = str(err)
+            verdicts.append(Verdict(kind, entry.name, entry.origin, time.perf_counter() - started, error))
+
+
+def _kind(value) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}"
+    return type(value).__name__
