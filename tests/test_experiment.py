@@ -52,7 +52,7 @@ BROKEN = [
         "log-scaled",
     ),
     ("name: x\ncells: [lstm]\ntasks: [memory]\nsearch: {lr: {type: normal, low: 0, high: 1}}\n", "search.lr"),
-    ("name: x\ncells: [lstm]\ntasks: [memory]\nbudget: {trials: 0}\n", "budget.trials"),
+    ("name: x\ncells: [lstm]\ntasks: [memory]\nbudget: {trials: -1}\n", "budget.trials"),
     ("name: x\ncells: [{name: lstm, layers: [0]}]\ntasks: [memory]\n", "cells[0].layers"),
     ("name: x\ncells: [{name: gru, bidirectional: [true]}]\ntasks: [memory]\n", "causal"),
     ("name: x\ncells: []\ntasks: [memory]\n", "cells"),

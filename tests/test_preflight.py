@@ -257,17 +257,7 @@ def test_broken_task_is_refused_naming_the_rule(methods, rule):
     assert "rnnbench-mem 1.0, entry point mem = mem_plugin, class" in str(info.value)
 
 
-CHARLM_STATEFUL = pytest.param(
-    "charlm",
-    marks=pytest.mark.xfail(
-        reason="stateful evaluation lays the split out in batch_size streams, so its perplexity depends "
-        "on the batch size (21.939 at 8 vs 21.934 at 3): found by this check, fixed with the evaluate rules",
-        strict=False,
-    ),
-)
-
-
-@pytest.mark.parametrize("name", ["memory", "forecast", "ner", "sentiment", CHARLM_STATEFUL])
+@pytest.mark.parametrize("name", ["memory", "forecast", "ner", "sentiment", "charlm"])
 def test_builtin_tasks_meet_the_contract(name):
     from rnnbench.plugins import registry
 
