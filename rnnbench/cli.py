@@ -220,7 +220,7 @@ def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True
     from rnnbench.runner import run_home
     from rnnbench.scheduler import LedgerLock
     from rnnbench.sweep import is_journal, journal_path, open_storage, study_names
-    from rnnbench.tracking import Tracker, tracking_uri_for
+    from rnnbench.tracking import Tracker, create_sqlite_store
 
     name = _experiment_name(experiment)
     path = run_home(home)
@@ -228,16 +228,12 @@ def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True
         if required:
             raise ConfigError(f"no Optuna ledger at {journal_path(storage, path)}: pass --home or --storage")
         return None
-    uri = tracking_uri or tracking_uri_for(path)
-    if tracking_uri is None and not (path / "mlflow.db").is_file():
-        raise ConfigError(
-            f"no MLflow store in {path}: run `rnnbench run EXPERIMENT.yaml` first or pass --home"
-        )
     ledger = open_storage(storage, path)
     if not study_names(ledger, name):
         if required:
             raise ConfigError(f"the ledger has no study of experiment {name!r}")
         return None
+    uri = tracking_uri or create_sqlite_store(path)  # MLflow lost? the ledger rebuilds it
     tracker = Tracker(uri, name, artifact_root=path / "artifacts")
     return Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
 

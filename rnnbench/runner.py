@@ -75,6 +75,9 @@ class _EpochReporter(Callback):
         self.live_failed = False
 
     def _live(self, call, *args, **kwargs) -> None:
+        if self.run_id is None:
+            self.live_failed = True
+            return
         try:
             call(*args, **kwargs)
         except Exception as exc:  # MLflow down mid-trial: the ledger still gets everything
@@ -292,10 +295,22 @@ def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
             Worker(plan, 0, settings, stores=(tracker, storage, lock)).run()
         else:
             _run_parallel(plan, workers, settings, storage, projection)
-        projection.sync(e.name)  # whatever a worker could not project (MLflow down, a kill)
+        _sync_quietly(projection, e.name)  # whatever a worker could not project (MLflow down, a kill)
         return summarize(plan, storage)
     finally:
         run_lock.release()
+
+
+def _sync_quietly(projection, experiment: str) -> None:
+    """A sync that may fail (MLflow down): the ledger has everything, a later sync projects it."""
+    try:
+        projection.sync(experiment)
+    except Exception as exc:
+        print(
+            f"warning: MLflow not updated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+            f"the ledger has every result: run `rnnbench sync {experiment}` once MLflow is back",
+            flush=True,
+        )
 
 
 def create_study(plan: Plan, storage, study: Study):
@@ -472,7 +487,7 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
                         errors.append(p.exitcode)
                     continue
                 lost = _recover_all(plan, storage)
-                projection.sync(plan.experiment.name)  # it may have died between ledger and MLflow
+                _sync_quietly(projection, plan.experiment.name)  # it may have died before projecting
                 print(
                     f"worker {w} died (exit code {p.exitcode}); {lost} trial(s) queued again",
                     flush=True,
@@ -722,7 +737,11 @@ class Worker:
         if stage == "final":
             tags |= {"seed": seed} | ({"best_trial": best.number} if best is not None else {})
         meta = {"seed": seed, "cell": arch.cell, "layers": arch.layers, "bidirectional": arch.bidirectional}
-        run_id = self.projection.open_child(led, stage, trial, tags, {**hp, **meta})
+        try:
+            run_id = self.projection.open_child(led, stage, trial, tags, {**hp, **meta})
+        except Exception as exc:  # MLflow unreachable: train anyway, the ledger is what counts
+            self.progress.log(f"warning: no MLflow run for {label} of {study.name} ({exc}); a sync adds it")
+            run_id = None
         self.progress.trial_started(study.name, stage, trial.number, label)
         target = {"params_target": e.parameter_budget} if e.parameter_budget else {}
         reporter = _EpochReporter(

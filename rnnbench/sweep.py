@@ -112,7 +112,7 @@ def open_storage(url: str | None, home: Path, *, lease_seconds: float | None = N
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             repair_journal(path)
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalLock(path)))
         except OSError as exc:
             raise StoreError(f"Optuna journal {path} is not usable: {exc.strerror or exc}") from None
         except (ValueError, json.JSONDecodeError) as exc:
@@ -178,27 +178,76 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+from optuna.storages.journal._file import BaseJournalFileLock  # noqa: E402  (public as a base only)
+
+
+class JournalLock(BaseJournalFileLock):
+    """The journal's write lock: a kernel lock (flock), which is dropped the moment its holder
+    dies, where Optuna's default symlink lock makes everyone wait 30 s after a SIGKILL. Whoever
+    takes it first cuts a torn last record a killed writer left, so no append lands on one."""
+
+    def __init__(self, path: Path):
+        from filelock import FileLock
+
+        self.path = Path(path)
+        self._lock = FileLock(str(self.path) + ".flock")
+
+    def acquire(self) -> bool:
+        self._lock.acquire()
+        try:
+            _cut_torn_tail(self.path)
+        except BaseException:
+            self._lock.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def _cut_torn_tail(path: Path) -> int:
+    """Under the journal lock: cut a half-written last record; returns the bytes cut."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            try:  # a complete last line can still be garbage (NUL bytes after a crash)
+                f.seek(max(0, size - 4096))
+                json.loads(f.read().rsplit(b"\n", 2)[-2])
+                return 0
+            except (ValueError, IndexError):
+                pass
+        keep = _last_good_offset(f, size)
+        if keep != size:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        return size - keep
+
+
 def repair_journal(path: Path) -> str | None:
     """Cut a half-written last record (a crash or a full disk) before anything is appended.
 
     Optuna skips such a line when reading, but the next append would glue a new record onto it
-    and make the whole file unreadable. Runs under the journal's own lock. Returns the warning
+    and make the whole file unreadable. Runs under the journal's lock. Returns the warning
     printed, if any. A damaged record *inside* the file is not guessed at: ValueError."""
     if not path.is_file() or path.stat().st_size == 0:
         return None
-    from optuna.storages.journal import JournalFileSymlinkLock
-    from optuna.storages.journal._file import get_lock_file
-
-    with get_lock_file(JournalFileSymlinkLock(str(path))):
-        with open(path, "rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            keep = _last_good_offset(f, size)
-            if keep == size:
-                return None
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-    message = f"warning: {path}: cut a half-written last record ({size - keep} bytes) left by a crash"
+    lock = JournalLock(path)
+    lock._lock.acquire()  # not lock.acquire(): that would cut the tail silently
+    try:
+        cut = _cut_torn_tail(path)
+    finally:
+        lock.release()
+    if not cut:
+        return None
+    message = f"warning: {path}: cut a half-written last record ({cut} bytes) left by a crash"
     print(message, flush=True)
     return message
 

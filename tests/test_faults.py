@@ -7,6 +7,7 @@ agree trial by trial."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -115,6 +116,21 @@ def test_workers_killed_on_one_machine(tmp_path: Path):
     counts = _check_agreement(open_storage(None, home), MlflowClient(tracking_uri_for(home)), "one", tmp_path)
     print(f"\none machine, --workers 3: {counts}, {time.monotonic() - started:.0f} s")
 
+    # MLflow is only a view: lose its store entirely and `rnnbench sync` rebuilds it from the ledger.
+    (home / "mlflow.db").unlink()
+    shutil.rmtree(home / "artifacts", ignore_errors=True)
+    synced = subprocess.run(
+        [sys.executable, "-m", "rnnbench.cli", "sync", "one", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert synced.returncode == 0 and "11 run(s) rewritten" in synced.stdout, synced.stdout + synced.stderr
+    assert (
+        _check_agreement(open_storage(None, home), MlflowClient(tracking_uri_for(home)), "one", tmp_path)
+        == counts
+    )
+
 
 @pytest.fixture(scope="module")
 def servers():
@@ -160,3 +176,67 @@ def test_machines_killed_with_postgres_and_mlflow_server(tmp_path: Path, servers
     assert codes == [-9, -9, 0], "\n\n".join(o[-2000:] for o in outputs)
     counts = _check_agreement(open_storage(optuna_url, tmp_path), MlflowClient(mlflow.url), "many", tmp_path)
     print(f"\nthree machines, PostgreSQL: {counts}, {time.monotonic() - started:.0f} s")
+
+
+def test_mlflow_server_down_mid_run_loses_nothing(tmp_path: Path):
+    """The tracking server dies while trials train: the run finishes on the ledger alone, and a
+    sync once the server is back makes MLflow agree with it."""
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.sweep import open_storage
+    from tests.ledger_checks import ledger_view, mlflow_view
+
+    server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}").start()
+    path = tmp_path / "down.yaml"
+    path.write_text(TINY.format(name="down").replace("cells: [gru, rnn]", "cells: [gru]"))
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+    proc = subprocess.Popen(
+        _command(path, "--home", str(home), "--tracking-uri", server.url),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    for line in proc.stdout:  # stop the server once the first trial has finished
+        seen.append(line)
+        if "-> complete" in line:
+            server.stop()
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+    assert "rnnbench sync down" in out  # told how to repair
+    storage = open_storage(None, home)
+    ledger = ledger_view(storage, "down")
+    assert Counter(s for s, _ in ledger.values()) == Counter({"complete": 5})
+
+    again = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    again.port, again.url = server.port, server.url  # the same address as before
+    again.start()
+    try:
+        synced = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rnnbench.cli",
+                "sync",
+                "down",
+                "--home",
+                str(home),
+                "--tracking-uri",
+                server.url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert synced.returncode == 0, synced.stderr
+        assert mlflow_view(MlflowClient(server.url), "down") == ledger
+    finally:
+        again.stop()

@@ -186,3 +186,39 @@ def test_record_is_plain_json(tmp_path: Path):
 
     record = _json_safe({"a": float("nan"), "b": [1, 2.5, float("inf")], "c": {"d": True}})
     assert json.loads(json.dumps(record)) == {"a": None, "b": [1, 2.5, None], "c": {"d": True}}
+
+
+def test_a_torn_record_from_a_killed_worker_never_poisons_the_next_append(tmp_path: Path):
+    """Mid-run (no restart, no repair pass): the next writer's lock cuts the torn tail first."""
+    storage, s = _study(tmp_path)
+    s.tell(s.ask(), 1.0)
+    with open(tmp_path / "optuna.journal", "ab") as f:
+        f.write(b'{"op_code": 6, "worker_id": "dead", "tri')  # a worker SIGKILLed mid-append
+    s.tell(s.ask(), 2.0)  # the same live process writes on
+    fresh = optuna.load_study(study_name=s.study_name, storage=open_storage(None, tmp_path))
+    assert [t.value for t in fresh.get_trials()] == [1.0, 2.0]
+
+
+def test_a_writer_killed_holding_the_journal_lock_blocks_nobody(tmp_path: Path):
+    from rnnbench.sweep import JournalLock
+
+    journal = tmp_path / "optuna.journal"
+    journal.write_bytes(b"")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from rnnbench.sweep import JournalLock; "
+            f"JournalLock(Path({str(journal)!r})).acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    started = time.monotonic()
+    lock = JournalLock(journal)
+    lock.acquire()
+    lock.release()
+    assert time.monotonic() - started < 2  # Optuna's symlink lock would wait out its 30 s grace
