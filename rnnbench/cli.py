@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 
 import click
 
 from rnnbench import __version__
+
+_DISK_ADVICE = (
+    "free some space or fix the permissions (or pass --home), then run the same command again: "
+    "finished trials are kept and resumed"
+)
+_DISK_MESSAGES = (
+    "database or disk is full",
+    "disk i/o error",
+    "no space left",
+    "readonly database",
+    "read-only file system",
+)
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class _Group(click.Group):
@@ -30,10 +44,19 @@ class _Group(click.Group):
             ctx.exit(130)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except OSError as exc:
+            if ctx.obj and ctx.obj.get("debug") or exc.errno not in _DISK_ERRORS:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror}: {_DISK_ADVICE}", err=True)
+            ctx.exit(1)
         except Exception as exc:  # a bug of ours or a library's: still one line, the details on request
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if any(text in first.lower() for text in _DISK_MESSAGES):  # sqlite says it in words
+                click.echo(f"error: {first[:300]}: {_DISK_ADVICE}", err=True)
+                ctx.exit(1)
             click.echo(
                 f"error: unexpected {type(exc).__name__}: {first[:300]} "
                 "(rerun with `rnnbench --debug ...` for the traceback, and please report it)",
@@ -396,6 +419,10 @@ def bench_command(as_json: bool, to_mlflow: bool, home, tracking_uri, cells, **s
 
 
 def main() -> None:
+    import signal
+
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit: an OSError to report, not a silent death
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app(prog_name="rnnbench")
 
 

@@ -222,3 +222,48 @@ def test_a_writer_killed_holding_the_journal_lock_blocks_nobody(tmp_path: Path):
     lock.acquire()
     lock.release()
     assert time.monotonic() - started < 2  # Optuna's symlink lock would wait out its 30 s grace
+
+
+def test_read_only_home_and_full_disk_are_one_line(tmp_path: Path):
+    """A home that cannot be created (/sys refuses even root), and a disk that fills up mid-run
+    (a file-size limit just above the stores' sizes): one line saying what to do, no traceback,
+    and the finished trials still there to resume from."""
+    import resource
+
+    read_only = _run_cli(["--home", "/sys/rnnbench-home"], tmp_path / "unused")
+    assert read_only.returncode == 2 and "not writable" in read_only.stderr, read_only.stderr
+    assert len(read_only.stderr.strip().splitlines()) == 1
+
+    home = tmp_path / "home"
+    path = tmp_path / "disk.yaml"
+    path.write_text(DISK_EXPERIMENT.format(seeds=1))
+    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "rnnbench.cli", "run", str(path)]
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+    limit = max(p.stat().st_size for p in home.rglob("*") if p.is_file()) + 4096
+    path.write_text(DISK_EXPERIMENT.format(seeds=8))  # more seeds: more records than fit
+    full = subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert full.returncode == 1, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run the same command again" in lines[0] and "Traceback" not in full.stderr
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "(n=8)" in again.stdout, again.stderr
+
+
+DISK_EXPERIMENT = """\
+name: disk
+cells: [gru]
+tasks:
+  - name: memory
+    options: {{problem: adding, seq_len: 6, train_size: 128, valid_size: 32, test_size: 32}}
+fixed: {{hidden_size: 4}}
+budget: {{trials: 0, epochs: 1}}
+final: {{seeds: {seeds}}}
+"""
