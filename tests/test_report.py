@@ -207,7 +207,10 @@ def _tracker_with_messy_runs(home: Path):
     parent = tracker.start_run("study", {**study, "stage": "study", "status": "running"})
     for trial, (status, metrics) in enumerate(
         [
-            ("complete", {"best_valid_mse": 0.1, "valid_mse": 0.1}),
+            (
+                "complete",
+                {"best_valid_mse": 0.1, "valid_mse": 0.1, "peak_memory_mb": 570.0},
+            ),  # an older rnnbench
             ("failed", {}),
             ("pruned", {"valid_mse": 0.3}),
             ("running", {"valid_mse": 0.2}),
@@ -241,6 +244,7 @@ def test_messy_experiment_reports_what_is_missing(tmp_path: Path, monkeypatch):
     text = result.output
     assert "1 search trial(s) failed (nan: 1)" in text and "1 search trial(s) pruned" in text
     assert "1 of 1 studies have no final seeds yet" in text
+    assert "1 run(s) were logged by an older rnnbench with peak_memory_mb" in text
     runs = pd.read_parquet(out / "runs.parquet")
     assert len(runs) == 5 and set(runs["status"]) == {"running", "complete", "failed", "pruned"}
     assert runs.loc[runs["status"] == "failed", "failure_reason"].item() == "nan"
