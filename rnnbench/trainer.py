@@ -185,7 +185,8 @@ class TrainMemory:
         """Context for one training step's forward pass: records the storages autograd saves."""
         if self.cuda:
             return nullcontext()
-        data = [t for t in (batch.inputs, batch.targets, batch.lengths) if isinstance(t, torch.Tensor)]
+        fields = (batch.inputs, batch.targets, batch.lengths, *batch.extra.values())
+        data = [t for t in fields if isinstance(t, torch.Tensor)]
         excluded = {_storage_key(t)[0] for t in [*model.parameters(), *data]}
         self.saved = saved = {}
 
