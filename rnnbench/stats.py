@@ -6,15 +6,29 @@ import math
 import warnings
 from collections.abc import Sequence
 
+# The fewest seeds the report draws an interval or a verdict from (why: WHY_MIN_SEEDS).
+MIN_SEEDS = 3
+WHY_MIN_SEEDS = (
+    f"with fewer than {MIN_SEEDS} seeds a Student-t interval has at most 1 degree of freedom "
+    "(2 seeds: t = 12.71, so the interval spans ±6.4 times the gap between the two values) and a "
+    "Welch test almost never rejects, so “≈ best” would only mean “too few seeds”"
+)
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high) of a two-sided Student-t interval; NaN bounds for fewer than 2 values."""
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+def finite(values: Sequence[float | None]) -> list[float]:
+    """The values that are numbers (a missing or NaN seed result is left out)."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95, min_n: int = 2) -> tuple[float, float, float]:
+    """(mean, low, high) of a two-sided Student-t interval; NaN bounds for fewer than ``min_n``
+    values (the report asks for :data:`MIN_SEEDS`)."""
+    vals = finite(values)
     n = len(vals)
     if n == 0:
         return math.nan, math.nan, math.nan
     mean = sum(vals) / n
-    if n < 2:
+    if n < max(min_n, 2):
         return mean, math.nan, math.nan
     from scipy import stats
 
@@ -23,9 +37,10 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return mean, mean - half, mean + half
 
 
-def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
-    """Two-sided Welch t-test p-value (unequal variances); NaN when either side has < 2 values."""
-    if len(a) < 2 or len(b) < 2:
+def welch_p_value(a: Sequence[float], b: Sequence[float], min_n: int = 2) -> float:
+    """Two-sided Welch t-test p-value (unequal variances); NaN when either side has fewer than
+    ``min_n`` values (the report asks for :data:`MIN_SEEDS`)."""
+    if len(a) < max(min_n, 2) or len(b) < max(min_n, 2):
         return math.nan
     from scipy import stats
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from rnnbench.bench import _storage_key  # the same once-per-storage rule as `rnnbench bench`
 from rnnbench.encoder import Encoder, parameter_counts
 from rnnbench.errors import ConfigError, TrialFailed
 from rnnbench.hparams import MAX_WIDTH, Domain
@@ -185,12 +186,58 @@ def _batch_stream(task: Task, batch_size: int, device, generator, passes: int):
             return  # no batch at all: the round sees zero steps and fails with no_data
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import psutil
+class TrainMemory:
+    """``train_memory_mib``: the memory this model needs to train, not the worker's (RSS counts the
+    interpreter, torch and every dataset: the same ~570 MB for every model).
 
-    return psutil.Process().memory_info().rss / 2**20
+    - CPU, which has no allocator peak counter: parameters + gradients + optimiser state, plus the
+      activations the forward pass saves for backward, each storage counted once (as ``rnnbench
+      bench`` does; parameters and the batch itself excluded). Activations are measured on the first
+      training batch of each epoch only: a pack hook on every step would cost time.
+    - CUDA: the allocator's peak during the epoch's training steps, above what was allocated when
+      the run started (so it also holds workspaces and anything the run keeps on the GPU).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.start = torch.cuda.memory_allocated(device) if self.cuda else 0
+        self.saved: dict[int, int] = {}
+
+    def epoch_start(self) -> None:
+        if self.cuda:  # the peak of training steps only, not of the evaluation before
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def recording(self, model: torch.nn.Module, batch: Any):
+        """Context for one training step's forward pass: records the storages autograd saves."""
+        if self.cuda:
+            return nullcontext()
+        fields = (batch.inputs, batch.targets, batch.lengths, *batch.extra.values())
+        data = [t for t in fields if isinstance(t, torch.Tensor)]
+        excluded = {_storage_key(t)[0] for t in [*model.parameters(), *data]}
+        self.saved = saved = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key, nbytes = _storage_key(t)
+            if key not in excluded:
+                saved[key] = max(saved.get(key, 0), nbytes)
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+    def epoch_mib(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Read after the epoch's training steps (the CUDA peak is a host-side counter: no sync)."""
+        if self.cuda:
+            return (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        persistent = sum(_storage_bytes(ts) for ts in (list(model.parameters()), grads, state))
+        return (persistent + sum(self.saved.values())) / 2**20
+
+
+def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes behind ``tensors``, each storage once (views of one flat buffer share it)."""
+    return sum(dict(_storage_key(t) for t in tensors).values())
 
 
 class Trainer:
@@ -238,6 +285,7 @@ class Trainer:
                 **cell_hp,
             )
 
+        memory = TrainMemory(device)  # before the model exists: on CUDA its baseline
         model = task.build_model(make_encoder, {**hp, **task_hp}).to(device)
         encoders = [m for m in model.modules() if isinstance(m, Encoder)]
         params = {
@@ -248,8 +296,6 @@ class Trainer:
         batch_size, eval_bs = int(hp["batch_size"]), settings.eval_batch_size or int(hp["batch_size"])
         autocast, scaler = self._precision(device)
         generator = torch.Generator().manual_seed(seed)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
 
         info = {
             "parameters": params,
@@ -279,6 +325,7 @@ class Trainer:
             if stream is None or epoch == 1:
                 carry = None  # an epoch starts fresh; a stream's rounds carry state within a pass
             t0 = time.perf_counter()
+            memory.epoch_start()
             if stream is None:
                 batches = (
                     (b, False) for b in task.batches("train", batch_size, device=device, generator=generator)
@@ -288,7 +335,8 @@ class Trainer:
             for batch, new_pass in batches:
                 if new_pass:
                     carry = None  # a new pass over the data: no state carried from the last one
-                with autocast:
+                recording = memory.recording(model, batch) if epoch_steps == 0 else nullcontext()
+                with autocast, recording:
                     loss, carry = task.training_loss(model, batch, carry)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -321,6 +369,7 @@ class Trainer:
             train_time = time.perf_counter() - t0
             if epoch_steps == 0 and stream is not None and epoch > 1:
                 break  # the stream ended: `epochs` passes over the data are done
+            train_memory = memory.epoch_mib(model, optimizer)
             if epoch_steps == 0:
                 raise TrialFailed(
                     "no_data", f"task {task.name!r} produced no training batch at batch size {batch_size}"
@@ -345,7 +394,7 @@ class Trainer:
                 "train_tokens_per_s": epoch_tokens / train_time,
                 "eval_tokens_per_s": eval_tokens["valid"] / eval_time if eval_time > 0 else float("nan"),
                 "epoch_time_s": train_time + eval_time,
-                "peak_memory_mb": _peak_memory_mb(device),
+                "train_memory_mib": train_memory,
                 "steps": float(steps),
             }
             history.append(EpochRecord(epoch, metrics))
@@ -380,7 +429,7 @@ class Trainer:
         summary = {
             "train_tokens_per_s": float(np.median(steady)),
             "eval_tokens_per_s": float(np.median([r.metrics["eval_tokens_per_s"] for r in history])),
-            "peak_memory_mb": max(r.metrics["peak_memory_mb"] for r in history),
+            "train_memory_mib": max(r.metrics["train_memory_mib"] for r in history),
             "wall_time_s": time.perf_counter() - start,
             "epochs": float(len(history)),
             "steps": float(steps),

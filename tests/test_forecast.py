@@ -139,6 +139,41 @@ def test_split_rows_fractions_and_ett():
         ForecastTask("synthetic", split=[0.5, 0.2, 0.2])
 
 
+# Informer's Dataset_ETT_hour: the rows each split's windows are cut from, and its window count.
+ETT_BORDER2S = [12 * 30 * 24, 12 * 30 * 24 + 4 * 30 * 24, 12 * 30 * 24 + 8 * 30 * 24]
+
+
+def ett_border1s(seq_len: int) -> list[int]:
+    return [0, 12 * 30 * 24 - seq_len, 12 * 30 * 24 + 4 * 30 * 24 - seq_len]
+
+
+def informer_window_counts(seq_len: int, pred_len: int) -> list[int]:
+    return [b2 - b1 - seq_len - pred_len + 1 for b1, b2 in zip(ett_border1s(seq_len), ETT_BORDER2S)]
+
+
+@pytest.mark.parametrize("horizon", [24, 48, 168, 336, 720])
+def test_ett_split_windows_are_informers(tmp_path, horizon):
+    """On a ramp (value = row index) every window shows which rows it used: Informer's, exactly."""
+    task = ForecastTask(
+        "csv", data_path=ramp_csv(tmp_path, 14_500), target_columns="value", split="ett",
+        input_width=96, label_width=horizon,
+    )  # fmt: skip
+    task.setup()
+    counts = [task.describe()[f"windows_{s}"] for s in ("train", "valid", "test")]
+    assert counts == informer_window_counts(96, horizon)
+    if horizon == 24:
+        assert counts == [8521, 2857, 2857]
+    for split, border1, border2 in zip(("train", "valid", "test"), ett_border1s(96), ETT_BORDER2S):
+        inputs, labels = all_windows(task, split)
+        first_inputs, labels = inputs[:, 0, 0].round(), labels[..., 0].round()
+        # window i reads rows border1 + i ... and forecasts the pred_len rows right after its inputs
+        assert torch.equal(first_inputs, border1 + torch.arange(len(inputs), dtype=torch.float32))
+        assert torch.equal(labels[:, 0], first_inputs + 96)
+        # labels start at the split's first row (valid/test inputs reach back 96 rows) and never leave it
+        split_start = {"train": 0, "valid": ETT_BORDER2S[0], "test": ETT_BORDER2S[1]}[split]
+        assert labels.min() == max(split_start, 96) and labels.max() == border2 - 1
+
+
 def test_sliding_windows_are_a_view_in_row_order():
     segment = torch.arange(20.0).view(10, 2)
     windows = sliding_windows(segment, WindowSpec(3, 1, 1))
@@ -297,13 +332,52 @@ def test_ett_files_and_split(shared_data, name):
     facts = task.describe()
     assert facts["rows"] == 17_420 and facts["split"] == "ett"
     assert (facts["rows_train"], facts["rows_valid"], facts["rows_test"]) == (8640, 2880, 2880)
-    assert facts["windows_valid"] == 2880 - (48 + 24) + 1
+    # inputs reach back into the previous split, so every one of its 2,880 label rows is forecast
+    assert facts["windows_valid"] == facts["windows_test"] == 2880 - 24 + 1
     assert facts["target_columns"] == ["OT"]
     assert facts["feature_columns"] == ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL"]
     batch = next(task.batches("test", 2, device=CPU))
     assert batch.inputs.shape == (2, 48, 7) and batch.targets.shape == (2, 24, 1)
     persistence = task.baseline("test")
     assert 0 < persistence["mse"] < 1 and persistence["mse_original"] > persistence["mse"]
+
+
+def test_ett_protocol_on_the_real_file(shared_data):
+    """ETTh1 96 -> h, multivariate in, OT out (Informer's 'MS'), against a reimplementation of
+    Dataset_ETT_hour: StandardScaler fitted on the training rows, windows from border1s/border2s."""
+    import pandas as pd
+
+    frame = pd.read_csv(shared_data / "forecasting" / "ett" / "ETTh1.csv")
+    data = frame.drop(columns="date")
+    train = data.iloc[: ETT_BORDER2S[0]]
+    scaled = (data - train.mean()) / train.std(ddof=0)  # sklearn's StandardScaler: population std
+    for horizon in (24, 48, 168, 336, 720):
+        task = ForecastTask("etth1", multivariate=True, input_width=96, label_width=horizon)
+        task.setup()
+        counts = [task.describe()[f"windows_{s}"] for s in ("train", "valid", "test")]
+        assert counts == informer_window_counts(96, horizon)
+    assert counts == [7825, 2161, 2161]  # horizon 720, as published
+    task = ForecastTask("etth1", multivariate=True, input_width=96, label_width=24)
+    task.setup()
+    assert [task.describe()[f"windows_{s}"] for s in ("train", "valid", "test")] == [8521, 2857, 2857]
+    columns = list(task.series.columns)
+    assert torch.allclose(task.mean.double(), torch.tensor(train[columns].mean().to_numpy()))
+    assert torch.allclose(task.std.double(), torch.tensor(train[columns].std(ddof=0).to_numpy()))
+    # the test windows, as Dataset_ETT_hour.__getitem__ cuts them (label_len 0)
+    block = scaled[columns].to_numpy()[ett_border1s(96)[2] : ETT_BORDER2S[2]]
+    starts = np.arange(len(block) - 96 - 24 + 1)
+    inputs = np.stack([block[s : s + 96] for s in starts])
+    labels = np.stack([block[s + 96 : s + 96 + 24, :1] for s in starts])
+    batch = next(task.batches("test", 10_000, device=CPU))
+    assert batch.inputs.shape == (2857, 96, 7)
+    assert np.allclose(batch.inputs.numpy(), inputs, atol=1e-5)
+    assert np.allclose(batch.targets.numpy(), labels, atol=1e-5)
+    # persistence scored by hand, normalised and in the data's own units (°C of oil temperature)
+    error = np.repeat(inputs[:, -1:, :1], 24, axis=1) - labels
+    std = train["OT"].std(ddof=0)
+    expected = {"mse": (error**2).mean(), "mae": np.abs(error).mean(),
+                "mse_original": (error**2).mean() * std**2, "mae_original": np.abs(error).mean() * std}  # fmt: skip
+    assert task.baseline("test") == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 from scipy import stats
 
 from rnnbench.cli import app
-from rnnbench.report.collect import TaskInfo
+from rnnbench.report.collect import TaskInfo, status_notes
 from rnnbench.report.figures import pareto_front
-from rnnbench.report.tables import rank_task, summary
+from rnnbench.report.tables import display_frame, rank_task, summary, write
 
 ACC = TaskInfo("sentiment", "accuracy", "maximize")
 
@@ -79,19 +79,115 @@ def test_one_seed_has_no_interval_and_no_test():
     assert t.loc["gru-1L-uni", "vs_best"].startswith("n/a")
 
 
-def test_summary_mean_rank():
-    a = rank_task(_runs({"lstm-1L-uni": [0.9, 0.91], "gru-1L-uni": [0.8, 0.81]}), ACC)
-    b = rank_task(
-        _runs({"lstm-1L-uni": [0.5, 0.51], "gru-1L-uni": [0.7, 0.71], "rnn-1L-uni": [0.6, 0.61]}), ACC
+def test_two_seeds_show_their_values_and_no_interval_or_verdict():
+    """The issue's case: F1 0.47 from 2 seeds printed as [-0.51, 1.45] and called “≈ best” next to 0.99."""
+    t = rank_task(_runs({"lstm-1L-uni": [0.99, 0.995], "gru-1L-uni": [0.39, 0.55]}), ACC)
+    table = t.table.set_index("architecture")
+    gru = table.loc["gru-1L-uni"]
+    assert gru["mean"] == pytest.approx(0.47) and gru["seeds"] == 2
+    assert math.isnan(gru["ci95_low"]) and math.isnan(gru["ci95_high"])  # t(0.975, 1) = 12.7: no
+    assert gru["vs_best"] == "n/a (<3 seeds)" and math.isnan(gru["p_vs_best"])
+    assert gru["seed_values"] == [0.39, 0.55]
+    shown = display_frame(t).set_index("architecture")
+    metric = next(c for c in shown.columns if c.startswith("test accuracy"))
+    assert shown.loc["gru-1L-uni", metric] == "0.47 (seeds: 0.39, 0.55)"
+    assert "[" not in shown.loc["lstm-1L-uni", metric]
+    assert "≈ best" not in set(shown["vs_best"])
+    (note,) = [n for n in t.notes if "fewer than 3" in n]  # said under the table, and why
+    assert "lstm-1L-uni (2), gru-1L-uni (2)" in note and "12.71" in note
+
+
+def test_three_seeds_get_the_t_interval_and_welch_verdict_beside_two_seed_rows():
+    finals = {"lstm-1L-uni": [0.80, 0.82, 0.84], "gru-1L-uni": [0.79, 0.83, 0.81], "rnn-1L-uni": [0.9, 0.5]}
+    t = rank_task(_runs(finals), ACC)
+    table = t.table.set_index("architecture")
+    half = 0.02 * stats.t.ppf(0.975, 2) / math.sqrt(3)
+    assert table.loc["lstm-1L-uni", "ci95_high"] == pytest.approx(0.82 + half)
+    p = stats.ttest_ind([0.80, 0.82, 0.84], [0.79, 0.83, 0.81], equal_var=False).pvalue
+    assert (
+        table.loc["gru-1L-uni", "p_vs_best"] == pytest.approx(p)
+        and table.loc["gru-1L-uni", "vs_best"] == "≈ best"
     )
-    b.task = "other"
-    s = summary([a, b]).set_index("architecture")
-    assert s.loc["lstm-1L-uni", "mean_rank"] == 2.0 and s.loc["gru-1L-uni", "mean_rank"] == 1.5
-    assert s.loc["rnn-1L-uni", "tasks_ranked"] == 1 and list(s.index) == [
-        "gru-1L-uni",
-        "lstm-1L-uni",
-        "rnn-1L-uni",
+    assert table.loc["rnn-1L-uni", "vs_best"] == "n/a (<3 seeds)"  # mean 0.70, but only 2 seeds
+    shown = display_frame(t).set_index("architecture")
+    metric = next(c for c in shown.columns if c.startswith("test accuracy"))
+    assert shown.loc["lstm-1L-uni", metric] == f"0.82 [{0.82 - half:.4g}, {0.82 + half:.4g}]"
+    assert shown.loc["rnn-1L-uni", metric] == "0.7 (seeds: 0.9, 0.5)"
+    assert [n for n in t.notes if "fewer than 3" in n][0].startswith(
+        "fewer than 3 final seeds: rnn-1L-uni (2)."
+    )
+
+
+def _ranked(task: str, means: dict[str, float]):
+    table = rank_task(_runs({a: [m - 0.01, m, m + 0.01] for a, m in means.items()}), ACC)
+    table.task = task
+    return table
+
+
+def test_summary_mean_rank_only_over_benchmarks_every_architecture_ran():
+    # causal tasks refuse the bidirectional gru: it is ranked on 2 of the 4 benchmarks
+    tables = [
+        _ranked("charlm", {"lstm-1L-uni": 0.9, "gru-1L-uni": 0.8, "rnn-1L-uni": 0.7}),
+        _ranked("memory", {"lstm-1L-uni": 0.9, "gru-1L-uni": 0.7, "rnn-1L-uni": 0.8}),
+        _ranked("sentiment", {"gru-1L-bi": 0.95, "lstm-1L-uni": 0.7, "gru-1L-uni": 0.8, "rnn-1L-uni": 0.6}),
+        _ranked("ner", {"gru-1L-bi": 0.95, "lstm-1L-uni": 0.8, "gru-1L-uni": 0.7, "rnn-1L-uni": 0.6}),
     ]
+    s = summary(tables).set_index("architecture")
+    # mean over sentiment and ner only, where all four ran: bi 1,1; lstm 3,2; gru 2,3; rnn 4,4
+    assert s["mean_rank"].to_dict() == {
+        "gru-1L-bi": 1.0,
+        "lstm-1L-uni": 2.5,
+        "gru-1L-uni": 2.5,
+        "rnn-1L-uni": 4.0,
+    }
+    assert list(s.index)[0] == "gru-1L-bi" and list(s.index)[-1] == "rnn-1L-uni"
+    # apart: the three that ran all four, ranked among themselves (bi taken out of sentiment and ner)
+    # lstm 1,1,2,1 -> 1.25; gru 2,3,1,2 -> 2.0; rnn 3,2,3,3 -> 2.75
+    wider = s["mean_rank_4_benchmarks"]
+    assert wider.drop("gru-1L-bi").to_dict() == {"lstm-1L-uni": 1.25, "gru-1L-uni": 2.0, "rnn-1L-uni": 2.75}
+    assert math.isnan(wider["gru-1L-bi"])
+    assert s.loc["gru-1L-bi", "benchmarks_ranked"] == 2 and math.isnan(s.loc["gru-1L-bi", "charlm"])
+    # the old mean over each one's own benchmarks would have put bi first on 1.0 and rnn at 3.5
+    described = summary(tables).attrs["columns"]
+    assert (
+        "sentiment, ner" in described["mean_rank"]
+        and "3 architectures" in described["mean_rank_4_benchmarks"]
+    )
+
+
+def test_summary_without_a_benchmark_common_to_all():
+    tables = [
+        _ranked("a", {"lstm-1L-uni": 0.9, "gru-1L-uni": 0.8}),
+        _ranked("b", {"rnn-1L-uni": 0.5, "gru-1L-bi": 0.6}),
+    ]
+    s = summary(tables)
+    assert s["mean_rank"].isna().all() and "no benchmark" in s.attrs["columns"]["mean_rank"]
+    assert [
+        c for c in s.columns if c.startswith("mean_rank_")
+    ] == []  # one-benchmark sets: nothing to average
+
+
+def test_written_tables_carry_values_notes_and_memory(tmp_path: Path):
+    runs = _runs({"lstm-1L-uni": [0.8, 0.82, 0.84], "gru-1L-uni": [0.7, 0.72]})
+    runs.loc[runs["stage"] == "final", "train_memory_mib"] = [1.5, 1.5, 1.5, 0.7, 0.7]
+    t = rank_task(runs, ACC)
+    write([t], summary([t]), tmp_path)
+    md = (tmp_path / "sentiment.md").read_text()
+    assert "0.71 (seeds: 0.7, 0.72)" in md and "- fewer than 3 final seeds: gru-1L-uni (2)" in md
+    assert "train_memory_mib" in md and "| 1.5 |" in md
+    csv = pd.read_csv(tmp_path / "sentiment.csv").set_index("architecture")
+    assert csv.loc["gru-1L-uni", "seed_values"] == "0.7;0.72"
+    assert "mean_rank" in (tmp_path / "summary.md").read_text()
+
+
+def test_old_stores_with_the_rss_column_still_report():
+    runs = _runs({"lstm-1L-uni": [0.8, 0.82, 0.84]})
+    runs["peak_memory_mb"] = 570.0
+    t = rank_task(runs, ACC)
+    assert "peak_memory_mb" not in t.table and math.isnan(t.table["train_memory_mib"].iloc[0])
+    assert display_frame(t)["train_memory_mib"].iloc[0] == "–"
+    (note,) = [n for n in status_notes(runs) if "peak_memory_mb" in n]
+    assert note.startswith("4 run(s) were logged by an older rnnbench")
 
 
 def test_pareto_front():
@@ -111,7 +207,10 @@ def _tracker_with_messy_runs(home: Path):
     parent = tracker.start_run("study", {**study, "stage": "study", "status": "running"})
     for trial, (status, metrics) in enumerate(
         [
-            ("complete", {"best_valid_mse": 0.1, "valid_mse": 0.1}),
+            (
+                "complete",
+                {"best_valid_mse": 0.1, "valid_mse": 0.1, "peak_memory_mb": 570.0},
+            ),  # an older rnnbench
             ("failed", {}),
             ("pruned", {"valid_mse": 0.3}),
             ("running", {"valid_mse": 0.2}),
@@ -145,6 +244,7 @@ def test_messy_experiment_reports_what_is_missing(tmp_path: Path, monkeypatch):
     text = result.output
     assert "1 search trial(s) failed (nan: 1)" in text and "1 search trial(s) pruned" in text
     assert "1 of 1 studies have no final seeds yet" in text
+    assert "1 run(s) were logged by an older rnnbench with peak_memory_mb" in text
     runs = pd.read_parquet(out / "runs.parquet")
     assert len(runs) == 5 and set(runs["status"]) == {"running", "complete", "failed", "pruned"}
     assert runs.loc[runs["status"] == "failed", "failure_reason"].item() == "nan"

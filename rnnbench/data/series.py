@@ -196,7 +196,7 @@ def _first_line(exc: Exception) -> str:
 
 # -- splits and normalisation ------------------------------------------------------------------
 def split_rows(n_rows: int, split: str | Sequence[float], source: str = "series") -> dict[str, range]:
-    """Chronological train/valid/test row ranges.
+    """Chronological train/valid/test row ranges: the rows each split forecasts (its labels).
 
     ``split`` is ``"ett"`` (rows [0, 8640), [8640, 11520), [11520, 14400); later rows unused) or
     three fractions summing to 1, cut as the TensorFlow time-series tutorial does
@@ -265,11 +265,27 @@ class WindowSpec:
         return max(rows - self.total_width + 1, 0)
 
 
-def sliding_windows(segment: Tensor, spec: WindowSpec) -> Tensor:
-    """All windows of one split's rows ``[rows, columns]`` as a view ``[windows, total_width, columns]``.
+def window_rows(rows: dict[str, range], spec: WindowSpec, *, reach_back: bool) -> dict[str, range]:
+    """The rows each split's windows are cut from.
 
-    Windows come from one split's rows only, so none straddles a split boundary.
+    Without ``reach_back`` a split's windows lie wholly inside its own rows (the TensorFlow tutorial:
+    one DataFrame per split). With it, a window belongs to the split its labels lie in, and the rows
+    before its labels (input and gap) may come from the end of the previous split, as Informer's
+    ``Dataset_ETT_hour`` cuts valid and test from ``border - seq_len``. Every label row of a split is
+    then a forecast target, and no label is ever an input of another split's window. The first split
+    has nothing before it.
     """
+    reach = spec.label_start if reach_back else 0
+    segments, first = {}, True
+    for name, r in rows.items():
+        start = r.start if first else max(r.start - reach, 0)
+        segments[name], first = range(start, r.stop), False
+    return segments
+
+
+def sliding_windows(segment: Tensor, spec: WindowSpec) -> Tensor:
+    """All windows of a segment ``[rows, columns]`` (see :func:`window_rows`) as a view
+    ``[windows, total_width, columns]``, in row order, stride 1."""
     return segment.unfold(0, spec.total_width, 1).transpose(1, 2)
 
 
@@ -295,4 +311,5 @@ __all__ = [
     "split_rows",
     "split_window",
     "to_tensor",
+    "window_rows",
 ]

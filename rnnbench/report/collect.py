@@ -26,6 +26,7 @@ _ID_COLUMNS = [
     "benchmark", "dataset", "stage", "trial", "seed", "status", "failure_reason", "failure_message",
 ]  # fmt: skip
 HISTORY_METRICS = ("grad_norm", "grad_norm_max")
+OLD_MEMORY_METRIC = "peak_memory_mb"  # before train_memory_mib: the worker's RSS, not the model's
 
 
 @dataclass
@@ -283,6 +284,16 @@ def status_notes(df: pd.DataFrame) -> list[str]:
     failed_final = int(((df["stage"] == "final") & (df["status"] == "failed")).sum())
     if failed_final:
         notes.append(f"{failed_final} final seed run(s) failed")
+    if OLD_MEMORY_METRIC in df and df[OLD_MEMORY_METRIC].notna().any():
+        old = df[df[OLD_MEMORY_METRIC].notna()]
+        if "train_memory_mib" in old:
+            old = old[old["train_memory_mib"].isna()]
+        if len(old):
+            notes.append(
+                f"{len(old)} run(s) were logged by an older rnnbench with {OLD_MEMORY_METRIC} (the worker "
+                "process's whole RSS, about the same for every model): kept in runs.parquet, not shown as "
+                "memory; train_memory_mib comes with runs logged from now on"
+            )
     return notes
 
 

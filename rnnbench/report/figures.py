@@ -10,7 +10,9 @@ import pandas as pd
 
 from rnnbench.report.collect import TaskInfo, best_search_runs
 from rnnbench.report.tables import TaskTable
+from rnnbench.stats import MIN_SEEDS, finite, mean_ci
 
+SEEDS_NOTE = f"mean; 95% CI over ≥{MIN_SEEDS} seeds, else each seed as a dot"
 # fANOVA on 2-4 trials returns the same split shares for every study (seen: 0.66/0.34 everywhere)
 MIN_TRIALS_FOR_IMPORTANCE = 5
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
@@ -143,6 +145,15 @@ def pareto_front(points: pd.DataFrame, x: str, direction: str) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
+def _seed_points(ax, points: pd.DataFrame, x: str, style: Style, y: str = "mean") -> None:
+    """Below MIN_SEEDS seeds there is no interval (see stats.py): each seed's value as a small dot."""
+    for _, row in points.iterrows():
+        values = row.get("seed_values")
+        if pd.isna(row.get("ci95_low")) and isinstance(values, list) and len(values) > 1:
+            ax.scatter([row[x]] * len(values), values, s=14, color=style.colours.get(row["cell"], "0.4"),
+                       alpha=0.7, zorder=2, linewidths=0)  # fmt: skip
+
+
 def _scatter_per_task(tables, style, out, result, x, xlabel, name, pareto=False) -> None:
     import seaborn as sns
 
@@ -160,6 +171,7 @@ def _scatter_per_task(tables, style, out, result, x, xlabel, name, pareto=False)
             yerr=[p.loc[has_ci, "mean"] - p.loc[has_ci, "ci95_low"], p.loc[has_ci, "ci95_high"] - p.loc[has_ci, "mean"]],
             fmt="none", ecolor="0.6", elinewidth=1, capsize=3, zorder=1,
         )  # fmt: skip
+        _seed_points(ax, p, x, style)
         sns.scatterplot(data=p, x=x, y="mean", s=90, ax=ax, zorder=3, **style.kwargs(p))
         if pareto:
             front = pareto_front(p, x, t.info.direction).sort_values(x)
@@ -175,7 +187,7 @@ def _scatter_per_task(tables, style, out, result, x, xlabel, name, pareto=False)
             )
         _count_axis(ax, p[x], xlabel)
         ax.set_ylabel(_metric_label(t.info))
-        ax.set_title(f"{t.task} (mean, 95% CI over seeds)")
+        ax.set_title(f"{t.task} ({SEEDS_NOTE})")
         ax.grid(alpha=0.3)
     _legend(fig, axes)
     _save(fig, out, name, result)
@@ -357,13 +369,12 @@ def memory_vs_length(runs: pd.DataFrame, tasks, style, out, result) -> None:
             "memory task: metric vs sequence length needs final runs at 2+ seq_len (see grid.yaml)"
         )
         return
-    from rnnbench.stats import mean_ci
-
     rows = []
     for (arch, cell, variant, t), group in finals.dropna(subset=[length, col]).groupby(
         ["architecture", "cell", "variant", length]
     ):
-        mean, low, high = mean_ci([float(v) for v in group[col]])  # the tables' t-interval
+        values = finite(group[col])
+        mean, low, high = mean_ci(values, min_n=MIN_SEEDS)  # the tables' t-interval and rule
         rows.append(
             {
                 "architecture": arch,
@@ -371,20 +382,22 @@ def memory_vs_length(runs: pd.DataFrame, tasks, style, out, result) -> None:
                 "variant": variant,
                 "T": t,
                 "mean": mean,
-                "low": low,
-                "high": high,
+                "ci95_low": low,
+                "ci95_high": high,
+                "seed_values": values,
             }
         )
     data = pd.DataFrame(rows).sort_values(["architecture", "T"])
     baseline = f"baseline_test_{info.metric}"
     fig, axes = _grid(1, width=6.5, height=4.4)
     ax = axes[0]
-    has_ci = data["low"].notna()
+    has_ci = data["ci95_low"].notna()
     ax.errorbar(
         data.loc[has_ci, "T"], data.loc[has_ci, "mean"],
-        yerr=[data.loc[has_ci, "mean"] - data.loc[has_ci, "low"], data.loc[has_ci, "high"] - data.loc[has_ci, "mean"]],
+        yerr=[data.loc[has_ci, "mean"] - data.loc[has_ci, "ci95_low"], data.loc[has_ci, "ci95_high"] - data.loc[has_ci, "mean"]],
         fmt="none", ecolor="0.6", elinewidth=1, capsize=3, zorder=1,
     )  # fmt: skip
+    _seed_points(ax, data, "T", style)
     sns.lineplot(
         data=data, x="T", y="mean", units="architecture", estimator=None, dashes=False, markersize=8,
         ax=ax, **style.kwargs(data),
@@ -399,7 +412,7 @@ def memory_vs_length(runs: pd.DataFrame, tasks, style, out, result) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("sequence length T (steps)")
     ax.set_ylabel(_metric_label(info))
-    ax.set_title("memory: where each architecture stops learning (mean, 95% CI over seeds)")
+    ax.set_title(f"memory: where each architecture stops learning ({SEEDS_NOTE})")
     ax.grid(alpha=0.3)
     _legend(fig, axes)
     _save(fig, out, "memory_vs_length", result)

@@ -10,13 +10,18 @@ from pathlib import Path
 import pandas as pd
 
 from rnnbench.report.collect import TaskInfo
-from rnnbench.stats import mean_ci, welch_p_value
+from rnnbench.stats import MIN_SEEDS, WHY_MIN_SEEDS, finite, mean_ci, welch_p_value
 
 ALPHA = 0.05
 TEST_NOTE = (
-    "Mean and 95% confidence interval over final seeds (Student t, n−1 degrees of freedom). "
-    f"“≈ best”: a two-sided Welch t-test over seeds does not reject equality with the best architecture "
-    f"at α = {ALPHA} (p shown); it needs at least 2 seeds on both sides."
+    f"Mean and 95% confidence interval over final seeds (Student t, n−1 degrees of freedom) from "
+    f"{MIN_SEEDS} seeds up; with fewer, the seeds' own values. “≈ best”: a two-sided Welch t-test over "
+    f"seeds does not reject equality with the best architecture at α = {ALPHA} (p shown); it needs "
+    f"{MIN_SEEDS} seeds on both sides."
+)
+MEMORY_NOTE = (
+    "train memory: MiB the model needs to train (CPU: parameters, gradients, optimiser state and the "
+    "activations one batch saves for backward; CUDA: peak allocated during training steps)."
 )
 
 
@@ -44,8 +49,8 @@ def rank_task(runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None) 
     rows = []
     for study, group in task_runs.groupby("study"):
         seeds = finals[finals["study"] == study]
-        values = [float(v) for v in seeds[col].dropna()] if col in seeds else []
-        mean, low, high = mean_ci(values)
+        values = finite(seeds[col]) if col in seeds else []
+        mean, low, high = mean_ci(values, min_n=MIN_SEEDS)
         first = group.iloc[0]
         parent = studies.loc[study] if study in studies.index else None
         if isinstance(parent, pd.DataFrame):
@@ -68,11 +73,11 @@ def rank_task(runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None) 
                 "mean": mean,
                 "ci95_low": low,
                 "ci95_high": high,
-                "_values": values,
+                "seed_values": values,
                 "best_valid": parent.get("best_valid") if parent is not None else math.nan,
                 "params": _median(source, "params_total"),
                 "train_tokens_per_s": _median(source, "train_tokens_per_s"),
-                "peak_memory_mb": _max(source, "peak_memory_mb"),
+                "train_memory_mib": _max(source, "train_memory_mib"),
                 "trials_ok/pruned/failed": "/".join(
                     str(int((search["status"] == s).sum())) for s in ("complete", "pruned", "failed")
                 ),
@@ -86,17 +91,24 @@ def rank_task(runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None) 
     ranked = df[df["seeds"] > 0].sort_values("mean", ascending=info.direction == "minimize")
     unranked = df[df["seeds"] == 0]
     ranked = ranked.assign(rank=range(1, len(ranked) + 1))
-    best_values = ranked["_values"].iloc[0] if len(ranked) else []
+    best_values = ranked["seed_values"].iloc[0] if len(ranked) else []
     p_values, marks = [], []
-    for i, values in enumerate(ranked["_values"]):
+    for i, values in enumerate(ranked["seed_values"]):
         if i == 0:
             p_values.append(math.nan)
             marks.append("best")
             continue
-        p = welch_p_value(best_values, values)
+        p = welch_p_value(best_values, values, min_n=MIN_SEEDS)
         p_values.append(p)
-        marks.append("n/a (<2 seeds)" if math.isnan(p) else ("≈ best" if p >= ALPHA else "worse"))
+        marks.append(f"n/a (<{MIN_SEEDS} seeds)" if math.isnan(p) else ("≈ best" if p >= ALPHA else "worse"))
     ranked = ranked.assign(p_vs_best=p_values, vs_best=marks)
+    few = ranked[ranked["seeds"] < MIN_SEEDS]
+    if len(few):
+        named = ", ".join(f"{a} ({n})" for a, n in zip(few["architecture"], few["seeds"]))
+        notes.append(
+            f"fewer than {MIN_SEEDS} final seeds: {named}. Their seed values are shown instead of an "
+            f"interval, and no “≈ best” or “worse” verdict is drawn where one side has them: {WHY_MIN_SEEDS}."
+        )
     if len(unranked):
         unranked = unranked.assign(rank=pd.NA, p_vs_best=math.nan, vs_best="no final seeds")
         notes.append("not ranked (no completed final seed yet): " + ", ".join(unranked["architecture"]))
@@ -109,16 +121,15 @@ def rank_task(runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None) 
             [table, pd.DataFrame([{"architecture": "trivial baseline", "mean": baseline, "seeds": 0}])],
             ignore_index=True,
         )
-    table = table.drop(columns="_values")
     order = [
-        "rank", "architecture", "cell", "variant", "mean", "ci95_low", "ci95_high", "seeds", "vs_best",
-        "p_vs_best", "best_valid", "params", "train_tokens_per_s", "peak_memory_mb",
+        "rank", "architecture", "cell", "variant", "mean", "ci95_low", "ci95_high", "seeds", "seed_values",
+        "vs_best", "p_vs_best", "best_valid", "params", "train_tokens_per_s", "train_memory_mib",
         "trials_ok/pruned/failed", "best_hparams",
     ]  # fmt: skip
     table = table[[c for c in order if c in table.columns]]
     caption = (
         f"{benchmark or info.name}: architectures ranked by test {info.metric} ({info.better}). {TEST_NOTE} "
-        "params: total trainable parameters; train tokens/s: median over epochs; peak memory in MB."
+        f"params: total trainable parameters; train tokens/s: median over epochs; {MEMORY_NOTE}"
     )
     return TaskTable(benchmark or info.name, info, table.reset_index(drop=True), caption, notes)
 
@@ -144,20 +155,50 @@ def _short(v) -> str:
 
 
 def summary(tables: list[TaskTable]) -> pd.DataFrame:
-    """Rank of every architecture on every task, and its mean rank over the tasks it was ranked on."""
+    """Rank of every architecture on every benchmark, and mean ranks only over equal sets.
+
+    A mean rank over different benchmarks does not compare (a bidirectional model skips the causal
+    tasks; on each benchmark the field differs), so ``mean_rank`` averages only the benchmarks every
+    architecture was ranked on. Architectures that share a larger set get one more column each
+    set, ranked among themselves on it. ``attrs["columns"]`` says what each mean-rank column covers.
+    """
     frames = []
     for t in tables:
         ranked = t.table[t.table["rank"].notna()] if "rank" in t.table else t.table.iloc[0:0]
         frames.append(ranked.set_index("architecture")["rank"].rename(t.task).astype(float))
     if not frames:
         return pd.DataFrame()
-    df = pd.concat(frames, axis=1)
-    df["mean_rank"] = df.mean(axis=1, skipna=True)
-    df["tasks_ranked"] = df.drop(columns="mean_rank").notna().sum(axis=1)
-    # mean ranks over different sets of benchmarks do not compare: most benchmarks first
-    return df.sort_values(["tasks_ranked", "mean_rank"], ascending=[False, True]).reset_index(
-        names="architecture"
-    )
+    ranks = pd.concat(frames, axis=1)
+    ranked_on = ranks.notna()
+    df = ranks.copy()
+    df["benchmarks_ranked"] = ranked_on.sum(axis=1)
+    common = [b for b in ranks.columns if ranked_on[b].all()]
+    df["mean_rank"] = ranks[common].mean(axis=1) if common else math.nan
+    described = {
+        "mean_rank": f"mean rank over the {len(common)} benchmark(s) every architecture was ranked on "
+        f"({', '.join(common)})"
+        if common
+        else "no benchmark was ranked for every architecture, so there is no mean rank over all of them"
+    }
+    sets = sorted({tuple(b for b in ranks.columns if row[b]) for _, row in ranked_on.iterrows()}, key=len)
+    for benchmarks in reversed(sets):
+        members = ranked_on.index[ranked_on[list(benchmarks)].all(axis=1)]
+        if len(benchmarks) <= max(len(common), 1) or len(members) < 2:
+            continue  # the common set, a single benchmark's own ranks, or one architecture alone
+        # ranks among these members only: positions on each benchmark, re-numbered 1..n
+        within = ranks.loc[members, list(benchmarks)].rank(method="first")
+        name = f"mean_rank_{len(benchmarks)}_benchmarks"
+        while name in df:
+            name += "'"
+        df[name] = within.mean(axis=1)
+        described[name] = (
+            f"mean rank among the {len(members)} architectures ranked on all of these {len(benchmarks)} "
+            f"benchmarks ({', '.join(benchmarks)}), ranked among themselves"
+        )
+    df = df.sort_values(["mean_rank", "benchmarks_ranked"], ascending=[True, False], na_position="last")
+    df = df.reset_index(names="architecture")
+    df.attrs["columns"] = described
+    return df
 
 
 def display_frame(t: TaskTable) -> pd.DataFrame:
@@ -167,14 +208,11 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
         return df
     df.insert(
         df.columns.get_loc("mean"),
-        f"test {t.info.metric} (95% CI)",
-        [
-            f"{_fmt(m)} [{_fmt(lo)}, {_fmt(hi)}]" if pd.notna(lo) else _fmt(m)
-            for m, lo, hi in zip(df["mean"], df.get("ci95_low", math.nan), df.get("ci95_high", math.nan))
-        ],
+        f"test {t.info.metric} (95% CI; seed values below {MIN_SEEDS} seeds)",
+        [_shown_metric(row) for _, row in df.iterrows()],
     )
-    df = df.drop(columns=[c for c in ("mean", "ci95_low", "ci95_high") if c in df])
-    for c in ("p_vs_best", "best_valid", "train_tokens_per_s", "peak_memory_mb"):
+    df = df.drop(columns=[c for c in ("mean", "ci95_low", "ci95_high", "seed_values") if c in df])
+    for c in ("p_vs_best", "best_valid", "train_tokens_per_s", "train_memory_mib"):
         if c in df:
             df[c] = df[c].map(lambda v: _fmt(float(v), 3) if pd.notna(v) else "–")
     if "params" in df:
@@ -182,6 +220,18 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
     if "rank" in df:
         df["rank"] = df["rank"].map(lambda v: str(int(v)) if pd.notna(v) else "–")
     return df.fillna("–")
+
+
+def _shown_metric(row: pd.Series) -> str:
+    """``mean [low, high]`` with an interval; ``mean (seeds: a, b)`` below MIN_SEEDS seeds."""
+    if pd.notna(row.get("ci95_low")):
+        return f"{_fmt(row['mean'])} [{_fmt(row['ci95_low'])}, {_fmt(row['ci95_high'])}]"
+    values = row.get("seed_values")
+    if isinstance(values, list) and len(values) > 1:
+        return f"{_fmt(row['mean'])} (seeds: {', '.join(_fmt(v) for v in values)})"
+    if isinstance(values, list) and len(values) == 1:
+        return f"{_fmt(row['mean'])} (1 seed)"
+    return _fmt(row.get("mean"))
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -199,7 +249,12 @@ def write(tables: list[TaskTable], summary_df: pd.DataFrame, out: Path) -> dict[
     sections = []
     for t in tables:
         files = {s: out / f"{t.task}{s}" for s in (".csv", ".md", ".html")}  # not with_suffix: mem.T10
-        t.table.to_csv(files[".csv"], index=False)
+        raw = t.table.copy()
+        if "seed_values" in raw:  # one cell per run's value, ';'-separated, in full precision
+            raw["seed_values"] = raw["seed_values"].map(
+                lambda v: ";".join(map(repr, v)) if isinstance(v, list) else ""
+            )
+        raw.to_csv(files[".csv"], index=False)
         shown = display_frame(t)
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in t.notes)
         files[".md"].write_text(
@@ -221,12 +276,17 @@ def write(tables: list[TaskTable], summary_df: pd.DataFrame, out: Path) -> dict[
         shown = summary_df.copy()
         for c in shown.columns[1:]:
             shown[c] = shown[c].map(
-                lambda v, c=c: "–" if pd.isna(v) else (f"{v:.2f}" if c == "mean_rank" else f"{int(v)}")
+                lambda v, c=c: (
+                    "–" if pd.isna(v) else (f"{v:.2f}" if c.startswith("mean_rank") else f"{int(v)}")
+                )
             )
+        described = summary_df.attrs.get("columns", {})
         cap = (
-            "Cross-task summary: rank of each architecture per benchmark (1 = best test metric) and its mean "
-            "rank over the benchmarks it was ranked on (bidirectional ones skip causal tasks); sorted by "
-            "benchmarks ranked, then mean rank."
+            "Cross-task summary: rank of each architecture per benchmark (1 = best test metric). Mean ranks "
+            "average equal sets of benchmarks only (bidirectional architectures skip causal tasks, and a mean "
+            "over different benchmarks does not compare): "
+            + "; ".join(f"{name}: {text}" for name, text in described.items())
+            + ". Sorted by mean_rank."
         )
         (out / "summary.md").write_text(f"## summary\n\n{cap}\n\n{to_markdown(shown)}")
         section = "<h2>summary</h2>\n" + shown.to_html(index=False, border=0).replace(
