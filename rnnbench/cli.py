@@ -188,13 +188,17 @@ def run_command(
 
 
 def _format_ci(row: dict) -> str:
+    """Mean and 95% interval from 3 seeds up; below that the seeds' own values (an interval from
+    2 seeds spans ±6.4 times their gap, see rnnbench.stats)."""
     import math
 
     if not row["seeds"]:
         return "-"
     low, high = row["test_ci95"]
-    ci = f" [{low:.4g}, {high:.4g}]" if not math.isnan(low) else ""
-    return f"{row['metric']} {row['test_mean']:.4g}{ci} (n={row['seeds']})"
+    if math.isnan(low):
+        values = ", ".join(f"{v:.4g}" for v in row.get("seed_values", []))
+        return f"{row['metric']} {row['test_mean']:.4g} (seeds: {values})"
+    return f"{row['metric']} {row['test_mean']:.4g} [{low:.4g}, {high:.4g}] (n={row['seeds']})"
 
 
 def _print_table(title: str, rows: list[dict]) -> None:
@@ -203,10 +207,11 @@ def _print_table(title: str, rows: list[dict]) -> None:
 
     table = Table(title=title)
     for column in rows[0] if rows else []:
-        table.add_column(str(column))
+        table.add_column(str(column), overflow="fold")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
+    # In a log (not a terminal) nothing limits the width: never cut a study name short.
+    Console(width=None if sys.stdout.isatty() else 400).print(table)
 
 
 @app.command("sync")

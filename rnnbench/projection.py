@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rnnbench.stats import mean_ci
+from rnnbench.stats import MIN_SEEDS, mean_ci
 from rnnbench.sweep import (
     DEFAULT_MAX_RETRIES,
     FINAL_SUFFIX,
@@ -193,7 +193,7 @@ class Projection:
             if search_done:  # MLflow params are write-once: only the final best configuration
                 self.tracker.log_params(run_id, {f"best.{k}": v for k, v in best_hparams(best).items()})
         for name, values in s["tests"].items():
-            mean, low, high = mean_ci(values)
+            mean, low, high = mean_ci(values, min_n=MIN_SEEDS)  # no interval from 2 seeds
             metrics |= {
                 f"test_{name}_mean": mean,
                 f"test_{name}_ci95_low": low,

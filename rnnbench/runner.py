@@ -24,7 +24,7 @@ from typing import Any
 from rnnbench.errors import ConfigError, TrialFailed
 from rnnbench.experiment import Experiment, Study, expand
 from rnnbench.progress import Progress, make_progress
-from rnnbench.stats import mean_ci
+from rnnbench.stats import MIN_SEEDS, mean_ci
 from rnnbench.trainer import Budget, Callback, RunSettings, Trainer
 
 HOME_ENV = "RNNBENCH_HOME"
@@ -918,7 +918,7 @@ def summarize(plan: Plan, storage) -> dict[str, Any]:
     for study in plan.studies:
         led = StudyLedger.load(storage, study.name)
         s = led.summary()
-        mean, low, high = mean_ci(s["seed_values"])
+        mean, low, high = mean_ci(s["seed_values"], min_n=MIN_SEEDS)
         rows.append(
             {
                 "study": study.name,
@@ -927,6 +927,7 @@ def summarize(plan: Plan, storage) -> dict[str, Any]:
                 "seeds": len(s["seeds"]),
                 "test_mean": mean,
                 "test_ci95": (low, high),
+                "seed_values": s["seed_values"],
                 "metric": led.tags.get("metric", _primary(study).name),
             }
         )

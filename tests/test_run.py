@@ -89,11 +89,7 @@ def test_run_counts_and_mlflow_layout(tmp_path: Path):
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     parent = parents[0].data
     assert parent.metrics["final_seeds"] == 2 and "test_mse_mean" in parent.metrics
-    assert (
-        parent.metrics["test_mse_ci95_low"]
-        <= parent.metrics["test_mse_mean"]
-        <= parent.metrics["test_mse_ci95_high"]
-    )
+    assert "test_mse_ci95_low" not in parent.metrics  # no interval from 2 seeds
     for r in children:
         assert {"rnnbench.version", "rnnbench.torch", "rnnbench.device_name", "rnnbench.threads"} <= set(
             r.data.tags
@@ -185,7 +181,8 @@ def test_parallel_workers_run_the_same_counts(tmp_path: Path, workers: int):
         assert Counter(t.state.name for t in trials) == Counter({"COMPLETE": expected}), s.study_name
     _, _, keys = _counts(home, "par")
     assert max(keys.values()) == 1
-    assert {"[w0]", "[w1]"} <= {w for w in ("[w0]", "[w1]") if w in result.stdout}
+    # which worker ran what depends on how fast each started: only the counts above are exact
+    assert "[w0]" in result.stdout or "[w1]" in result.stdout
 
 
 def test_ctrl_c_then_resume(tmp_path: Path):
@@ -228,7 +225,7 @@ def test_more_final_seeds_extend_a_finished_study(tmp_path: Path):
     assert _run(["run", str(_write(tmp_path, "ext", trials=1, seeds=1))], home).returncode == 0
     again = _run(["run", str(_write(tmp_path, "ext", trials=1, seeds=2))], home)
     assert again.returncode == 0, again.stderr
-    assert "(n=2)" in again.stdout
+    assert "(seeds: " in again.stdout  # two seeds: their values, no interval
     states, runs, _ = _counts(home, "ext")
     assert states["search"] == Counter({"complete": 1}) and states["final"] == Counter({"complete": 2})
     parent = next(r for r in runs if r.data.tags["rnnbench.stage"] == "study")
