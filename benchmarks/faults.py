@@ -96,10 +96,22 @@ def scenario(name: str, steps, tmp: Path, storage_url=None, tracking_uri=None) -
     started = time.monotonic()
     codes = [step(args, base, tmp, home) for step in steps]
     wall = time.monotonic() - started
-    per_state, same_mlflow, same_report = views(storage_url, tracking_uri or tracking_uri_for(home), home)
+    return row(
+        name,
+        " → ".join(str(c) for c in codes),
+        storage_url,
+        tracking_uri or tracking_uri_for(home),
+        home,
+        wall,
+    )
+
+
+def row(name: str, codes: str, storage_url, tracking_uri, home: Path, wall: float) -> dict:
+    """One line of the table: the ledger's counts and whether MLflow and the report agree."""
+    per_state, same_mlflow, same_report = views(storage_url, tracking_uri, home)
     return {
         "fault": name,
-        "exit codes": " → ".join(str(c) for c in codes),
+        "exit codes": codes,
         "ledger": ", ".join(f"{k} {v}" for k, v in sorted(per_state.items())),
         "MLflow = ledger": "yes" if same_mlflow else "NO",
         "report = ledger": "yes" if same_report else "NO",
@@ -191,16 +203,8 @@ def many_machines() -> dict:
                 ]  # fmt: skip
                 codes = sorted(p.wait() for p in procs)
                 wall = time.monotonic() - started
-                per_state, same_mlflow, same_report = views(url, server.url, tmp)
-                return {
-                    "fault": "3 machines (PostgreSQL + mlflow server): one SIGKILLed mid-trial, one after its ledger write",
-                    "exit codes": " ".join(str(c) for c in codes),
-                    "ledger": ", ".join(f"{k} {v}" for k, v in sorted(per_state.items())),
-                    "MLflow = ledger": "yes" if same_mlflow else "NO",
-                    "report = ledger": "yes" if same_report else "NO",
-                    "retries": retries(url, tmp),
-                    "wall s": f"{wall:.0f}",
-                }
+                name = "3 machines (PostgreSQL + mlflow server): one SIGKILLed mid-trial, one after its ledger write"
+                return row(name, " ".join(str(c) for c in codes), url, server.url, tmp, wall)
         finally:
             server.stop()
     finally:

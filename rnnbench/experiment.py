@@ -12,9 +12,7 @@ seeds, studies and epochs (see the limits below).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -233,20 +231,6 @@ class Study:
         return cls(
             self.task_entry.dataset, data_path=self.task_entry.data_path, seed=seed, **self.task_entry.options
         )
-
-    def fingerprint(self) -> str:
-        """What must not change under a resumed study: search space, budget, fixed values, task."""
-        e = self.experiment
-        payload = {
-            "search": {k: v.model_dump() for k, v in sorted(e.search.items())},
-            "fixed": self.fixed_hparams,
-            "budget": e.budget.model_dump(),
-            "sampler": e.sampler.model_dump(),
-            "pruner": e.pruner.model_dump(),
-            "task": self.task_entry.model_dump(),
-            "parameter_budget": e.parameter_budget,
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def __repr__(self) -> str:
         return f"Study({self.name})"

@@ -226,10 +226,6 @@ def recover(storage, s: optuna.Study, max_retries: int = DEFAULT_MAX_RETRIES) ->
     return queued
 
 
-def running_elsewhere(s: optuna.Study) -> int:
-    return len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
-
-
 def has_room(trials: list[FrozenTrial], budget: int, max_retries: int) -> bool:
     """A new configuration may be sampled: counted + running + queued stays within the budget."""
     done, pending = counted(trials, max_retries)
@@ -251,9 +247,3 @@ def final_done(trials: list[FrozenTrial], seeds: list[int], max_retries: int) ->
     }
     pending = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     return wanted <= finished and not pending
-
-
-def retry_pending(trials: list[FrozenTrial], max_retries: int) -> bool:
-    """A lost or interrupted trial whose copy is not queued yet (a recovery will queue it)."""
-    copied = {t.user_attrs.get(RETRY_OF) for t in trials}
-    return any(needs_retry(trial_status(t, max_retries)) and t.number not in copied for t in trials)

@@ -76,6 +76,24 @@ def _counts(home: Path, name: str):
     return states, runs, keys
 
 
+def _start_until(path: Path, home: Path, condition, timeout: float = 180):
+    """Start `rnnbench run` and read its output until ``condition(line, lines so far)`` holds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnbench.cli", "run", str(path)],
+        env=_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if condition(line, seen):
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    return proc, seen
+
+
 def test_run_counts_and_mlflow_layout(tmp_path: Path):
     home = tmp_path / "home"
     result = _run(["run", str(_write(tmp_path, "plain"))], home)
@@ -127,19 +145,10 @@ def test_changed_budget_is_explained(tmp_path: Path):
 def test_kill_mid_trial_then_resume(tmp_path: Path):
     home = tmp_path / "home"
     path = _write(tmp_path, "killed", trials=3, epochs=4, seeds=1, train_size=2048)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rnnbench.cli", "run", str(path)],
-        env=_env(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    # kill once trial 1 is training (its first epoch logged)
+    proc, seen = _start_until(
+        path, home, lambda line, seen: "epoch 1/4" in line and "trial 1" in "".join(seen)
     )
-    seen, deadline = [], time.monotonic() + 180
-    for line in proc.stdout:  # kill once trial 1 is training (its first epoch logged)
-        seen.append(line)
-        if "epoch 1/4" in line and any("trial 1" in s for s in seen):
-            break
-        assert time.monotonic() < deadline, "".join(seen)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     states, _, _ = _counts(home, "killed")
@@ -190,19 +199,7 @@ def test_ctrl_c_then_resume(tmp_path: Path):
     configuration runs again on resume, and MLflow shows the same."""
     home = tmp_path / "home"
     path = _write(tmp_path, "ctrlc", trials=2, epochs=4, seeds=1, train_size=2048)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rnnbench.cli", "run", str(path)],
-        env=_env(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    seen, deadline = [], time.monotonic() + 180
-    for line in proc.stdout:
-        seen.append(line)
-        if "epoch 1/4" in line:
-            break
-        assert time.monotonic() < deadline, "".join(seen)
+    proc, seen = _start_until(path, home, lambda line, seen: "epoch 1/4" in line)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 130, "".join(seen) + out
