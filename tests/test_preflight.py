@@ -389,7 +389,7 @@ def test_broken_plugin_refused_by_run_and_named_by_check(tmp_path: Path):
     )
     good = rnnbench(["run", str(tmp_path / "elman.yaml")], site, home, tmp_path)
     assert good.returncode == 0, good.stdout[-1500:] + good.stderr[-1500:]
-    assert "el/memory-synthetic/elman-1L-uni" in good.stdout and "(n=1)" in good.stdout
+    assert "el/memory-synthetic/elman-1L-uni" in good.stdout and "(seeds: " in good.stdout
 
 
 def test_plugin_errors_are_one_line():
