@@ -267,3 +267,29 @@ fixed: {{hidden_size: 4}}
 budget: {{trials: 0, epochs: 1}}
 final: {{seeds: {seeds}}}
 """
+
+
+def test_mlflow_store_creation_failing_leaves_nothing_behind(tmp_path: Path):
+    """The disk fills while MLflow builds its schema: no half-migrated mlflow.db stays behind to
+    fail every later run; the next run (with space) simply creates it."""
+    import resource
+
+    home = tmp_path / "home"
+    path = tmp_path / "disk.yaml"
+    path.write_text(DISK_EXPERIMENT.format(seeds=1))
+    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "rnnbench.cli", "run", str(path)]
+    limit = 64 * 1024  # MLflow's schema alone is larger
+    full = subprocess.run(
+        command,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+    assert full.returncode != 0 and len(full.stderr.strip().splitlines()) == 1, full.stderr
+    assert "cannot create the MLflow store" in full.stderr
+    assert not (home / "mlflow.db").exists() and not list(home.glob(".mlflow.db.*"))
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
