@@ -332,8 +332,10 @@ def ui_command(home, tracking_uri, host, port) -> None:
 
 
 @app.command("report")
-@click.argument("experiment")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default reports/<experiment>).")
+@click.argument("experiments", nargs=-1, required=True, metavar="EXPERIMENT [EXPERIMENT...]")
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Output folder (default reports/<experiment>, or A-vs-B)."
+)
 @click.option(
     "--format",
     "fmt",
@@ -348,26 +350,36 @@ def ui_command(home, tracking_uri, host, port) -> None:
     "--storage",
     help="Optuna storage, to repair MLflow from before reporting (default: the run home's journal).",
 )
-def report_command(experiment, out, fmt, home, tracking_uri, storage) -> None:
-    """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file)."""
+def report_command(experiments, out, fmt, home, tracking_uri, storage) -> None:
+    """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file).
+
+    Two or more experiments: one report that compares them (rankings side by side, one column of
+    figure panels per experiment)."""
     import time
     from pathlib import Path
 
+    from rnnbench.errors import ConfigError
     from rnnbench.report import build_report
     from rnnbench.report.collect import resolve_tracking_uri
     from rnnbench.runner import run_home
 
     started = time.perf_counter()
-    experiment = _experiment_name(experiment)
+    names = [_experiment_name(e) for e in experiments]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"an experiment is named twice: {' '.join(names)}; compare different experiments")
     uri = resolve_tracking_uri(home, tracking_uri)
-    repaired = _sync(experiment, home, tracking_uri, storage, required=False)
-    if repaired and (repaired["projected"] or repaired["duplicates"]):
-        click.echo(f"repaired MLflow from the ledger: {repaired['projected']} run(s) rewritten", err=True)
+    for name in names:
+        repaired = _sync(name, home, tracking_uri, storage, required=False)
+        if repaired and (repaired["projected"] or repaired["duplicates"]):
+            click.echo(
+                f"repaired MLflow from the ledger ({name}): {repaired['projected']} run(s) rewritten",
+                err=True,
+            )
     journal = run_home(home) / "optuna.journal"
     report = build_report(
-        experiment,
+        names,
         tracking_uri=uri,
-        out=Path(out or Path("reports") / experiment),
+        out=Path(out or Path("reports") / "-vs-".join(names)),
         fmt=fmt,
         journal=journal if journal.is_file() else None,
         progress=lambda message: click.echo(message, err=True),
