@@ -288,9 +288,7 @@ def benchmark_frame(tables: list[TaskTable], benchmark: str) -> pd.DataFrame:
         metric = next(c for c in shown.columns if c.startswith("test "))
         parts[t.experiment] = shown[[c for c in ("rank", metric, *_COMPARED[1:]) if c in shown]]
     order = list(dict.fromkeys(a for part in parts.values() for a in part.index))
-    joined = pd.concat(parts, axis=1).reindex(order)
-    joined.columns.names = ["experiment", None]
-    return joined.fillna("–").reset_index(names="architecture")
+    return _side_by_side(pd.concat(parts, axis=1).reindex(order))
 
 
 def _caption(tables: list[TaskTable], benchmark: str) -> str:
@@ -345,8 +343,12 @@ def summary_frame(sums: dict[str | None, pd.DataFrame]) -> pd.DataFrame:
         shown[experiment] = df
     if len(shown) <= 1:
         return next(iter(shown.values()), pd.DataFrame())
-    joined = pd.concat({e: df.set_index("architecture") for e, df in shown.items()}, axis=1)
-    joined.columns.names = ["experiment", None]
+    return _side_by_side(pd.concat({e: df.set_index("architecture") for e, df in shown.items()}, axis=1))
+
+
+def _side_by_side(joined: pd.DataFrame) -> pd.DataFrame:
+    """One header row, ``experiment · column`` (a two-level header renders badly without an index)."""
+    joined.columns = [f"{experiment} · {column}" for experiment, column in joined.columns]
     return joined.fillna("–").reset_index(names="architecture")
 
 
@@ -373,8 +375,7 @@ def summary_html(sums: dict[str | None, pd.DataFrame]) -> str:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    cols = [" · ".join(c) if isinstance(c, tuple) else str(c) for c in df.columns]
-    cols = [c.removesuffix(" · ") for c in cols]
+    cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.itertuples(index=False):
         lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
