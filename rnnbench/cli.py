@@ -331,6 +331,49 @@ def ui_command(home, tracking_uri, host, port) -> None:
         sys.exit(0)
 
 
+@app.command("dashboard")
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option(
+    "--storage", help="Optuna storage: a journal file path or an RDB URL (default: the run home's journal)."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes it to the network."
+)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+def dashboard_command(home, storage, host, port) -> None:
+    """Browse the Optuna studies (the ledger) in optuna-dashboard, bound to localhost by default.
+
+    Each architecture has two studies: its search, and `<study>::final`, whose trials are the
+    final seeds of the best configuration (trial user attr `seed`), scored on test."""
+    from rnnbench.errors import ConfigError
+    from rnnbench.runner import run_home
+    from rnnbench.sweep import is_journal, journal_path, open_storage
+
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise ConfigError(
+            "optuna-dashboard is not installed: pip install 'rnnbench[dashboard]' -c constraints.txt"
+        ) from None
+    path = run_home(home)
+    if is_journal(storage) and not journal_path(storage, path).is_file():
+        raise ConfigError(
+            f"no Optuna ledger at {journal_path(storage, path)}: run `rnnbench run EXPERIMENT.yaml` first, "
+            "or pass --home or --storage"
+        )
+    ledger = open_storage(storage, path)
+    where = journal_path(storage, path) if is_journal(storage) else storage.split("@")[-1]
+    click.echo(f"optuna-dashboard for {where} at http://{host}:{port}  (Ctrl-C to stop)")
+    try:
+        optuna_dashboard.run_server(ledger, host=host, port=port)
+    except OSError as exc:  # the port is taken, or the host is not ours
+        raise ConfigError(
+            f"cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port"
+        ) from None
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("report")
 @click.argument("experiments", nargs=-1, required=True, metavar="EXPERIMENT [EXPERIMENT...]")
 @click.option(
