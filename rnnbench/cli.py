@@ -93,11 +93,12 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # In a log (not a terminal) nothing limits the width; in a narrow terminal, wrap, never cut ("…").
+    console = Console(width=None if sys.stdout.isatty() else 400)
     if "cells" in shown:
         table = Table(title=f"cells (parameters at input = hidden = {catalog.REFERENCE_SIZE}, one layer)")
         for column in ("name", "source", "parameters", "description"):
-            table.add_column(column, justify="right" if column == "parameters" else "left")
+            table.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
         for c in shown["cells"]:
             table.add_row(
                 c["name"], c["source"], f"{c['parameters']:,}" if c["parameters"] else "?", c["description"]
@@ -106,7 +107,7 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     if "tasks" in shown:
         table = Table(title="tasks")
         for column in ("name", "source", "datasets", "primary metric", "description"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for t in shown["tasks"]:
             primary = t["metrics"][0] if t["metrics"] else "?"
             causal = " (causal)" if t["causal"] else ""
