@@ -93,11 +93,12 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # In a log (not a terminal) nothing limits the width; in a narrow terminal, wrap, never cut ("…").
+    console = Console(width=None if sys.stdout.isatty() else 400)
     if "cells" in shown:
         table = Table(title=f"cells (parameters at input = hidden = {catalog.REFERENCE_SIZE}, one layer)")
         for column in ("name", "source", "parameters", "description"):
-            table.add_column(column, justify="right" if column == "parameters" else "left")
+            table.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
         for c in shown["cells"]:
             table.add_row(
                 c["name"], c["source"], f"{c['parameters']:,}" if c["parameters"] else "?", c["description"]
@@ -106,7 +107,7 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     if "tasks" in shown:
         table = Table(title="tasks")
         for column in ("name", "source", "datasets", "primary metric", "description"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for t in shown["tasks"]:
             primary = t["metrics"][0] if t["metrics"] else "?"
             causal = " (causal)" if t["causal"] else ""
@@ -331,9 +332,54 @@ def ui_command(home, tracking_uri, host, port) -> None:
         sys.exit(0)
 
 
+@app.command("dashboard")
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option(
+    "--storage", help="Optuna storage: a journal file path or an RDB URL (default: the run home's journal)."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes it to the network."
+)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+def dashboard_command(home, storage, host, port) -> None:
+    """Browse the Optuna studies (the ledger) in optuna-dashboard, bound to localhost by default.
+
+    Each architecture has two studies: its search, and `<study>::final`, whose trials are the
+    final seeds of the best configuration (trial user attr `seed`), scored on test."""
+    from rnnbench.errors import ConfigError
+    from rnnbench.runner import run_home
+    from rnnbench.sweep import is_journal, journal_path, open_storage
+
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise ConfigError(
+            "optuna-dashboard is not installed: pip install 'rnnbench[dashboard]' -c constraints.txt"
+        ) from None
+    path = run_home(home)
+    if is_journal(storage) and not journal_path(storage, path).is_file():
+        raise ConfigError(
+            f"no Optuna ledger at {journal_path(storage, path)}: run `rnnbench run EXPERIMENT.yaml` first, "
+            "or pass --home or --storage"
+        )
+    ledger = open_storage(storage, path)
+    where = journal_path(storage, path) if is_journal(storage) else storage.split("@")[-1]
+    click.echo(f"optuna-dashboard for {where} at http://{host}:{port}  (Ctrl-C to stop)")
+    try:
+        optuna_dashboard.run_server(ledger, host=host, port=port)
+    except OSError as exc:  # the port is taken, or the host is not ours
+        raise ConfigError(
+            f"cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port"
+        ) from None
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("report")
-@click.argument("experiment")
-@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default reports/<experiment>).")
+@click.argument("experiments", nargs=-1, required=True, metavar="EXPERIMENT [EXPERIMENT...]")
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Output folder (default reports/<experiment>, or A-vs-B)."
+)
 @click.option(
     "--format",
     "fmt",
@@ -348,26 +394,36 @@ def ui_command(home, tracking_uri, host, port) -> None:
     "--storage",
     help="Optuna storage, to repair MLflow from before reporting (default: the run home's journal).",
 )
-def report_command(experiment, out, fmt, home, tracking_uri, storage) -> None:
-    """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file)."""
+def report_command(experiments, out, fmt, home, tracking_uri, storage) -> None:
+    """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file).
+
+    Two or more experiments: one report that compares them (rankings side by side, one column of
+    figure panels per experiment)."""
     import time
     from pathlib import Path
 
+    from rnnbench.errors import ConfigError
     from rnnbench.report import build_report
     from rnnbench.report.collect import resolve_tracking_uri
     from rnnbench.runner import run_home
 
     started = time.perf_counter()
-    experiment = _experiment_name(experiment)
+    names = [_experiment_name(e) for e in experiments]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"an experiment is named twice: {' '.join(names)}; compare different experiments")
     uri = resolve_tracking_uri(home, tracking_uri)
-    repaired = _sync(experiment, home, tracking_uri, storage, required=False)
-    if repaired and (repaired["projected"] or repaired["duplicates"]):
-        click.echo(f"repaired MLflow from the ledger: {repaired['projected']} run(s) rewritten", err=True)
+    for name in names:
+        repaired = _sync(name, home, tracking_uri, storage, required=False)
+        if repaired and (repaired["projected"] or repaired["duplicates"]):
+            click.echo(
+                f"repaired MLflow from the ledger ({name}): {repaired['projected']} run(s) rewritten",
+                err=True,
+            )
     journal = run_home(home) / "optuna.journal"
     report = build_report(
-        experiment,
+        names,
         tracking_uri=uri,
-        out=Path(out or Path("reports") / experiment),
+        out=Path(out or Path("reports") / "-vs-".join(names)),
         fmt=fmt,
         journal=journal if journal.is_file() else None,
         progress=lambda message: click.echo(message, err=True),

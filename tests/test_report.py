@@ -363,3 +363,96 @@ def test_benchmark_ranked_on_the_metric_its_study_optimised(tmp_path: Path):
     table = rank_task(data.runs, info, "memory-copy").table.dropna(subset=["rank"])
     assert list(table["architecture"]) == ["gru-1L-uni", "rnn-1L-uni"]
     assert table["mean"].iloc[0] == pytest.approx(1.05)
+
+
+def _notebook_outputs(nb) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The executed notebook's ranking tables (HTML, by heading) and figures (PNG, by section)."""
+    import base64
+    import re
+
+    tables, figures, section = {}, {}, None
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.startswith("### "):
+            section = cell.source.splitlines()[0][4:]
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "<h2>" in data.get("text/html", ""):
+                tables[re.search(r"<h2>(.*?)</h2>", data["text/html"]).group(1)] = data["text/html"]
+            if "image/png" in data and section:
+                figures[section] = base64.b64decode(data["image/png"])
+    return tables, figures
+
+
+def test_an_edited_notebook_cell_changes_tables_and_figures(smoke_report: Path):
+    """The notebook ranks and draws from runs.parquet itself: a filter edited in its parameters
+    cell and re-executed headless gives other tables and figures."""
+    import nbformat
+
+    from rnnbench.report import notebook
+    from rnnbench.report.figures import CAPTIONS
+
+    nb = nbformat.read(smoke_report / "report.ipynb", as_version=4)
+    tables, figures = _notebook_outputs(nb)
+    assert set(tables) == {"summary", "memory-synthetic", "memory-T12"}
+    # every figure is drawn inline by the notebook (the same calls the HTML report saves)
+    assert set(figures) == set(CAPTIONS) - {"compare_experiments"}
+    assert all(len(png) > 10_000 for png in figures.values())
+    assert "rnn-1L-uni" in tables["memory-T12"] and "gru-1L-uni" in tables["memory-T12"]
+
+    assert nb.cells[1].metadata["tags"] == ["parameters"]
+    nb.cells[1].source = nb.cells[1].source.replace("cells = None", "cells = ['gru']")
+    assert notebook.execute(nb, smoke_report) == []
+    edited_tables, edited_figures = _notebook_outputs(nb)
+    assert "rnn-1L-uni" not in edited_tables["memory-T12"] and "gru-1L-uni" in edited_tables["memory-T12"]
+    assert "rnn-1L-uni" not in edited_tables["summary"]
+    changed = {name for name in figures if edited_figures.get(name) != figures[name]}
+    assert {"metric_vs_params", "valid_curves", "memory_vs_length", "optimisation_history"} <= changed
+
+
+def _two_experiments(home: Path) -> None:
+    """Two experiments of final seeds on two memory lengths (labels that sort wrong as text)."""
+    from rnnbench.tracking import Tracker, tracking_uri_for
+
+    home.mkdir(parents=True)
+    scores = {"old": {"gru": [0.30, 0.32, 0.31], "lstm": [0.20, 0.22, 0.21]},
+              "new": {"gru": [0.10, 0.12, 0.11], "lstm": [0.25, 0.26, 0.24]}}  # fmt: skip
+    for experiment, by_cell in scores.items():
+        tracker = Tracker(tracking_uri_for(home), experiment, home / "artifacts")
+        for bench in ("memory-T40", "memory-T10"):
+            for cell, values in by_cell.items():
+                tags = {"study": f"{experiment}/{bench}/{cell}-1L-uni", "cell": cell, "layers": 1,
+                        "bidirectional": False, "task": "memory", "dataset": "synthetic"}  # fmt: skip
+                parent = tracker.start_run("study", {**tags, "stage": "study", "status": "complete"})
+                for seed, v in enumerate(values):
+                    run = tracker.start_run(f"seed-{seed}", {**tags, "stage": "final", "seed": seed,
+                                                           "status": "complete"}, parent)  # fmt: skip
+                    tracker.log_metrics(run, {"test_mse": v, "params_total": 1000.0 + seed,
+                                              "train_tokens_per_s": 12345.6})  # fmt: skip
+                    tracker.end_run(run)
+                tracker.end_run(parent)
+
+
+def test_report_compares_two_experiments(tmp_path: Path):
+    home, out = tmp_path / "home", tmp_path / "cmp"
+    _two_experiments(home)
+    runner = CliRunner()
+    twice = runner.invoke(app, ["report", "old", "old", "--home", str(home), "--out", str(out)])
+    assert twice.exit_code == 2 and "named twice" in twice.output and not out.exists()
+    result = runner.invoke(app, ["report", "old", "new", "--home", str(home), "--out", str(out), "--format", "html"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    runs = pd.read_parquet(out / "runs.parquet")
+    assert runs.groupby("experiment").size().to_dict() == {
+        "new": 16,
+        "old": 16,
+    }  # 2 benchmarks x 2 cells x (study + 3 seeds)
+    assert set(pd.read_parquet(out / "histories.parquet").columns) >= {"experiment", "run_id"}
+    # tidy ranking CSV: one row per experiment and architecture; gru wins in new, lstm in old
+    ranked = pd.read_csv(out / "tables" / "memory-T10.csv").dropna(subset=["rank"])
+    best = ranked[ranked["rank"] == 1].set_index("experiment")["architecture"].to_dict()
+    assert best == {"old": "lstm-1L-uni", "new": "gru-1L-uni"}
+    md = (out / "tables" / "memory-T10.md").read_text()
+    assert "| architecture | old · rank | old · test mse" in md and "| new · rank |" in md
+    assert "| 12,346 |" in md  # tokens/s: an integer with thousands separators
+    page = (out / "report.html").read_text()
+    assert page.index("<h2>memory-T10</h2>") < page.index("<h2>memory-T40</h2>")  # natural order
+    assert (out / "figures" / "compare_experiments.png").stat().st_size > 10_000

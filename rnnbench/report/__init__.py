@@ -20,7 +20,7 @@ class Report:
 
 
 def build_report(
-    experiment: str,
+    experiments: str | list[str],
     *,
     tracking_uri: str,
     out: Path,
@@ -28,58 +28,70 @@ def build_report(
     journal: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Everything under ``out``: data, tables/, figures/, report.html and/or the executed notebook, index.html."""
+    """Everything under ``out``: data, tables/, figures/, report.html and/or the executed notebook,
+    index.html. Several experiments: one report comparing them (tidy tables with an ``experiment``
+    column, rankings side by side, one column of figure panels each)."""
     from rnnbench.report import collect as collect_mod
     from rnnbench.report import figures as figures_mod
     from rnnbench.report import notebook as notebook_mod
     from rnnbench.report import tables as tables_mod
 
+    experiments = [experiments] if isinstance(experiments, str) else list(experiments)
+    title = " vs ".join(experiments)
     say = progress or (lambda message: None)
     client = collect_mod.open_client(tracking_uri)
-    say(f"collecting runs of {experiment!r} from {tracking_uri}")
-    data = collect_mod.collect(client, experiment, tracking_uri=tracking_uri, progress=say)
+    say(f"collecting runs of {title!r} from {tracking_uri}")
+    data = collect_mod.collect_many(client, experiments, tracking_uri=tracking_uri, progress=say)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[Path]] = {"data": collect_mod.save(data, out)}
+    importance, notes = figures_mod.importance_table(data.runs, journal)
+    if not importance.empty:
+        importance.to_parquet(out / collect_mod.IMPORTANCE_FILE, index=False)
+        files["data"].append(out / collect_mod.IMPORTANCE_FILE)
     say(f"{len(data.runs)} runs; writing tables")
-    task_tables = [tables_mod.rank_task(data.runs, info, b) for b, info in data.benchmarks.items()]
-    summary = tables_mod.summary(task_tables)
-    written = tables_mod.write(task_tables, summary, out / "tables")
+    task_tables = tables_mod.ranking_tables(data.runs, data.benchmarks)
+    sums = tables_mod.summaries(task_tables)
+    written = tables_mod.write(task_tables, sums, out / "tables")
     files["tables"] = [out / "tables" / "tables.html"] + [p for ps in written.values() for p in ps]
-    notes = list(data.notes) + [f"{t.task}: {n}" for t in task_tables for n in t.notes]
+    several = len(experiments) > 1
+    notes = list(data.notes) + notes
+    notes += [f"{t.task}{f' ({t.experiment})' if several else ''}: {n}" for t in task_tables for n in t.notes]
     say("drawing figures")
     figs = figures_mod.make_all(
-        data.runs, data.histories, task_tables, data.benchmarks, experiment, out / "figures", journal
+        data.runs, data.histories, task_tables, data.benchmarks, importance, out / "figures"
     )
     notes += figs.notes
     files["figures"] = list(figs.paths.values())
     report = Report(out, out / "index.html", files, notes)
     if fmt in ("html", "all"):
-        files["html"] = [_static_html(experiment, out, written, figs.paths, notes)]
+        files["html"] = [_static_html(title, out, task_tables, sums, figs.paths, notes)]
     if fmt in ("notebook", "all"):
         say("executing the notebook")
-        tables = (["summary"] if "summary" in written else []) + [t.task for t in task_tables]
-        nb = notebook_mod.build(experiment, tracking_uri, tables, list(figs.paths), notes)
+        nb = notebook_mod.build(experiments, tracking_uri, journal)
         report.notebook_errors = notebook_mod.execute(nb, out)
         files["notebook"] = list(notebook_mod.write(nb, out))
     order = ["html", "notebook", "tables", "figures", "data"]
     links = {k: files[k] for k in order if k in files}
-    report.index = notebook_mod.index_page(experiment, out, links, notes)
+    report.index = notebook_mod.index_page(title, out, links, notes)
     return report
 
 
-def _static_html(experiment, out: Path, written, figure_paths, notes) -> Path:
-    """report.html: the tables and figures on one page, no kernel needed."""
-    from rnnbench.report.tables import _page
+def _static_html(title: str, out: Path, task_tables, sums, figure_paths, notes) -> Path:
+    """report.html: the tables and figures on one page, no kernel needed; the same functions
+    render them in the notebook."""
+    from rnnbench.report.figures import CAPTIONS
+    from rnnbench.report.tables import _page, benchmark_html, benchmarks_of, summary_html
 
-    body = [f"<h1>rnnbench report: {html.escape(experiment)}</h1>"]
+    body = [f"<h1>rnnbench report: {html.escape(title)}</h1>"]
     if notes:
         body.append("<ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    tables_html = (out / "tables" / "tables.html").read_text()
-    body.append(tables_html.split("<body>", 1)[1].rsplit("</body>", 1)[0])
+    body.append(summary_html(sums))
+    body += [benchmark_html(task_tables, b) for b in benchmarks_of(task_tables)]
     for name, path in figure_paths.items():
         body.append(
-            f"<h2>{html.escape(name)}</h2><img src='{path.relative_to(out).as_posix()}' alt='{name}'>"
+            f"<h2>{html.escape(name)}</h2><figure><img src='{path.relative_to(out).as_posix()}' alt='{name}'>"
+            f"<figcaption>{html.escape(CAPTIONS.get(name, ''))}</figcaption></figure>"
         )
     path = out / "report.html"
-    path.write_text(_page(f"{experiment} report", "\n".join(body)))
+    path.write_text(_page(f"{title} report", "\n".join(body)))
     return path

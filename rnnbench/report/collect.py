@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ _ID_COLUMNS = [
     "benchmark", "dataset", "stage", "trial", "seed", "status", "failure_reason", "failure_message",
 ]  # fmt: skip
 HISTORY_METRICS = ("grad_norm", "grad_norm_max")
+RUNS_FILE, HISTORIES_FILE, IMPORTANCE_FILE = "runs.parquet", "histories.parquet", "importance.parquet"
 OLD_MEMORY_METRIC = "peak_memory_mb"  # before train_memory_mib: the worker's RSS, not the model's
 
 
@@ -242,23 +244,58 @@ def collect(
             f"experiment {experiment!r} has no runs yet: start it with `rnnbench run` and report again"
         )
     df = _tidy(rows)
+    benchmarks, notes = benchmark_infos(df)
+    tasks = {info.name: info for info in benchmarks.values()}
+    notes += status_notes(df)
+    histories = collect_histories(client, df, benchmarks, progress)
+    histories.insert(0, "experiment", experiment)
+    return Collected(experiment, tracking_uri, df, histories, tasks, notes, benchmarks)
+
+
+def collect_many(
+    client,
+    experiments: list[str],
+    *,
+    tracking_uri: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> Collected:
+    """Several experiments as one tidy table: their rows concatenated, told apart by ``experiment``."""
+    parts = [collect(client, e, tracking_uri=tracking_uri, progress=progress) for e in experiments]
+    if len(parts) == 1:
+        return parts[0]
+    runs = pd.concat([p.runs for p in parts], ignore_index=True)
+    histories = pd.concat([p.histories for p in parts], ignore_index=True)
+    benchmarks, notes = benchmark_infos(runs)
+    for p in parts:
+        notes += [f"{p.experiment}: {n}" for n in status_notes(p.runs)]
+    tasks = {info.name: info for info in benchmarks.values()}
+    return Collected(" vs ".join(experiments), tracking_uri, runs, histories, tasks, notes, benchmarks)
+
+
+def natural_key(label: str) -> list:
+    """Sort key that puts memory-T10 before memory-T40 before memory-T100."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(label))]
+
+
+def benchmark_infos(runs: pd.DataFrame) -> tuple[dict[str, TaskInfo], list[str]]:
+    """Each benchmark's primary metric, in natural order, read from the runs alone (the notebook
+    has no MLflow): the study run's own tag, else the task plugin's first metric."""
     notes: list[str] = []
     tasks: dict[str, TaskInfo] = {}
-    for task in sorted(df["task"].dropna().unique()):
-        info, note = task_info(task, list(df.columns))
-        tasks[task] = info
+    for task in sorted(runs["task"].dropna().unique()):
+        tasks[task], note = task_info(task, list(runs.columns))
         if note:
             notes.append(note)
-    notes += status_notes(df)
     benchmarks = {}
-    for bench, group in df.dropna(subset=["benchmark"]).groupby("benchmark"):
+    named = runs.dropna(subset=["benchmark"])
+    for bench in sorted(named["benchmark"].unique(), key=natural_key):
+        group = named[named["benchmark"] == bench]
         info = tasks[group["task"].iloc[0]]
-        tagged = group.dropna(subset=["primary_metric", "direction"])
+        tagged = group.dropna(subset=["primary_metric", "direction"]) if "direction" in group else group[:0]
         if len(tagged):  # the study run says which metric it optimised (options can change it)
             info = TaskInfo(info.name, tagged["primary_metric"].iloc[0], tagged["direction"].iloc[0])
         benchmarks[bench] = info
-    histories = collect_histories(client, df, benchmarks, progress)
-    return Collected(experiment, tracking_uri, df, histories, tasks, notes, benchmarks)
+    return benchmarks, notes
 
 
 def status_notes(df: pd.DataFrame) -> list[str]:
@@ -340,8 +377,9 @@ def collect_histories(client, df, benchmarks, progress=None) -> pd.DataFrame:
 
 
 def save(collected: Collected, out: Path) -> list[Path]:
+    """The tidy tables the notebook reads: runs (Parquet and CSV) and per-epoch histories."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "runs.parquet", out / "runs.csv", out / "histories.parquet"]
+    paths = [out / RUNS_FILE, out / "runs.csv", out / HISTORIES_FILE]
     collected.runs.to_parquet(paths[0], index=False)
     collected.runs.to_csv(paths[1], index=False)
     collected.histories.to_parquet(paths[2], index=False)

@@ -1,4 +1,7 @@
-"""Seaborn figures (PNG + SVG). One colour per cell and one marker per variant, in every figure."""
+"""Seaborn figures. One function per figure returns it drawn (or a sentence saying why there is
+nothing to draw); the report saves them (PNG + SVG) and the notebook shows the same calls inline.
+One colour per cell and one marker per variant, in every figure; with several experiments, one
+column of panels per experiment (y shared along a benchmark's row)."""
 
 from __future__ import annotations
 
@@ -6,9 +9,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from rnnbench.report.collect import TaskInfo, best_search_runs
+from rnnbench.report.collect import TaskInfo, natural_key
 from rnnbench.report.tables import TaskTable
 from rnnbench.stats import MIN_SEEDS, finite, mean_ci
 
@@ -16,26 +20,55 @@ SEEDS_NOTE = f"mean; 95% CI over ≥{MIN_SEEDS} seeds, else each seed as a dot"
 # fANOVA on 2-4 trials returns the same split shares for every study (seen: 0.66/0.34 everywhere)
 MIN_TRIALS_FOR_IMPORTANCE = 5
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+BAND_LABEL = "shaded band: 95% CI of the mean over the runs (bootstrap)"
+_POINTS = (
+    "Points: mean test metric of the final seeds; bars: its 95% Student-t interval in the point's "
+    f"colour (from {MIN_SEEDS} seeds); below {MIN_SEEDS} seeds, each seed as a small dot instead. "
+    "Points with (almost) the same x are drawn side by side so none hides another."
+)
+CAPTIONS = {
+    "metric_vs_params": f"Test metric against trainable parameters. {_POINTS}",
+    "metric_vs_throughput": f"Test metric against training throughput; the black line joins the Pareto "
+    f"front (no other architecture is both faster and better). {_POINTS}",
+    "valid_curves": "Validation metric per epoch of each architecture's best search trial (one run each, no band).",
+    "optimisation_history": "Every search trial's best validation score (points) and the study's running "
+    "best (steps), by trial number.",
+    "grad_norm": f"Global gradient L2 norm per epoch, before clipping: the mean over each architecture's "
+    f"final seeds and best trial; {BAND_LABEL}.",
+    "importance": "fANOVA share of the validation score's variance explained by each hyperparameter, "
+    f"per study with {MIN_TRIALS_FOR_IMPORTANCE} or more completed trials (seed 0).",
+    "memory_vs_length": f"Memory task: test metric against sequence length T, one line per architecture; "
+    f"dashed: the trivial baseline. {_POINTS}",
+    "compare_experiments": "The same architectures in each experiment: mean test metric, with its 95% "
+    f"interval from {MIN_SEEDS} seeds (each seed as a dot below that), one colour per experiment.",
+}
 
 
 @dataclass
 class Style:
-    """The fixed cell → colour and variant → marker maps shared by all figures."""
+    """The fixed cell → colour, variant → marker and experiment → colour maps shared by all figures."""
 
     colours: dict[str, tuple]
     markers: dict[str, str]
+    experiments: dict[str, tuple] = field(default_factory=dict)
 
     @classmethod
     def for_runs(cls, runs: pd.DataFrame) -> Style:
         import seaborn as sns
 
         cells = sorted(runs["cell"].dropna().unique())
-        variants = sorted(runs["variant"].dropna().unique())
+        variants = sorted(runs["variant"].dropna().unique(), key=natural_key)
+        experiments = list(runs["experiment"].dropna().unique()) if "experiment" in runs else []
         palette = sns.color_palette("colorblind", max(len(cells), 1))
+        dark = sns.color_palette("dark", max(len(experiments), 1))
         return cls(
             {c: palette[i % len(palette)] for i, c in enumerate(cells)},
             {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(variants)},
+            {e: dark[i % len(dark)] for i, e in enumerate(experiments)},
         )
+
+    def colour(self, cell) -> tuple | str:
+        return self.colours.get(cell, "0.4")
 
     def kwargs(self, data: pd.DataFrame) -> dict:
         """hue/style arguments for seaborn restricted to the levels present (keeps legends honest)."""
@@ -57,17 +90,35 @@ class Figures:
     notes: list[str] = field(default_factory=list)
 
 
+def set_theme() -> None:
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid")
+
+
+def show(drawn) -> None:
+    """In the notebook: the figure inline (once), or the sentence saying why there is none."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    if isinstance(drawn, str):
+        print(drawn)
+        return
+    display(drawn)
+    plt.close(drawn)
+
+
 def _metric_label(info: TaskInfo, split: str = "test") -> str:
     return f"{split} {info.metric} (unitless; {info.better})"
 
 
-def _save(fig, out: Path, name: str, result: Figures) -> None:
+def save(fig, out: Path, name: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
     fig.savefig(out / f"{name}.svg", bbox_inches="tight")
     plt.close(fig)
-    result.paths[name] = out / f"{name}.png"
+    return out / f"{name}.png"
 
 
 def _grid(n: int, width: float = 5.2, height: float = 4.0, columns: int = 3):
@@ -83,8 +134,46 @@ def _grid(n: int, width: float = 5.2, height: float = 4.0, columns: int = 3):
     return fig, flat[:n]
 
 
-def _legend(fig, axes) -> None:
-    """One legend for the figure (cell colours, variant markers), outside the plotting area."""
+def _layout(keys: list[tuple], width: float = 5.2, height: float = 4.0):
+    """A panel per (benchmark, experiment) key. One experiment: a wrapped grid in the keys' order.
+    Several: a row per benchmark, a column per experiment, y shared along a row so they compare."""
+    import matplotlib.pyplot as plt
+
+    experiments = list(dict.fromkeys(e for _, e in keys))
+    if len(experiments) <= 1:
+        fig, axes = _grid(len(keys), width, height)
+        return fig, dict(zip(keys, axes))
+    benches = list(dict.fromkeys(b for b, _ in keys))
+    fig, grid = plt.subplots(
+        len(benches), len(experiments), figsize=(width * len(experiments) + 1.8, height * len(benches)),
+        squeeze=False, sharey="row",
+    )  # fmt: skip
+    axes = {}
+    for i, bench in enumerate(benches):
+        for j, experiment in enumerate(experiments):
+            ax = grid[i][j]
+            if (bench, experiment) in keys:
+                axes[(bench, experiment)] = ax
+            else:  # keep the columns aligned: say it, do not leave a hole
+                ax.text(0.5, 0.5, f"{bench}: no runs in {experiment}", ha="center", va="center",
+                        transform=ax.transAxes, color="0.4")  # fmt: skip
+                ax.set_axis_off()
+    return fig, axes
+
+
+def _title(key: tuple, several: bool, text: str = "") -> str:
+    bench, experiment = key
+    where = f"{bench} · {experiment}" if several else bench
+    return f"{where}: {text}" if text else where
+
+
+def _several(keys) -> bool:
+    return len({e for _, e in keys}) > 1
+
+
+def _legend(fig, axes, extra: list | None = None) -> None:
+    """One legend for the figure (cell colours, variant markers, what lines and bands mean),
+    outside the plotting area."""
     fig.tight_layout()
     handles, labels = {}, []
     for ax in axes:
@@ -95,6 +184,9 @@ def _legend(fig, axes) -> None:
                 labels.append(label)
         if ax.get_legend():
             ax.get_legend().remove()
+    for handle in extra or []:
+        handles[handle.get_label()] = handle
+        labels.append(handle.get_label())
     if handles:
         fig.legend(
             [handles[k] for k in labels], labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False
@@ -108,28 +200,68 @@ def _arch_points(t: TaskTable) -> pd.DataFrame:
     return df[df["seeds"].fillna(0) > 0].copy()
 
 
-def metric_vs_params(tables: list[TaskTable], style: Style, out: Path, result: Figures) -> None:
-    _scatter_per_task(tables, style, out, result, "params", "parameters (count)", "metric_vs_params")
+def _is_wide(values: pd.Series) -> bool:
+    """Log scale only when the values span a decade (closer values read better on a linear axis)."""
+    positive = values[values > 0]
+    return bool(len(positive)) and positive.max() / positive.min() >= 10
 
 
-def metric_vs_throughput(tables: list[TaskTable], style: Style, out: Path, result: Figures) -> None:
-    _scatter_per_task(
-        tables, style, out, result, "train_tokens_per_s", "training throughput (tokens/s)",
-        "metric_vs_throughput", pareto=True,
-    )  # fmt: skip
+def _log_ticks(axis, values: pd.Series, formatter) -> None:
+    """Enough labelled ticks on a log axis: 1-2-5 per decade over up to 3 decades, more below one."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    positive = values[values > 0]
+    decades = math.log10(positive.max() / positive.min()) if len(positive) else 3
+    subs = (1.0,) if decades > 3 else (1.0, 2.0, 5.0) if decades > 1 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _count_axis(ax, values: pd.Series, label: str) -> None:
-    """Log scale only when the values span a decade (else log ticks are unreadable); 12k, 1.2M labels."""
-    from matplotlib.ticker import EngFormatter, NullFormatter
+    """Counts (parameters, tokens/s) as 12k, 1.2M; log scale only across a decade or more."""
+    from matplotlib.ticker import EngFormatter
 
-    positive = values[values > 0]
-    wide = len(positive) and positive.max() / positive.min() >= 10
+    wide = _is_wide(values)
     if wide:
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        _log_ticks(ax.xaxis, values, EngFormatter(sep=""))
+    else:
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_xlabel(label + (", log scale" if wide else ""))
+
+
+def dodge(x: pd.Series, log: bool, share: float = 0.02, step: float = 0.03) -> pd.Series:
+    """x positions with points that (almost) share an x spread side by side: lstm and peephole
+    have nearly the same parameter count and would hide each other. ``share`` and ``step`` are
+    fractions of the axis span (in decades on a log axis)."""
+    t = np.log10(x.astype(float)) if log else x.astype(float)
+    span = float(t.max() - t.min())
+    span = span if span > 0 else (0.5 if log else max(abs(float(t.mean())) * 0.2, 1.0))
+    order = t.sort_values()
+    groups, current = [], [order.index[0]]
+    for prev, idx in zip(order.index[:-1], order.index[1:]):
+        if t[idx] - t[prev] < share * span:
+            current.append(idx)
+        else:
+            groups.append(current)
+            current = [idx]
+    groups.append(current)
+    shifted = t.copy()
+    for members in groups:
+        centre = t[members].mean()
+        for i, idx in enumerate(members):
+            shifted[idx] = centre + (i - (len(members) - 1) / 2) * step * span
+    return 10**shifted if log else shifted
+
+
+def _error_bars(ax, points: pd.DataFrame, x: str, colour_of) -> None:
+    """95% intervals, each in its point's colour (a grey bar reads as belonging to no one)."""
+    for _, row in points[points["ci95_low"].notna()].iterrows():
+        ax.errorbar(
+            row[x], row["mean"], yerr=[[row["mean"] - row["ci95_low"]], [row["ci95_high"] - row["mean"]]],
+            fmt="none", ecolor=colour_of(row), elinewidth=1.2, capsize=3, zorder=1,
+        )  # fmt: skip
 
 
 def pareto_front(points: pd.DataFrame, x: str, direction: str) -> pd.DataFrame:
@@ -145,132 +277,151 @@ def pareto_front(points: pd.DataFrame, x: str, direction: str) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
-def _seed_points(ax, points: pd.DataFrame, x: str, style: Style, y: str = "mean") -> None:
+def _seed_points(ax, points: pd.DataFrame, x: str, colour_of, y: str = "mean") -> None:
     """Below MIN_SEEDS seeds there is no interval (see stats.py): each seed's value as a small dot."""
     for _, row in points.iterrows():
         values = row.get("seed_values")
         if pd.isna(row.get("ci95_low")) and isinstance(values, list) and len(values) > 1:
-            ax.scatter([row[x]] * len(values), values, s=14, color=style.colours.get(row["cell"], "0.4"),
-                       alpha=0.7, zorder=2, linewidths=0)  # fmt: skip
+            ax.scatter([row[x]] * len(values), values, s=14, color=colour_of(row), alpha=0.7, zorder=2,
+                       linewidths=0)  # fmt: skip
 
 
-def _scatter_per_task(tables, style, out, result, x, xlabel, name, pareto=False) -> None:
+def metric_vs_params(tables: list[TaskTable], style: Style):
+    return _scatter_per_task(tables, style, "params", "parameters (count)", "metric_vs_params")
+
+
+def metric_vs_throughput(tables: list[TaskTable], style: Style):
+    return _scatter_per_task(
+        tables, style, "train_tokens_per_s", "training throughput (tokens/s)", "metric_vs_throughput",
+        pareto=True,
+    )  # fmt: skip
+
+
+def _scatter_per_task(tables, style, x, xlabel, name, pareto=False):
     import seaborn as sns
+    from matplotlib.lines import Line2D
 
     shown = [(t, _arch_points(t)) for t in tables]
     shown = [(t, p.dropna(subset=[x, "mean"])) for t, p in shown]
     shown = [(t, p) for t, p in shown if len(p)]
     if not shown:
-        result.notes.append(f"{name}: no architecture has final test scores yet")
-        return
-    fig, axes = _grid(len(shown))
-    for ax, (t, p) in zip(axes, shown):
-        has_ci = p["ci95_low"].notna()
-        ax.errorbar(
-            p.loc[has_ci, x], p.loc[has_ci, "mean"],
-            yerr=[p.loc[has_ci, "mean"] - p.loc[has_ci, "ci95_low"], p.loc[has_ci, "ci95_high"] - p.loc[has_ci, "mean"]],
-            fmt="none", ecolor="0.6", elinewidth=1, capsize=3, zorder=1,
-        )  # fmt: skip
-        _seed_points(ax, p, x, style)
-        sns.scatterplot(data=p, x=x, y="mean", s=90, ax=ax, zorder=3, **style.kwargs(p))
+        return f"{name}: no architecture has final test scores yet"
+    keys = [(t.task, t.experiment) for t, _ in shown]
+    fig, axes = _layout(keys)
+    cell_colour = lambda row: style.colour(row["cell"])  # noqa: E731
+    for key, (t, p) in zip(keys, shown):
+        ax = axes[key]
+        p = p.assign(x_drawn=dodge(p[x], _is_wide(p[x])))
+        _error_bars(ax, p, "x_drawn", cell_colour)
+        _seed_points(ax, p, "x_drawn", cell_colour)
+        sns.scatterplot(data=p, x="x_drawn", y="mean", s=90, ax=ax, zorder=3, **style.kwargs(p))
         if pareto:
-            front = pareto_front(p, x, t.info.direction).sort_values(x)
-            ax.plot(front[x], front["mean"], "-", color="0.2", lw=1.2, zorder=2, label="Pareto front")
-            ax.scatter(front[x], front["mean"], s=260, facecolors="none", edgecolors="0.2", zorder=2)
-        for _, row in p.iterrows() if len(p) <= 4 else ():  # more labels than that only overlap
-            ax.annotate(
-                row["architecture"],
-                (row[x], row["mean"]),
-                textcoords="offset points",
-                xytext=(6, 6),
-                fontsize=8,
-            )
+            front = pareto_front(p, "x_drawn", t.info.direction).sort_values("x_drawn")
+            ax.plot(front["x_drawn"], front["mean"], "-", color="0.2", lw=1.2, zorder=2)
+            ax.scatter(front["x_drawn"], front["mean"], s=260, facecolors="none", edgecolors="0.2", zorder=2)
+        # more labels than 4 only overlap; neighbours along x alternate above and below their point
+        labelled = p.sort_values("x_drawn") if len(p) <= 4 else p.iloc[0:0]
+        for i, (_, row) in enumerate(labelled.iterrows()):
+            ax.annotate(row["architecture"], (row["x_drawn"], row["mean"]), textcoords="offset points",
+                        xytext=(6, 6 if i % 2 == 0 else -14), fontsize=8)  # fmt: skip
         _count_axis(ax, p[x], xlabel)
         ax.set_ylabel(_metric_label(t.info))
-        ax.set_title(f"{t.task} ({SEEDS_NOTE})")
+        ax.set_title(_title(key, _several(keys)), fontsize=11)
         ax.grid(alpha=0.3)
-    _legend(fig, axes)
-    _save(fig, out, name, result)
+    fig.suptitle(SEEDS_NOTE, y=1.0, fontsize=10)
+    extra = []
+    if pareto:
+        extra.append(Line2D([], [], color="0.2", marker="o", mfc="none", ms=12, label="Pareto front"))
+    _legend(fig, list(axes.values()), extra)
+    return fig
 
 
-def _curves(runs, histories, tasks, metric_of, ylabel_of, name, out, style, result, *, best_only, logy=False):
+def _curves(runs, histories, infos, metric_of, ylabel_of, name, style, *, best_only, logy=False):
     import seaborn as sns
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FormatStrFormatter
 
     if histories.empty:
-        result.notes.append(f"{name}: no per-epoch history logged")
-        return
-    meta = runs.set_index("run_id")[["benchmark", "cell", "variant", "architecture", "stage"]]
-    hist = histories.join(meta, on="run_id")
+        return f"{name}: no per-epoch history logged"
+    cols = ["benchmark", "cell", "variant", "architecture", "stage"]
+    meta = runs.set_index("run_id")[cols + (["experiment"] if "experiment" in runs else [])]
+    hist = histories.drop(columns=["experiment"], errors="ignore").join(meta, on="run_id", how="inner")
+    if "experiment" not in hist:
+        hist["experiment"] = None
     if best_only:
         hist = hist[hist["best_trial"]]
     panels = []
-    for task in sorted(hist["benchmark"].dropna().unique()):
-        sub = hist[(hist["benchmark"] == task) & (hist["metric"] == metric_of(tasks[task]))]
-        if len(sub):
-            panels.append((task, sub))
+    for bench, info in infos.items():
+        for experiment in dict.fromkeys(hist["experiment"]):
+            sub = hist[(hist["benchmark"] == bench) & (hist["experiment"].values == experiment)]
+            sub = sub[sub["metric"] == metric_of(info)]
+            if len(sub):
+                panels.append(((bench, experiment), sub))
     if not panels:
-        result.notes.append(f"{name}: no per-epoch history logged")
-        return
-    fig, axes = _grid(len(panels))
-    for ax, (task, sub) in zip(axes, panels):
+        return f"{name}: no per-epoch history logged"
+    keys = [k for k, _ in panels]
+    fig, axes = _layout(keys)
+    for key, sub in panels:
+        ax = axes[key]
         sns.lineplot(
             data=sub, x="step", y="value", units="architecture" if best_only else None,
             estimator=None if best_only else "mean", errorbar=None if best_only else ("ci", 95),
             markersize=8, dashes=False, ax=ax, **style.kwargs(sub),
         )  # fmt: skip
         ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel_of(tasks[task]))
-        ax.set_title(task)
+        ax.set_ylabel(ylabel_of(infos[key[0]]))
+        ax.set_title(_title(key, _several(keys)), fontsize=11)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if logy:
             ax.set_yscale("log")
+            _log_ticks(ax.yaxis, sub["value"], FormatStrFormatter("%g"))
         ax.grid(alpha=0.3)
-    _legend(fig, axes)
-    _save(fig, out, name, result)
+    extra = [] if best_only else [Patch(facecolor="0.5", alpha=0.25, label=BAND_LABEL)]
+    _legend(fig, list(axes.values()), extra)
+    return fig
 
 
-def valid_curves(runs, histories, tasks, style, out, result) -> None:
-    _curves(
-        runs, histories, tasks, lambda i: f"valid_{i.metric}",
-        lambda i: f"validation {i.metric} (unitless; {i.better})", "valid_curves", out, style, result,
-        best_only=True,
+def valid_curves(runs, histories, infos, style):
+    return _curves(
+        runs, histories, infos, lambda i: f"valid_{i.metric}",
+        lambda i: f"validation {i.metric} (unitless; {i.better})", "valid_curves", style, best_only=True,
     )  # fmt: skip
 
 
-def grad_norm(runs, histories, tasks, style, out, result) -> None:
+def grad_norm(runs, histories, infos, style):
     """Mean global gradient norm per epoch (before clipping) over the final seeds and best trial."""
-    _curves(
-        runs, histories, tasks, lambda i: "grad_norm", lambda i: "gradient L2 norm (log scale)",
-        "grad_norm", out, style, result, best_only=False, logy=True,
+    return _curves(
+        runs, histories, infos, lambda i: "grad_norm", lambda i: "gradient L2 norm (log scale)",
+        "grad_norm", style, best_only=False, logy=True,
     )  # fmt: skip
 
 
-def optimisation_history(runs: pd.DataFrame, tasks, style, out, result) -> None:
+def optimisation_history(runs: pd.DataFrame, infos, style):
     """Every search trial's best validation score, and the running best, per study."""
     import seaborn as sns
 
-    search = runs[runs["stage"] == "search"].copy()
+    search = runs[runs["stage"] == "search"]
+    experiments = list(dict.fromkeys(search["experiment"])) if "experiment" in search else [None]
     panels = []
-    for task in sorted(search["benchmark"].dropna().unique()):
-        col = f"best_valid_{tasks[task].metric}"
-        sub = search[search["benchmark"] == task]
-        if col in sub and sub[col].notna().any():
-            sub = sub.assign(value=sub[col]).dropna(subset=["value"]).sort_values("trial")
-            panels.append((task, sub))
+    for bench, info in infos.items():
+        col = f"best_valid_{info.metric}"
+        for experiment in experiments:
+            sub = search[search["benchmark"] == bench]
+            if experiment is not None:
+                sub = sub[sub["experiment"] == experiment]
+            if col in sub and sub[col].notna().any():
+                sub = sub.assign(value=sub[col]).dropna(subset=["value"]).sort_values("trial")
+                panels.append(((bench, experiment), sub))
     if not panels:
-        result.notes.append("optimisation_history: no completed search trial yet")
-        return
-    fig, axes = _grid(len(panels))
-    for ax, (task, sub) in zip(axes, panels):
-        info = tasks[task]
+        return "optimisation_history: no completed search trial yet"
+    keys = [k for k, _ in panels]
+    fig, axes = _layout(keys)
+    for key, sub in panels:
+        ax, info = axes[key], infos[key[0]]
         sub = sub.copy()
         sub["trial"] = sub["trial"].astype(float)
-        running = (
-            sub.groupby("study")["value"].cummin()
-            if info.direction == "minimize"
-            else sub.groupby("study")["value"].cummax()
-        )
-        sub["running_best"] = running
+        best = sub.groupby("study")["value"]
+        sub["running_best"] = best.cummin() if info.direction == "minimize" else best.cummax()
         sns.scatterplot(data=sub, x="trial", y="value", s=60, alpha=0.55, ax=ax, **style.kwargs(sub))
         sns.lineplot(
             data=sub, x="trial", y="running_best", units="study", estimator=None, drawstyle="steps-post",
@@ -278,20 +429,18 @@ def optimisation_history(runs: pd.DataFrame, tasks, style, out, result) -> None:
         )  # fmt: skip
         ax.set_xlabel("search trial number")
         ax.set_ylabel(f"best validation {info.metric} of trial (unitless)")
-        ax.set_title(f"{task}: trials (points), running best (lines)")
+        ax.set_title(_title(key, _several(keys), "trials (points), running best (lines)"), fontsize=11)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    _legend(fig, axes)
-    _save(fig, out, "optimisation_history", result)
+    _legend(fig, list(axes.values()))
+    return fig
 
 
-def importances(
-    runs: pd.DataFrame, experiment: str, journal: Path | None, style, out, result
-) -> pd.DataFrame:
-    """fANOVA hyperparameter importance per study (seed fixed: stable across report runs)."""
+def importance_table(runs: pd.DataFrame, journal: Path | None) -> tuple[pd.DataFrame, list[str]]:
+    """fANOVA hyperparameter importance per study of the runs' experiments (seed fixed: stable
+    across report runs), from the Optuna ledger; one row per study and hyperparameter."""
     if journal is None or not journal.is_file():
-        result.notes.append("hyperparameter importance: no Optuna journal found (pass --home), skipped")
-        return pd.DataFrame()
+        return pd.DataFrame(), ["hyperparameter importance: no Optuna journal found (pass --home), skipped"]
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
     from optuna.storages.journal import JournalFileBackend
@@ -300,10 +449,10 @@ def importances(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     meta = runs[runs["stage"] == "study"].drop_duplicates("study").set_index("study")
-    rows, skipped, few = [], [], 0
+    rows, skipped, few, notes = [], [], 0, []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         name = summary.study_name
-        if not name.startswith(experiment + "/") or "::" in name or name not in meta.index:
+        if "::" in name or name not in meta.index:  # final stages have no search to explain
             continue
         study = optuna.load_study(study_name=name, storage=storage)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -317,26 +466,37 @@ def importances(
             continue
         m = meta.loc[name]
         for param, value in scores.items():
-            rows.append({"study": name, "task": m["benchmark"], "cell": m["cell"], "variant": m["variant"],
-                         "architecture": m["architecture"], "hparam": param, "importance": value})  # fmt: skip
+            rows.append({"experiment": m.get("experiment"), "study": name, "benchmark": m["benchmark"],
+                         "cell": m["cell"], "variant": m["variant"], "architecture": m["architecture"],
+                         "hparam": param, "importance": value})  # fmt: skip
     if few:
-        result.notes.append(
+        notes.append(
             f"hyperparameter importance not computed for {few} studies with fewer than "
             f"{MIN_TRIALS_FOR_IMPORTANCE} completed trials (a forest fitted to so few points reflects its splits, not the data)"
         )
     if skipped:
-        result.notes.append("hyperparameter importance skipped for " + "; ".join(skipped))
-    df = pd.DataFrame(rows)
-    if df.empty:
-        return df
+        notes.append("hyperparameter importance skipped for " + "; ".join(skipped))
+    return pd.DataFrame(rows), notes
+
+
+def importance(table: pd.DataFrame, style: Style):
+    """One row per hyperparameter, architectures side by side within it so no point hides another."""
     import seaborn as sns
 
-    tasks = sorted(df["task"].unique())
-    hparams = sorted(df["hparam"].unique())
-    fig, axes = _grid(len(tasks), width=4.8, height=0.9 * len(hparams) + 2.2)
-    for ax, task in zip(axes, tasks):
-        sub = df[df["task"] == task].copy()
-        # one row per hyperparameter, architectures side by side within it so no point hides another
+    if table.empty:
+        return "importance: no study has enough completed trials (or no Optuna journal was found)"
+    hparams = sorted(table["hparam"].unique())
+    experiments = list(dict.fromkeys(table["experiment"])) if "experiment" in table else [None]
+    keys = [
+        (b, e)
+        for b in sorted(table["benchmark"].unique(), key=natural_key)
+        for e in experiments
+        if ((table["benchmark"] == b) & (table["experiment"].values == e)).any()
+    ]
+    fig, axes = _layout(keys, width=4.8, height=0.9 * len(hparams) + 2.2)
+    for key in keys:
+        ax = axes[key]
+        sub = table[(table["benchmark"] == key[0]) & (table["experiment"].values == key[1])].copy()
         archs = sorted(sub["architecture"].unique())
         spread = 0.6 / max(len(archs), 1)
         offset = {a: (i - (len(archs) - 1) / 2) * spread for i, a in enumerate(archs)}
@@ -347,97 +507,156 @@ def importances(
         ax.set_xlim(-0.03, 1.03)
         ax.set_xlabel("fANOVA importance (share of variance, 0–1)")
         ax.set_ylabel("hyperparameter")
-        ax.set_title(task)
+        ax.set_title(_title(key, _several(keys)), fontsize=11)
         ax.grid(alpha=0.3)
-    _legend(fig, axes)
-    _save(fig, out, "importance", result)
-    return df
+    _legend(fig, list(axes.values()))
+    return fig
 
 
-def memory_vs_length(runs: pd.DataFrame, tasks, style, out, result) -> None:
+def memory_vs_length(runs: pd.DataFrame, infos, style):
     """Memory task: final test metric against sequence length T, one line per architecture."""
     import seaborn as sns
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import NullFormatter
 
-    info = next((i for i in tasks.values() if i.name == "memory"), None)
+    info = next((i for i in infos.values() if i.name == "memory"), None)
     if info is None:
-        return
+        return "memory_vs_length: no memory task in these runs"
     col, length = f"test_{info.metric}", "data_seq_len"
     finals = runs[(runs["task"] == "memory") & (runs["stage"] == "final") & (runs["status"] == "complete")]
     if length not in finals or col not in finals or finals[length].nunique() < 2:
-        result.notes.append(
-            "memory task: metric vs sequence length needs final runs at 2+ seq_len (see grid.yaml)"
-        )
-        return
+        return "memory task: metric vs sequence length needs final runs at 2+ seq_len (see grid.yaml)"
+    by = ["experiment", "architecture", "cell", "variant", length]
+    finals = finals.assign(experiment=finals["experiment"] if "experiment" in finals else "")
     rows = []
-    for (arch, cell, variant, t), group in finals.dropna(subset=[length, col]).groupby(
-        ["architecture", "cell", "variant", length]
-    ):
+    for (experiment, arch, cell, variant, t), group in finals.dropna(subset=[length, col]).groupby(by):
         values = finite(group[col])
         mean, low, high = mean_ci(values, min_n=MIN_SEEDS)  # the tables' t-interval and rule
-        rows.append(
-            {
-                "architecture": arch,
-                "cell": cell,
-                "variant": variant,
-                "T": t,
-                "mean": mean,
-                "ci95_low": low,
-                "ci95_high": high,
-                "seed_values": values,
-            }
-        )
+        rows.append({"experiment": experiment, "architecture": arch, "cell": cell, "variant": variant,
+                     "T": t, "mean": mean, "ci95_low": low, "ci95_high": high, "seed_values": values})  # fmt: skip
     data = pd.DataFrame(rows).sort_values(["architecture", "T"])
-    baseline = f"baseline_test_{info.metric}"
-    fig, axes = _grid(1, width=6.5, height=4.4)
-    ax = axes[0]
-    has_ci = data["ci95_low"].notna()
-    ax.errorbar(
-        data.loc[has_ci, "T"], data.loc[has_ci, "mean"],
-        yerr=[data.loc[has_ci, "mean"] - data.loc[has_ci, "ci95_low"], data.loc[has_ci, "ci95_high"] - data.loc[has_ci, "mean"]],
-        fmt="none", ecolor="0.6", elinewidth=1, capsize=3, zorder=1,
-    )  # fmt: skip
-    _seed_points(ax, data, "T", style)
-    sns.lineplot(
-        data=data, x="T", y="mean", units="architecture", estimator=None, dashes=False, markersize=8,
-        ax=ax, **style.kwargs(data),
-    )  # fmt: skip
+    keys = [("memory", e) for e in dict.fromkeys(data["experiment"])]
+    fig, axes = _layout(keys, width=6.5, height=4.4)
+    cell_colour = lambda row: style.colour(row["cell"])  # noqa: E731
     parents = runs[(runs["task"] == "memory") & (runs["stage"] == "study")]
-    if baseline in parents and parents[baseline].notna().any():
-        ax.axhline(parents[baseline].dropna().mean(), color="0.3", ls="--", lw=1, label="trivial baseline")
-    lengths = sorted(data["T"].unique())
-    if lengths[-1] / lengths[0] >= 4:
-        ax.set_xscale("log")
-    ax.set_xticks(lengths, [str(int(t)) for t in lengths])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("sequence length T (steps)")
-    ax.set_ylabel(_metric_label(info))
-    ax.set_title(f"memory: where each architecture stops learning ({SEEDS_NOTE})")
-    ax.grid(alpha=0.3)
-    _legend(fig, axes)
-    _save(fig, out, "memory_vs_length", result)
+    baseline = f"baseline_test_{info.metric}"
+    extra = []
+    for key in keys:
+        ax, sub = axes[key], data[data["experiment"] == key[1]]
+        lengths = sorted(sub["T"].unique())
+        wide = lengths[-1] / lengths[0] >= 4
+        sub = sub.assign(T_drawn=dodge(sub["T"], wide))  # one T, many points: side by side
+        _error_bars(ax, sub, "T_drawn", cell_colour)
+        _seed_points(ax, sub, "T_drawn", cell_colour)
+        sns.lineplot(
+            data=sub, x="T_drawn", y="mean", units="architecture", estimator=None, dashes=False, markersize=8,
+            ax=ax, **style.kwargs(sub),
+        )  # fmt: skip
+        mine = parents[parents["experiment"] == key[1]] if key[1] else parents
+        if baseline in mine and mine[baseline].notna().any():
+            ax.axhline(mine[baseline].dropna().mean(), color="0.3", ls="--", lw=1)
+            extra = [Line2D([], [], color="0.3", ls="--", lw=1, label="trivial baseline")]
+        if wide:
+            ax.set_xscale("log")
+        ax.set_xticks(lengths, [str(int(t)) for t in lengths])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("sequence length T (steps)")
+        ax.set_ylabel(_metric_label(info))
+        ax.set_title(_title(key, _several(keys), "where each architecture stops learning"), fontsize=11)
+        ax.grid(alpha=0.3)
+    fig.suptitle(SEEDS_NOTE, y=1.0, fontsize=10)
+    _legend(fig, list(axes.values()), extra)
+    return fig
 
 
-def make_all(runs, histories, tables, tasks, experiment, out: Path, journal: Path | None) -> Figures:
+def compare_experiments(tables: list[TaskTable], style: Style):
+    """Per benchmark, each architecture's test metric in every experiment, one colour each."""
+    from matplotlib.lines import Line2D
+
+    experiments = list(dict.fromkeys(t.experiment for t in tables))
+    if len(experiments) < 2:
+        return "compare_experiments: only one experiment"
+    benches = [b for b in dict.fromkeys(t.task for t in tables)]
+    shown = []
+    for bench in benches:
+        points = [
+            _arch_points(t).dropna(subset=["mean"]).assign(experiment=t.experiment)
+            for t in tables
+            if t.task == bench
+        ]
+        points = pd.concat(points, ignore_index=True) if points else pd.DataFrame()
+        if len(points) and points["experiment"].nunique() > 1:
+            shown.append((bench, points, next(t.info for t in tables if t.task == bench)))
+    if not shown:
+        return "compare_experiments: no benchmark has final test scores in two experiments"
+    archs_max = max(p["architecture"].nunique() for _, p, _ in shown)
+    fig, axes = _grid(len(shown), width=5.6, height=0.45 * archs_max + 1.8)
+    exp_colour = lambda row: style.experiments.get(row["experiment"], "0.3")  # noqa: E731
+    for ax, (bench, points, info) in zip(axes, shown):
+        archs = list(dict.fromkeys(points["architecture"]))  # the first experiment's ranking order
+        offset = {
+            e: (i - (len(experiments) - 1) / 2) * 0.5 / len(experiments) for i, e in enumerate(experiments)
+        }
+        points["row"] = [
+            archs.index(a) + offset[e] for a, e in zip(points["architecture"], points["experiment"])
+        ]
+        for _, row in points.iterrows():
+            err = None
+            if pd.notna(row["ci95_low"]):
+                err = [[row["mean"] - row["ci95_low"]], [row["ci95_high"] - row["mean"]]]
+            ax.errorbar(row["mean"], row["row"], xerr=err, fmt="o", color=exp_colour(row), ms=7, capsize=3)
+            values = row.get("seed_values")
+            if err is None and isinstance(values, list) and len(values) > 1:
+                ax.scatter(
+                    values, [row["row"]] * len(values), s=14, color=exp_colour(row), alpha=0.7, linewidths=0
+                )
+        ax.set_yticks(range(len(archs)), archs)
+        ax.set_ylim(len(archs) - 0.5, -0.5)
+        ax.set_xlabel(_metric_label(info))
+        ax.set_title(bench, fontsize=11)
+        ax.grid(alpha=0.3)
+    fig.suptitle(SEEDS_NOTE, y=1.0, fontsize=10)
+    handles = [
+        Line2D([], [], color=style.experiments.get(e, "0.3"), marker="o", ls="none", label=e)
+        for e in experiments
+    ]
+    _legend(fig, axes, handles)
+    return fig
+
+
+def draw_all(runs, histories, tables, infos, importance_df, style) -> dict[str, object]:
+    """Every figure, by name, in report order: a matplotlib Figure or why there is none."""
+    drawn = {
+        "compare_experiments": compare_experiments(tables, style),
+        "metric_vs_params": metric_vs_params(tables, style),
+        "metric_vs_throughput": metric_vs_throughput(tables, style),
+        "valid_curves": valid_curves(runs, histories, infos, style),
+        "optimisation_history": optimisation_history(runs, infos, style),
+        "grad_norm": grad_norm(runs, histories, infos, style),
+        "importance": importance(importance_df, style),
+        "memory_vs_length": memory_vs_length(runs, infos, style),
+    }
+    if drawn["compare_experiments"] == "compare_experiments: only one experiment":
+        del drawn["compare_experiments"]  # nothing missing: a single experiment has nothing to compare
+    if "memory" not in {i.name for i in infos.values()}:
+        del drawn["memory_vs_length"]
+    return drawn
+
+
+def make_all(runs, histories, tables, infos, importance_df, out: Path) -> Figures:
+    """The report's figures as PNG and SVG in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import seaborn as sns
-
-    sns.set_theme(context="notebook", style="whitegrid")
+    set_theme()
     out.mkdir(parents=True, exist_ok=True)
-    style = Style.for_runs(runs)
     result = Figures()
-    metric_vs_params(tables, style, out, result)
-    metric_vs_throughput(tables, style, out, result)
-    valid_curves(runs, histories, tasks, style, out, result)
-    optimisation_history(runs, tasks, style, out, result)
-    grad_norm(runs, histories, tasks, style, out, result)
-    imp = importances(runs, experiment, journal, style, out, result)
-    if not imp.empty:
-        imp.to_csv(out / "importance.csv", index=False)
-    memory_vs_length(runs, tasks, style, out, result)
+    for name, drawn in draw_all(runs, histories, tables, infos, importance_df, Style.for_runs(runs)).items():
+        if isinstance(drawn, str):
+            result.notes.append(drawn)
+        else:
+            result.paths[name] = save(drawn, out, name)
     return result
 
 
-__all__ = ["Figures", "Style", "best_search_runs", "make_all", "pareto_front"]
+__all__ = ["CAPTIONS", "Figures", "Style", "draw_all", "dodge", "make_all", "pareto_front", "show"]

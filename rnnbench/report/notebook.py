@@ -12,45 +12,106 @@ NOTEBOOK = "report.ipynb"
 NOTEBOOK_HTML = "report_notebook.html"
 
 
-def build(experiment: str, tracking_uri: str, tables: list[str], figures: list[str], notes: list[str]):
+# The figures, in report order, as the notebook calls them (figures.draw_all makes the same calls).
+FIGURE_CALLS = {
+    "compare_experiments": "figures.compare_experiments(ranked, style)",
+    "metric_vs_params": "figures.metric_vs_params(ranked, style)",
+    "metric_vs_throughput": "figures.metric_vs_throughput(ranked, style)",
+    "valid_curves": "figures.valid_curves(runs, histories, infos, style)",
+    "optimisation_history": "figures.optimisation_history(runs, infos, style)",
+    "grad_norm": "figures.grad_norm(runs, histories, infos, style)",
+    "importance": "figures.importance(importance, style)",
+    "memory_vs_length": "figures.memory_vs_length(runs, infos, style)",
+}
+
+
+def build(experiments: list[str], tracking_uri: str, journal: Path | None = None):
+    """The analysis as cells a user edits and re-runs: load the tidy tables, filter, rank, draw."""
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+    from rnnbench.report.figures import CAPTIONS
+
+    md, code = new_markdown_cell, new_code_cell
+    several = len(experiments) > 1
+    title = " vs ".join(f"`{e}`" for e in experiments)
     cells = [
-        new_markdown_cell(
-            f"# rnnbench report: `{experiment}`\n\nEvery run of the experiment is one row of "
-            "`runs.parquet` (collected from MLflow by `rnnbench report`). Re-run this notebook in Jupyter "
-            "to explore; set `refresh = True` to collect again from the tracking store."
+        md(
+            f"# rnnbench report: {title}\n\n"
+            "Every MLflow run is one row of `runs.parquet` (per-epoch curves: `histories.parquet`; fANOVA "
+            "importances: `importance.parquet`), with an `experiment` column. The cells below rank and draw "
+            "from these tables with the functions `rnnbench report` uses for its HTML: edit a cell (the "
+            "filters below, a figure's data) and run it again. `refresh = True` collects again from MLflow."
         ),
-        new_code_cell(
-            f"experiment = {experiment!r}\ntracking_uri = {tracking_uri!r}\nrefresh = False",
+        code(
+            f"experiments = {experiments!r}\n"
+            f"tracking_uri = {tracking_uri!r}\n"
+            f"journal = {str(journal) if journal else None!r}  # the Optuna ledger, for importances on refresh\n"
+            "refresh = False  # True: collect the runs again from tracking_uri\n"
+            "cells = None  # e.g. ['lstm', 'gru']: keep only these cells\n"
+            "benchmarks = None  # e.g. ['memory-T12']: keep only these benchmarks",
             metadata={"tags": ["parameters"]},
         ),
-        new_code_cell(
-            "from pathlib import Path\n\nimport pandas as pd\nfrom IPython.display import HTML, Image, Markdown, display\n\n"
+        code(
+            "from pathlib import Path\n\n"
+            "import pandas as pd\n"
+            "from IPython.display import HTML, Markdown, display\n\n"
+            "from rnnbench.report import collect, figures, tables\n\n"
             "if refresh:\n"
-            "    from rnnbench.report.collect import collect, open_client\n"
-            "    runs = collect(open_client(tracking_uri), experiment).runs\n"
+            "    data = collect.collect_many(collect.open_client(tracking_uri), experiments)\n"
+            "    runs, histories = data.runs, data.histories\n"
+            "    importance, _ = figures.importance_table(runs, Path(journal) if journal else None)\n"
             "else:\n"
-            "    runs = pd.read_parquet('runs.parquet')\n"
+            "    runs = pd.read_parquet(collect.RUNS_FILE)\n"
+            "    histories = pd.read_parquet(collect.HISTORIES_FILE)\n"
+            "    has_importance = Path(collect.IMPORTANCE_FILE).is_file()\n"
+            "    importance = pd.read_parquet(collect.IMPORTANCE_FILE) if has_importance else pd.DataFrame()"
+        ),
+        md("## Select the runs\n\nAny pandas filter works here; everything below follows it."),
+        code(
+            "if cells:\n"
+            "    runs = runs[runs['cell'].isin(cells)]\n"
+            "if benchmarks:\n"
+            "    runs = runs[runs['benchmark'].isin(benchmarks)]\n"
+            "histories = histories[histories['run_id'].isin(runs['run_id'])]\n"
+            "if not importance.empty:\n"
+            "    importance = importance[importance['study'].isin(runs['study'])]\n"
             "print(f'{len(runs)} runs')\n"
-            "runs.groupby(['task', 'stage', 'status']).size().unstack(fill_value=0)"
+            "runs.groupby(['experiment', 'benchmark', 'stage', 'status']).size().unstack(fill_value=0)"
+        ),
+        md(
+            "## Rankings\n\n`ranked` holds one ranking per experiment and benchmark "
+            "(`tables.tidy(ranked)`: all of them as one DataFrame, raw numbers)."
+            + (
+                " Each experiment is ranked on its own runs; the tables put them side by side."
+                if several
+                else ""
+            )
+        ),
+        code(
+            "infos, notes = collect.benchmark_infos(runs)  # benchmark → primary metric and direction\n"
+            "ranked = tables.ranking_tables(runs, infos)\n"
+            "summaries = tables.summaries(ranked)\n"
+            "notes += [n for e in runs['experiment'].unique() for n in collect.status_notes(runs[runs['experiment'] == e])]\n"
+            "if notes:\n"
+            "    display(Markdown('\\n'.join(f'- {n}' for n in notes)))\n"
+            "display(HTML(tables.summary_html(summaries)))"
+        ),
+        code("for benchmark in infos:\n    display(HTML(tables.benchmark_html(ranked, benchmark)))"),
+        md("## Figures"),
+        code(
+            "%matplotlib inline\n"
+            "figures.set_theme()\n"
+            "style = figures.Style.for_runs(runs)  # one colour per cell, one marker per variant"
         ),
     ]
-    if notes:
-        cells.append(
-            new_markdown_cell("## What is missing or went wrong\n\n" + "\n".join(f"- {n}" for n in notes))
-        )
-    cells.append(new_markdown_cell("## Tables"))
-    for name in tables:
-        cells.append(new_code_cell(f"display(HTML(Path('tables/{name}.html').read_text()))"))
-    cells.append(new_markdown_cell("## Figures"))
-    for name in figures:
-        cells.append(
-            new_code_cell(f"display(Markdown('### {name}'))\ndisplay(Image(filename='figures/{name}.png'))")
-        )
-    cells.append(new_markdown_cell("## All runs (first 20 rows)"))
-    cells.append(new_code_cell("runs.head(20)"))
+    for name, call in FIGURE_CALLS.items():
+        if name == "compare_experiments" and not several:
+            continue
+        cells.append(md(f"### {name}\n\n{CAPTIONS[name]}"))
+        cells.append(code(f"figures.show({call})"))
+    cells.append(md("## All runs (first 20 rows)"))
+    cells.append(code("runs.head(20)"))
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.validate(nb)

@@ -32,13 +32,28 @@ class TaskTable:
     table: pd.DataFrame
     caption: str
     notes: list[str] = field(default_factory=list)
+    experiment: str | None = None  # which experiment's runs it ranks (a report may compare several)
 
 
 def _fmt(x: float, digits: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
-def rank_task(runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None) -> TaskTable:
+def ranking_tables(runs: pd.DataFrame, benchmarks: dict[str, TaskInfo]) -> list[TaskTable]:
+    """One ranking per experiment and benchmark (benchmarks in the order given: natural order)."""
+    experiments = list(runs["experiment"].dropna().unique()) if "experiment" in runs else [None]
+    out = []
+    for bench, info in benchmarks.items():
+        for experiment in experiments:
+            mine = runs if experiment is None else runs[runs["experiment"] == experiment]
+            if (mine["benchmark"] == bench).any():
+                out.append(rank_task(mine, info, bench, experiment=experiment))
+    return out
+
+
+def rank_task(
+    runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None, *, experiment: str | None = None
+) -> TaskTable:
     """Architectures of one benchmark (task entry; default: the whole task) ranked by the mean final
     test metric; unranked ones listed last."""
     col = f"test_{info.metric}"
@@ -87,7 +102,7 @@ def rank_task(runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None) 
     df = pd.DataFrame(rows)
     notes = []
     if df.empty:
-        return TaskTable(benchmark or info.name, info, df, "no runs", ["no runs"])
+        return TaskTable(benchmark or info.name, info, df, "no runs", ["no runs"], experiment)
     ranked = df[df["seeds"] > 0].sort_values("mean", ascending=info.direction == "minimize")
     unranked = df[df["seeds"] == 0]
     ranked = ranked.assign(rank=range(1, len(ranked) + 1))
@@ -129,9 +144,9 @@ def rank_task(runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None) 
     table = table[[c for c in order if c in table.columns]]
     caption = (
         f"{benchmark or info.name}: architectures ranked by test {info.metric} ({info.better}). {TEST_NOTE} "
-        f"params: total trainable parameters; train tokens/s: median over epochs; {MEMORY_NOTE}"
+        f"params: total trainable parameters; train tokens/s: median over epochs, rounded; {MEMORY_NOTE}"
     )
-    return TaskTable(benchmark or info.name, info, table.reset_index(drop=True), caption, notes)
+    return TaskTable(benchmark or info.name, info, table.reset_index(drop=True), caption, notes, experiment)
 
 
 def _baseline(task_runs: pd.DataFrame, info: TaskInfo) -> float | None:
@@ -212,11 +227,12 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
         [_shown_metric(row) for _, row in df.iterrows()],
     )
     df = df.drop(columns=[c for c in ("mean", "ci95_low", "ci95_high", "seed_values") if c in df])
-    for c in ("p_vs_best", "best_valid", "train_tokens_per_s", "train_memory_mib"):
+    for c in ("p_vs_best", "best_valid", "train_memory_mib"):
         if c in df:
             df[c] = df[c].map(lambda v: _fmt(float(v), 3) if pd.notna(v) else "–")
-    if "params" in df:
-        df["params"] = df["params"].map(lambda v: f"{int(v):,}" if pd.notna(v) else "–")
+    for c in ("params", "train_tokens_per_s"):  # counts: whole numbers, thousands separated
+        if c in df:
+            df[c] = df[c].map(lambda v: f"{round(float(v)):,}" if pd.notna(v) else "–")
     if "rank" in df:
         df["rank"] = df["rank"].map(lambda v: str(int(v)) if pd.notna(v) else "–")
     return df.fillna("–")
@@ -234,6 +250,130 @@ def _shown_metric(row: pd.Series) -> str:
     return _fmt(row.get("mean"))
 
 
+def summaries(tables: list[TaskTable]) -> dict[str | None, pd.DataFrame]:
+    """The cross-benchmark summary of each experiment (ranks never mix experiments)."""
+    experiments = list(dict.fromkeys(t.experiment for t in tables))
+    return {e: summary([t for t in tables if t.experiment == e]) for e in experiments}
+
+
+def tidy(tables: list[TaskTable]) -> pd.DataFrame:
+    """Every ranking as one long table: experiment and benchmark columns, raw numbers."""
+    frames = [
+        t.table.assign(experiment=t.experiment, benchmark=t.task)[
+            ["experiment", "benchmark", *t.table.columns]
+        ]
+        for t in tables
+        if not t.table.empty
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def benchmarks_of(tables: list[TaskTable]) -> list[str]:
+    return list(dict.fromkeys(t.task for t in tables))
+
+
+# What a side-by-side comparison keeps of each experiment's ranking (the rest is in its own CSV).
+_COMPARED = ("rank", "seeds", "vs_best", "params", "train_tokens_per_s")
+
+
+def benchmark_frame(tables: list[TaskTable], benchmark: str) -> pd.DataFrame:
+    """The ranking of ``benchmark`` as shown; with several experiments, side by side (one column
+    group each, rows in the first experiment's order, then what only the others ranked)."""
+    mine = [t for t in tables if t.task == benchmark and not t.table.empty]
+    if len(mine) <= 1:
+        return display_frame(mine[0]) if mine else pd.DataFrame()
+    parts = {}
+    for t in mine:
+        shown = display_frame(t).set_index("architecture")
+        metric = next(c for c in shown.columns if c.startswith("test "))
+        parts[t.experiment] = shown[[c for c in ("rank", metric, *_COMPARED[1:]) if c in shown]]
+    order = list(dict.fromkeys(a for part in parts.values() for a in part.index))
+    return _side_by_side(pd.concat(parts, axis=1).reindex(order))
+
+
+def _caption(tables: list[TaskTable], benchmark: str) -> str:
+    mine = [t for t in tables if t.task == benchmark]
+    caption = mine[0].caption if mine else ""
+    if len(mine) > 1:
+        caption += " Each experiment is ranked on its own runs, side by side; its own table is in the CSV."
+    return caption
+
+
+def _notes(tables: list[TaskTable], benchmark: str) -> list[str]:
+    mine = [t for t in tables if t.task == benchmark]
+    several = len(mine) > 1
+    return [f"{t.experiment}: {n}" if several else n for t in mine for n in t.notes]
+
+
+def benchmark_html(tables: list[TaskTable], benchmark: str) -> str:
+    """One benchmark's section: heading, table with its caption, notes (report, notebook, tables/)."""
+    shown = benchmark_frame(tables, benchmark)
+    if shown.empty:
+        return f"<h2>{html.escape(benchmark)}</h2><p>no runs</p>"
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(tables, benchmark))
+    return (
+        f"<h2>{html.escape(benchmark)}</h2>\n"
+        + _html_table(shown, _caption(tables, benchmark))
+        + (f"<ul class='notes'>{notes}</ul>" if notes else "")
+    )
+
+
+def _html_table(df: pd.DataFrame, caption: str) -> str:
+    text = df.to_html(index=False, classes="rank", border=0)
+    return text.replace(
+        '<table border="0" class="dataframe rank">',
+        f'<table class="dataframe rank"><caption>{html.escape(caption)}</caption>',
+        1,
+    )
+
+
+def summary_frame(sums: dict[str | None, pd.DataFrame]) -> pd.DataFrame:
+    """Summaries as shown: ranks as integers, mean ranks to 2 decimals; several side by side."""
+    shown = {}
+    for experiment, df in sums.items():
+        if df.empty:
+            continue
+        df = df.copy()
+        for c in df.columns[1:]:
+            df[c] = df[c].map(
+                lambda v, c=c: (
+                    "–" if pd.isna(v) else (f"{v:.2f}" if c.startswith("mean_rank") else f"{int(v)}")
+                )
+            )
+        shown[experiment] = df
+    if len(shown) <= 1:
+        return next(iter(shown.values()), pd.DataFrame())
+    return _side_by_side(pd.concat({e: df.set_index("architecture") for e, df in shown.items()}, axis=1))
+
+
+def _side_by_side(joined: pd.DataFrame) -> pd.DataFrame:
+    """One header row, ``experiment · column`` (a two-level header renders badly without an index)."""
+    joined.columns = [f"{experiment} · {column}" for experiment, column in joined.columns]
+    return joined.fillna("–").reset_index(names="architecture")
+
+
+def summary_caption(sums: dict[str | None, pd.DataFrame]) -> str:
+    parts = []
+    for experiment, df in sums.items():
+        described = df.attrs.get("columns", {})
+        text = "; ".join(f"{name}: {text}" for name, text in described.items())
+        parts.append(f"{experiment}: {text}" if len(sums) > 1 else text)
+    return (
+        "Cross-task summary: rank of each architecture per benchmark (1 = best test metric). Mean ranks "
+        "average equal sets of benchmarks only (bidirectional architectures skip causal tasks, and a mean "
+        "over different benchmarks does not compare): "
+        + " | ".join(parts)
+        + (". Sorted by mean_rank." if len(sums) == 1 else ". Each experiment ranked on its own runs.")
+    )
+
+
+def summary_html(sums: dict[str | None, pd.DataFrame]) -> str:
+    shown = summary_frame(sums)
+    if shown.empty:
+        return ""
+    return "<h2>summary</h2>\n" + _html_table(shown, summary_caption(sums))
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -242,56 +382,50 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(tables: list[TaskTable], summary_df: pd.DataFrame, out: Path) -> dict[str, list[Path]]:
-    """CSV (raw numbers), Markdown and HTML (formatted) per task, plus the summary; one tables.html."""
+def _raw(df: pd.DataFrame) -> pd.DataFrame:
+    raw = df.copy()
+    if "seed_values" in raw:  # one cell per run's value, ';'-separated, in full precision
+        raw["seed_values"] = raw["seed_values"].map(
+            lambda v: ";".join(map(repr, v)) if isinstance(v, list) else ""
+        )
+    if "experiment" in raw and raw["experiment"].isna().all():
+        raw = raw.drop(columns="experiment")
+    return raw
+
+
+def write(
+    tables: list[TaskTable], sums: pd.DataFrame | dict[str | None, pd.DataFrame], out: Path
+) -> dict[str, list[Path]]:
+    """CSV (raw numbers, one row per experiment and architecture), Markdown and HTML (formatted)
+    per benchmark, plus the summary; one tables.html."""
+    if isinstance(sums, pd.DataFrame):
+        sums = {tables[0].experiment if tables else None: sums}
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {}
     sections = []
-    for t in tables:
-        files = {s: out / f"{t.task}{s}" for s in (".csv", ".md", ".html")}  # not with_suffix: mem.T10
-        raw = t.table.copy()
-        if "seed_values" in raw:  # one cell per run's value, ';'-separated, in full precision
-            raw["seed_values"] = raw["seed_values"].map(
-                lambda v: ";".join(map(repr, v)) if isinstance(v, list) else ""
-            )
-        raw.to_csv(files[".csv"], index=False)
-        shown = display_frame(t)
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in t.notes)
+    for bench in benchmarks_of(tables):
+        files = {s: out / f"{bench}{s}" for s in (".csv", ".md", ".html")}  # not with_suffix: mem.T10
+        mine = [t for t in tables if t.task == bench]
+        _raw(tidy(mine).drop(columns="benchmark", errors="ignore")).to_csv(files[".csv"], index=False)
+        notes = _notes(tables, bench)
         files[".md"].write_text(
-            f"## {t.task}\n\n{t.caption}\n\n{to_markdown(shown)}\n" + "".join(f"- {n}\n" for n in t.notes)
+            f"## {bench}\n\n{_caption(tables, bench)}\n\n{to_markdown(benchmark_frame(tables, bench))}\n"
+            + "".join(f"- {n}\n" for n in notes)
         )
-        section = (
-            f"<h2>{html.escape(t.task)}</h2>\n"
-            + shown.to_html(index=False, classes="rank", border=0).replace(
-                '<table border="0" class="dataframe rank">',
-                f'<table class="dataframe rank"><caption>{html.escape(t.caption)}</caption>',
-            )
-            + (f"<ul class='notes'>{notes}</ul>" if notes else "")
-        )
-        files[".html"].write_text(_page(f"{t.task}", section))
+        section = benchmark_html(tables, bench)
+        files[".html"].write_text(_page(bench, section))
         sections.append(section)
-        written[t.task] = list(files.values())
-    if not summary_df.empty:
-        summary_df.to_csv(out / "summary.csv", index=False)
-        shown = summary_df.copy()
-        for c in shown.columns[1:]:
-            shown[c] = shown[c].map(
-                lambda v, c=c: (
-                    "–" if pd.isna(v) else (f"{v:.2f}" if c.startswith("mean_rank") else f"{int(v)}")
-                )
-            )
-        described = summary_df.attrs.get("columns", {})
-        cap = (
-            "Cross-task summary: rank of each architecture per benchmark (1 = best test metric). Mean ranks "
-            "average equal sets of benchmarks only (bidirectional architectures skip causal tasks, and a mean "
-            "over different benchmarks does not compare): "
-            + "; ".join(f"{name}: {text}" for name, text in described.items())
-            + ". Sorted by mean_rank."
+        written[bench] = list(files.values())
+    if any(not df.empty for df in sums.values()):
+        long = pd.concat(
+            [df.assign(experiment=e)[["experiment", *df.columns]] for e, df in sums.items() if not df.empty],
+            ignore_index=True,
         )
-        (out / "summary.md").write_text(f"## summary\n\n{cap}\n\n{to_markdown(shown)}")
-        section = "<h2>summary</h2>\n" + shown.to_html(index=False, border=0).replace(
-            '<table border="0" class="dataframe">', f'<table class="dataframe"><caption>{cap}</caption>'
+        _raw(long).to_csv(out / "summary.csv", index=False)
+        (out / "summary.md").write_text(
+            f"## summary\n\n{summary_caption(sums)}\n\n{to_markdown(summary_frame(sums))}"
         )
+        section = summary_html(sums)
         (out / "summary.html").write_text(_page("summary", section))
         sections.insert(0, section)
         written["summary"] = [out / "summary.csv", out / "summary.md", out / "summary.html"]
