@@ -364,6 +364,16 @@ def create_study(plan: Plan, storage, study: Study):
     for key, value in wanted.items():
         if attrs.get(key) != value:
             s.set_user_attr(key, value)
+    final_attrs = {
+        "stage": "final",
+        "search_study": study.name,
+        "value": f"test {wanted[TAGS_ATTR]['metric']}",
+    }
+    for key, value in final_attrs.items():  # optuna-dashboard lists these beside the study
+        if f.user_attrs.get(key) != value:
+            f.set_user_attr(key, value)
+    if attrs.get("stage") != "search":
+        s.set_user_attr("stage", "search")
     return s, f
 
 
