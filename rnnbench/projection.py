@@ -37,6 +37,7 @@ BUDGET_ATTR = "trials"  # counted search trials this study must end with
 RETRIES_ATTR = "max_retries"
 BASELINE_ATTR = "baseline"  # the task's trivial baseline on test
 PARENT_ATTR = "mlflow_parent_run_id"
+YAML_ATTR = "experiment_yaml"  # the experiment file as run (defaults filled in)
 RUN_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run it was projected to
 
 _MLFLOW_STATUS = {
@@ -165,6 +166,8 @@ class Projection:
                 arch = led.name.rsplit("/", 1)[-1]
                 tags = {**led.tags, "stage": "study", "status": "running"}
                 run_id = self.tracker.start_run(arch, tags)
+            if led.attrs.get(YAML_ATTR):  # reproducible from MLflow alone
+                self.tracker.log_text(run_id, led.attrs[YAML_ATTR], "experiment.yaml")
             led.search.set_user_attr(PARENT_ATTR, run_id)
             led.attrs[PARENT_ATTR] = run_id
             return run_id
@@ -266,30 +269,41 @@ class Projection:
         ):
             if value is not None:
                 tags[key] = value
-        hparams = record.get("hparams") or dict(t.params)
-        params = {**hparams, **_meta_params(led.tags, seed)}
-        params |= {f"data.{k}": v for k, v in (record.get("data") or {}).items()}
-        self.tracker.log_params(run_id, params)
         started = record.get("started_ms") or _ms(t.datetime_start)
         finished = record.get("finished_ms") or _ms(t.datetime_complete)
-        if record.get("parameters"):
-            self.tracker.log_metrics(run_id, record["parameters"], step=0, timestamp=started)
-        for entry in record.get("history", []):
-            self.tracker.log_metrics(
-                run_id, entry["metrics"], step=entry["epoch"], timestamp=entry["time_ms"]
-            )
+        if not live:
+            hparams = record.get("hparams") or dict(t.params)
+            params = {**hparams, **_meta_params(led.tags, seed)}
+            params |= {f"data.{k}": v for k, v in (record.get("data") or {}).items()}
+            self.tracker.log_params(run_id, params)
+            if record.get("parameters"):
+                self.tracker.log_metrics(run_id, record["parameters"], step=0, timestamp=started)
+            for entry in record.get("history", []):
+                self.tracker.log_metrics(
+                    run_id, entry["metrics"], step=entry["epoch"], timestamp=entry["time_ms"]
+                )
+        for filename, text in (record.get("artifacts") or {}).items():
+            self.tracker.log_text(run_id, text, filename)
+        if record.get("data"):
+            self._log_dataset(led, run_id, record["data"])
         final_metrics = {f"best_valid_{k}": v for k, v in (record.get("best_valid") or {}).items()}
         final_metrics |= record.get("summary") or {}
         final_metrics |= {f"test_{k}": v for k, v in (record.get("test") or {}).items()}
-        if final_metrics:
-            self.tracker.log_metrics(
-                run_id, final_metrics, step=int(record.get("best_epoch") or 0), timestamp=finished
-            )
-        for filename, text in (record.get("artifacts") or {}).items():
-            self.tracker.log_text(run_id, text, filename)
-        self.tracker.set_tags(run_id, tags)  # "projected" last: a crash before it means "redo"
+        # one batch, tags included: "projected" lands with the metrics or not at all
+        self.tracker.log_batch(
+            run_id, final_metrics, tags, timestamp=finished, step=int(record.get("best_epoch") or 0)
+        )
         self.tracker.end_run(run_id, _MLFLOW_STATUS[status], end_time=finished)
         return run_id
+
+    def _log_dataset(self, led: StudyLedger, run_id: str, describe: dict[str, Any]) -> None:
+        task, dataset = led.tags.get("task", "?"), led.tags.get("dataset", "?")
+        source = describe.get("data_path") or (
+            "synthetic: generated in code by the task"
+            if dataset == "synthetic"
+            else f"rnnbench dataset {dataset}"
+        )
+        self.tracker.log_dataset(run_id, f"{task}-{dataset}", str(source), describe, "train")
 
     def _child_id(self, led: StudyLedger, stage: str, t: FrozenTrial, index: dict | None) -> str:
         run_id = t.user_attrs.get(RUN_ATTR)

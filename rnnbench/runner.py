@@ -268,6 +268,7 @@ def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
         raise ConfigError(f"experiment {e.name!r} is already running with run home {plan.home}") from None
     try:
         projection = Projection(tracker, storage, lock)
+        tracker.describe_experiment(experiment_yaml(e))
         requeued = 0
         for study in plan.studies:
             with lock(study.name):
@@ -318,7 +319,7 @@ def create_study(plan: Plan, storage, study: Study):
     (tags, budget, seeds); call under the study's lock. A changed experiment is refused."""
     import optuna
 
-    from rnnbench.projection import BUDGET_ATTR, RETRIES_ATTR, SEEDS_ATTR, TAGS_ATTR
+    from rnnbench.projection import BUDGET_ATTR, RETRIES_ATTR, SEEDS_ATTR, TAGS_ATTR, YAML_ATTR
     from rnnbench.sweep import FINAL_SUFFIX, make_pruner, make_sampler, trial_budget
 
     e = plan.experiment
@@ -360,6 +361,7 @@ def create_study(plan: Plan, storage, study: Study):
         BUDGET_ATTR: trial_budget(e),
         SEEDS_ATTR: seeds,
         RETRIES_ATTR: plan.max_retries,
+        YAML_ATTR: experiment_yaml(e),
     }
     for key, value in wanted.items():
         if attrs.get(key) != value:
@@ -382,6 +384,13 @@ def create_study(plan: Plan, storage, study: Study):
 PROTOCOL_VERSION = 2  # 2: charlm evaluates one stream; final seeds apart from the search seed
 FINGERPRINT_ATTR = "fingerprint_parts"
 FINAL_SEED_BASE = 10_000  # final seeds: FINAL_SEED_BASE + i, never the search's sampler.seed
+
+
+def experiment_yaml(e: Experiment) -> str:
+    """The experiment as run, every default filled in: what reproduces it from MLflow alone."""
+    import yaml
+
+    return yaml.safe_dump(e.model_dump(mode="json"), sort_keys=False)
 
 
 def final_seeds(e: Experiment) -> list[int]:
@@ -773,6 +782,7 @@ class Worker:
             record["best_trial"] = best.number
         trainer = Trainer(budget, self.settings)
         failed, value, state = True, None, optuna.trial.TrialState.COMPLETE
+        monitor = self.tracker.system_metrics(run_id) if run_id else None
         try:
             result = trainer.fit(
                 task,
@@ -828,6 +838,8 @@ class Worker:
                 "artifacts": {"traceback.txt": traceback.format_exc()},
             }
         finally:
+            if monitor is not None:
+                monitor.finish()
             _release_memory(failed)
         # The ledger first, in two writes: the whole record, then the state that makes it count.
         self._write_record(trial, record, reporter)
