@@ -178,6 +178,7 @@ def test_machines_killed_with_postgres_and_mlflow_server(tmp_path: Path, servers
     print(f"\nthree machines, PostgreSQL: {counts}, {time.monotonic() - started:.0f} s")
 
 
+@pytest.mark.slow  # 30-80 s; the default run covers the same repair path by deleting mlflow.db
 def test_mlflow_server_down_mid_run_loses_nothing(tmp_path: Path):
     """The tracking server dies while trials train: the run finishes on the ledger alone, and a
     sync once the server is back makes MLflow agree with it."""
