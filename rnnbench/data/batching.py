@@ -53,3 +53,18 @@ def padded_batches(
     for index in bucketed_index_batches(lengths, batch_size, generator=generator):
         padded, batch_lengths = pad_batch(sequences, index, pad_value)
         yield index, padded, batch_lengths
+
+
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` on ``device`` without making the host wait.
+
+    CPU -> CUDA: copied through pinned (page-locked) memory with ``non_blocking=True``, which is the
+    only case where the copy is asynchronous (from pageable memory it blocks, or is staged through
+    a driver buffer); the pinned buffer comes from PyTorch's caching host allocator, which keeps it
+    until the copy has finished, so it may be dropped right away. Anything else: ``tensor.to(device)``
+    (no copy at all when the tensor is already there, as on CPU).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
