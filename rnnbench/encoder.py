@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import _VF, Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnbench.cells.base import Cell, State, build_cell
 from rnnbench.cells.sequence import declares_step_backward, run_sequence
@@ -94,6 +93,60 @@ class Encoder(nn.Module):
         # The whole-sequence Function with the cells' own step backward, else autograd per step.
         self.sequence_path = bool(sequence) and self._hoists and all(map(declares_step_backward, self.cells))
 
+    # -- cuDNN's flat weight buffer -------------------------------------------------------------------
+    def fused_weights(self) -> list[Tensor]:
+        """The fused kernel's weight list, in nn.RNNBase's ``_flat_weights`` order: for each layer and
+        direction, ``weight_ih, weight_hh, bias_ih, bias_hh``."""
+        return [p for c in self.cells for p in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)]
+
+    def cudnn_flatten_arguments(self) -> tuple:
+        """What ``torch._cudnn_rnn_flatten_weight`` gets, as ``nn.RNNBase.flatten_parameters`` calls it."""
+        import torch.backends.cudnn.rnn as cudnn_rnn
+
+        mode = cudnn_rnn.get_cudnn_mode(self.fused_mode)
+        return (
+            self.fused_weights(),
+            4,
+            self.input_size,
+            mode,
+            self.hidden_size,
+            0,
+            self.num_layers,
+            True,
+            self.bidirectional,
+        )
+
+    def flatten_parameters(self) -> None:
+        """Make the fused weights views into one contiguous buffer, in cuDNN's layout.
+
+        cuDNN reads all weights from one buffer; handed separate tensors, it copies them into a new
+        buffer on every call (and warns each time). As ``nn.RNNBase.flatten_parameters``: only on
+        CUDA with cuDNN; the parameters stay the same objects (the optimizer's), their storage moves.
+        Called after every ``.to()``/``.cuda()`` and again by a forward that finds the weights apart.
+        """
+        if self.fused_mode is None:
+            return
+        weights = self.fused_weights()
+        first = weights[0]
+        if not all(
+            w.is_cuda and w.dtype == first.dtype and torch.backends.cudnn.is_acceptable(w) for w in weights
+        ):
+            return
+        if len({w.data_ptr() for w in weights}) != len(weights):  # aliased weights: cuDNN would break them
+            return
+        with torch.cuda.device_of(first), torch.no_grad():
+            if torch._use_cudnn_rnn_flatten_weight():
+                torch._cudnn_rnn_flatten_weight(*self.cudnn_flatten_arguments())
+
+    def weights_are_flat(self) -> bool:
+        """True when every fused weight lives in one storage (host-side metadata only: no sync)."""
+        return len({w.untyped_storage().data_ptr() for w in self.fused_weights()}) == 1
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.flatten_parameters()  # .to()/.cuda()/.half() gave the parameters new, separate storages
+        return result
+
     def extra_repr(self) -> str:
         path = f"fused={self.fused_mode}" if self.fused_mode else "generic"
         if not self.fused_mode and self.sequence_path:
@@ -139,22 +192,29 @@ class Encoder(nn.Module):
             hx = (torch.stack([s[0] for s in state]), torch.stack([s[1] for s in state]))
         else:
             hx = torch.stack(list(state))
-        weights = [p for c in self.cells for p in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)]
+        if x.is_cuda and not self.weights_are_flat():
+            self.flatten_parameters()  # e.g. a parameter was replaced since the last .to()
+        weights = self.fused_weights()
         kernel = _FUSED_KERNELS[self.fused_mode]
         args = (weights, True, self.num_layers, self.dropout, self.training, self.bidirectional)
         if lengths is None:
             result = kernel(x, hx, *args, True)
             out = result[0]
         else:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            order, unorder = packed.sorted_indices, packed.unsorted_indices
-            hx = tuple(h.index_select(1, order) for h in hx) if is_lstm else hx.index_select(1, order)
-            result = kernel(packed.data, packed.batch_sizes, hx, *args)
-            out, _ = pad_packed_sequence(
-                PackedSequence(result[0], packed.batch_sizes, order, unorder),
-                batch_first=True,
-                total_length=x.shape[1],
+            # pack_padded_sequence / pad_packed_sequence, minus their blocking copies (sorted indices
+            # to the device, unsorted indices back to the host): the permutations are computed on the
+            # CPU from CPU lengths and sent over asynchronously.
+            sorted_lengths, order_cpu = torch.sort(lengths, descending=True)
+            unorder_cpu = torch.empty_like(order_cpu)
+            unorder_cpu[order_cpu] = torch.arange(len(order_cpu))
+            order, unorder = to_device(order_cpu, x.device), to_device(unorder_cpu, x.device)
+            data, batch_sizes = torch._VF._pack_padded_sequence(
+                x.index_select(0, order), sorted_lengths, True
             )
+            hx = tuple(h.index_select(1, order) for h in hx) if is_lstm else hx.index_select(1, order)
+            result = kernel(data, batch_sizes, hx, *args)
+            padded, _ = torch._VF._pad_packed_sequence(result[0], batch_sizes, True, 0.0, x.shape[1])
+            out = padded.index_select(0, unorder)
             result = (result[0],) + tuple(h.index_select(1, unorder) for h in result[1:])
         if is_lstm:
             final = list(zip(result[1].unbind(0), result[2].unbind(0)))

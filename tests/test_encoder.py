@@ -306,6 +306,53 @@ def test_fused_and_generic_paths_share_parameter_objects(case):
     torch.testing.assert_close(encoder(x, lengths)[0], edited_out, **TOLERANCE)
 
 
+# -- cuDNN's flat weight buffer (the CUDA call itself runs in `rnnbench bench --check`) ----------------
+@pytest.mark.parametrize("case", ["rnn-tanh", "rnn-relu", "lstm", "gru"])
+def test_cudnn_flatten_gets_the_arguments_nn_modules_give_it(case):
+    """Same weight order (nn.RNNBase._flat_weights), mode and sizes as nn.RNNBase.flatten_parameters."""
+    import torch.backends.cudnn.rnn as cudnn_rnn
+
+    encoder = make_encoder(case, 2, True)
+    cell_name, hparams = CELLS[case]
+    module_cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell_name]
+    module = module_cls(INPUT, HIDDEN, 2, bidirectional=True, batch_first=True, **hparams)
+    weights, count, input_size, mode, hidden, proj, layers, batch_first, bidirectional = (
+        encoder.cudnn_flatten_arguments()
+    )
+    names = {id(p): n for n, p in encoder.named_parameters()}
+
+    def ours(nn_name: str) -> str:  # weight_ih_l1_reverse -> cells.3.weight_ih
+        kind, rest = nn_name.split("_l")
+        layer, reverse = int(rest.split("_")[0]), rest.endswith("_reverse")
+        return f"cells.{layer * 2 + reverse}.{kind}"
+
+    assert [names[id(w)] for w in weights] == [ours(n) for n in module._flat_weights_names]
+    assert (count, input_size, hidden, proj, layers, batch_first, bidirectional) == (
+        4,
+        INPUT,
+        HIDDEN,
+        0,
+        2,
+        True,
+        True,
+    )
+    assert mode == cudnn_rnn.get_cudnn_mode(module.mode)
+
+
+def test_flatten_runs_after_every_move_and_is_a_no_op_off_cuda(monkeypatch):
+    encoder = make_encoder("lstm", 2, True)
+    calls = []
+    original = Encoder.flatten_parameters
+    monkeypatch.setattr(Encoder, "flatten_parameters", lambda self: calls.append(original(self)))
+    before = [p.data_ptr() for p in encoder.parameters()]
+    encoder.float()
+    assert len(calls) == 1  # _apply re-flattens, as nn.RNNBase does
+    encoder.double()
+    assert len(calls) == 2
+    assert not encoder.weights_are_flat()  # on CPU, like nn.LSTM, the weights stay separate tensors
+    assert len(set(before)) == len(before)
+
+
 # -- padding ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CELLS))
