@@ -28,6 +28,9 @@ from rnnbench.cells.sequence import declares_step_backward, run_sequence
 from rnnbench.data.batching import to_device
 from rnnbench.errors import ConfigError
 
+# cudnnRNNMode_t, what torch.backends.cudnn.rnn.get_cudnn_mode returns (it needs a CUDA build to run;
+# `rnnbench bench --check` compares the two on a GPU machine).
+CUDNN_MODES = {"RNN_RELU": 0, "RNN_TANH": 1, "LSTM": 2, "GRU": 3}
 _FUSED_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
 
 
@@ -101,9 +104,7 @@ class Encoder(nn.Module):
 
     def cudnn_flatten_arguments(self) -> tuple:
         """What ``torch._cudnn_rnn_flatten_weight`` gets, as ``nn.RNNBase.flatten_parameters`` calls it."""
-        import torch.backends.cudnn.rnn as cudnn_rnn
-
-        mode = cudnn_rnn.get_cudnn_mode(self.fused_mode)
+        mode = CUDNN_MODES[self.fused_mode]
         return (
             self.fused_weights(),
             4,

@@ -310,8 +310,6 @@ def test_fused_and_generic_paths_share_parameter_objects(case):
 @pytest.mark.parametrize("case", ["rnn-tanh", "rnn-relu", "lstm", "gru"])
 def test_cudnn_flatten_gets_the_arguments_nn_modules_give_it(case):
     """Same weight order (nn.RNNBase._flat_weights), mode and sizes as nn.RNNBase.flatten_parameters."""
-    import torch.backends.cudnn.rnn as cudnn_rnn
-
     encoder = make_encoder(case, 2, True)
     cell_name, hparams = CELLS[case]
     module_cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell_name]
@@ -336,7 +334,8 @@ def test_cudnn_flatten_gets_the_arguments_nn_modules_give_it(case):
         True,
         True,
     )
-    assert mode == cudnn_rnn.get_cudnn_mode(module.mode)
+    # cudnnRNNMode_t (cudnn.h): CUDNN_RNN_RELU 0, CUDNN_RNN_TANH 1, CUDNN_LSTM 2, CUDNN_GRU 3
+    assert mode == {"RNN_RELU": 0, "RNN_TANH": 1, "LSTM": 2, "GRU": 3}[module.mode]
 
 
 def test_flatten_runs_after_every_move_and_is_a_no_op_off_cuda(monkeypatch):
