@@ -90,16 +90,17 @@ def lstm_step_forward(weights, xp_t: Tensor, state: tuple[Tensor, Tensor]):
     if peep:
         i.addcmul_(c, peep[0])
         f.addcmul_(c, peep[1])
-        g.mul_(2.0)  # tanh(g) = 2 sigmoid(2g) - 1: one sigmoid over i, f and g together
-        gates[:, : 3 * size].sigmoid_()
-    else:
-        g.mul_(2.0)
-        gates.sigmoid_()
-    g.mul_(2.0).sub_(1.0)
+    # One gate block per op: a [B, H] block stays under PyTorch's parallel grain (32768 elements at
+    # B=64, H=256), so only the matmul opens an OpenMP region; on a shared 2-core machine every
+    # region waits for the busier core.
+    i.sigmoid_()
+    f.sigmoid_()
+    _tanh_(g)
     c_new = torch.addcmul(f * c, i, g)
     if peep:
-        o.addcmul_(c_new, peep[2]).sigmoid_()
-    tanh_c = _tanh_(c_new.clone())
+        o.addcmul_(c_new, peep[2])
+    o.sigmoid_()
+    tanh_c = _tanh_(c_new * 1.0)
     h_new = o * tanh_c
     return h_new, (h_new, c_new), (gates, c, c_new, tanh_c, h)
 
@@ -120,9 +121,8 @@ def lstm_step_backward(weights, saved, grad_h: Tensor, grad_state: tuple[Tensor,
         grad_c.addcmul_(d_o, peep[2])
     torch.mul(grad_c, g, out=d_i)
     torch.mul(grad_c, c_prev, out=d_f)
-    torch.ops.aten.sigmoid_backward(
-        grad_gates[:, : 2 * size], gates[:, : 2 * size], grad_input=grad_gates[:, : 2 * size]
-    )
+    torch.ops.aten.sigmoid_backward(d_i, i, grad_input=d_i)
+    torch.ops.aten.sigmoid_backward(d_f, f, grad_input=d_f)
     torch.mul(grad_c, i, out=d_g)
     torch.ops.aten.tanh_backward(d_g, g, grad_input=d_g)
     grad_c_prev = grad_c * f
