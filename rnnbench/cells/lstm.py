@@ -57,8 +57,8 @@ class LSTMCell(GatedCell):
     def step_forward(self, weights, xp_t, state):
         return lstm_step_forward(weights, xp_t, state)
 
-    def step_backward(self, weights, saved, grad_h, grad_state):
-        return lstm_step_backward(weights, saved, grad_h, grad_state)
+    def step_backward(self, weights, saved, grad_h, grad_state, out=None):
+        return lstm_step_backward(weights, saved, grad_h, grad_state, out)
 
     def weight_grads(self, weights, grad_xp, saved):
         return lstm_weight_grads(weights, grad_xp, saved)
@@ -105,13 +105,13 @@ def lstm_step_forward(weights, xp_t: Tensor, state: tuple[Tensor, Tensor]):
     return h_new, (h_new, c_new), (gates, c, c_new, tanh_c, h)
 
 
-def lstm_step_backward(weights, saved, grad_h: Tensor, grad_state: tuple[Tensor, Tensor]):
+def lstm_step_backward(weights, saved, grad_h: Tensor, grad_state: tuple[Tensor, Tensor], out=None):
     w_hh, peep = weights[0], weights[1:]
     gates, c_prev, _, tanh_c, _ = saved
     size = c_prev.shape[1]
     i, f, g, o = gates.split(size, dim=1)
     grad_h = grad_h + grad_state[0]
-    grad_gates = torch.empty_like(gates)
+    grad_gates = torch.empty_like(gates) if out is None else out
     d_i, d_f, d_g, d_o = grad_gates.split(size, dim=1)
     torch.mul(grad_h, tanh_c, out=d_o)
     torch.ops.aten.sigmoid_backward(d_o, o, grad_input=d_o)

@@ -52,8 +52,8 @@ class PeepholeLSTMCell(LSTMCell):
     def step_forward(self, weights, xp_t, state):
         return lstm_step_forward(weights, xp_t, state)
 
-    def step_backward(self, weights, saved, grad_h, grad_state):
-        return lstm_step_backward(weights, saved, grad_h, grad_state)
+    def step_backward(self, weights, saved, grad_h, grad_state, out=None):
+        return lstm_step_backward(weights, saved, grad_h, grad_state, out)
 
     def weight_grads(self, weights, grad_xp, saved):
         return lstm_weight_grads(weights, grad_xp, saved)

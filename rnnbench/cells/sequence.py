@@ -26,6 +26,8 @@ changes the equations never inherits a stale backward):
     one step, called under ``no_grad``; ``saved`` is a tuple of tensors the backward will need;
 ``step_backward(weights, saved, grad_h, grad_state) -> (grad_xp_t, grad_state_prev)``
     ``grad_h``: gradient of the step's output; ``grad_state``: of its new state (same structure);
+    if it accepts an ``out`` keyword, it gets the slice of the ``[T, B, P]`` gradient buffer to write
+    ``grad_xp_t`` into (saves stacking T tensors afterwards);
 ``weight_grads(weights, grad_xp, saved) -> tuple[Tensor | None, ...]``
     after the loop: ``grad_xp`` is every step's projected-input gradient, ``[T, B, P]``, and
     ``saved`` the per-step saved tuples, in time order. One gradient per recurrent weight.
@@ -37,7 +39,9 @@ rnnbench.cells.kernels).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -55,6 +59,11 @@ def declares_step_backward(cell) -> bool:
 
     equations = owner("forward_projected")
     return equations is not None and all(owner(name) is equations for name in STEP_METHODS)
+
+
+@cache
+def _writes_into(cls: type) -> bool:
+    return "out" in inspect.signature(cls.step_backward).parameters
 
 
 def _parts(state) -> tuple[Tensor, ...]:
@@ -91,7 +100,7 @@ class _SequenceFunction(torch.autograd.Function):
                 state = new
             out = torch.stack(outputs)
         ctx.cell, ctx.masks, ctx.state_is_tuple = cell, masks, state_is_tuple
-        ctx.weights, ctx.saved, ctx.dtype = weights, saved, dtype
+        ctx.weights, ctx.saved, ctx.dtype, ctx.xp_shape = weights, saved, dtype, xp.shape
         ctx.in_dtypes = [t.dtype for t in tensors]
         return (out, *_parts(state))
 
@@ -103,6 +112,8 @@ class _SequenceFunction(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(dtype)
             grad_state = [g.to(dtype) for g in grad_final]
+            into = _writes_into(type(cell))
+            grad_xp = grad_out.new_empty(ctx.xp_shape) if into else None
             grads_xp: list[Tensor] = [grad_out] * len(saved)  # placeholders, all overwritten
             for t in range(len(saved) - 1, -1, -1):
                 g_h, mask = grad_out[t], masks[t]
@@ -112,14 +123,17 @@ class _SequenceFunction(torch.autograd.Function):
                     keep = ~mask
                     grad_state = [g.masked_fill(keep, 0.0) for g in grad_state]
                     g_h = g_h.masked_fill(keep, 0.0)
-                g_xp, g_prev = cell.step_backward(
-                    weights, saved[t], g_h, _rebuild(grad_state, ctx.state_is_tuple)
-                )
+                g_state = _rebuild(grad_state, ctx.state_is_tuple)
+                if into:
+                    g_xp, g_prev = cell.step_backward(weights, saved[t], g_h, g_state, out=grad_xp[t])
+                else:
+                    g_xp, g_prev = cell.step_backward(weights, saved[t], g_h, g_state)
                 grad_state = list(_parts(g_prev))
                 if mask is not None:
                     grad_state = [g + p for g, p in zip(grad_state, passed)]
                 grads_xp[t] = g_xp
-            grad_xp = torch.stack(grads_xp)
+            if not into:
+                grad_xp = torch.stack(grads_xp)
             weight_grads = tuple(cell.weight_grads(weights, grad_xp, saved))
         n_state = len(grad_final)
         in_dtypes = ctx.in_dtypes
