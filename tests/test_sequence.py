@@ -181,3 +181,17 @@ def test_float64_and_autocast_keep_torchs_own_matmuls():
     assert not kernels.RecurrentMatmul(torch.randn(4, 3, dtype=torch.float64), 2).packed
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels.uses_onednn(torch.randn(2, 3))
+
+
+def test_saved_activations_are_visible_to_saved_tensor_hooks():
+    """What `rnnbench bench` and train_memory_mib count on CPU: the gate activations of every step."""
+    from rnnbench.bench import _memory_mb
+
+    x, grad = torch.randn(4, 10, 16), torch.randn(4, 10, 8)
+    encoder = Encoder("peephole", 16, 8)
+    gates_mib = 10 * 4 * 4 * 8 * 4 / 2**20  # [T, B, 4H] float32, kept by the sequence Function
+    assert _memory_mb(encoder, x, grad, torch.device("cpu")) >= gates_mib
+    encoder.sequence_path = False
+    autograd_mib = _memory_mb(encoder, x, grad, torch.device("cpu"))
+    encoder.sequence_path = True
+    assert _memory_mb(encoder, x, grad, torch.device("cpu")) >= 0.5 * autograd_mib

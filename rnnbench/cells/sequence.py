@@ -100,7 +100,11 @@ class _SequenceFunction(torch.autograd.Function):
                 state = new
             out = torch.stack(outputs)
         ctx.cell, ctx.masks, ctx.state_is_tuple = cell, masks, state_is_tuple
-        ctx.weights, ctx.saved, ctx.dtype, ctx.xp_shape = weights, saved, dtype, xp.shape
+        ctx.weights, ctx.dtype, ctx.xp_shape = weights, dtype, xp.shape
+        # Through save_for_backward, not as ctx attributes: autograd's saved-tensor hooks (the memory
+        # `rnnbench bench` and train_memory_mib count, offloading) then see every one of them.
+        ctx.layout = [len(kept) for kept in saved]
+        ctx.save_for_backward(*(t for kept in saved for t in kept))
         ctx.in_dtypes = [t.dtype for t in tensors]
         return (out, *_parts(state))
 
@@ -108,7 +112,11 @@ class _SequenceFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, *grad_final):
         # Autograd hands zeros (not None) for outputs nobody used: grads are materialised by default.
-        cell, masks, weights, saved, dtype = ctx.cell, ctx.masks, ctx.weights, ctx.saved, ctx.dtype
+        cell, masks, weights, dtype = ctx.cell, ctx.masks, ctx.weights, ctx.dtype
+        flat, saved, start = ctx.saved_tensors, [], 0
+        for size in ctx.layout:
+            saved.append(flat[start : start + size])
+            start += size
         with torch.autocast(grad_out.device.type, enabled=False):
             grad_out = grad_out.to(dtype)
             grad_state = [g.to(dtype) for g in grad_final]
