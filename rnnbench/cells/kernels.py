@@ -16,6 +16,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 
@@ -89,6 +90,7 @@ class _Linear(torch.autograd.Function):
         return _linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # oneDNN's op has no derivative of its own
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
