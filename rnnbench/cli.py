@@ -458,9 +458,20 @@ def report_command(experiments, out, fmt, home, tracking_uri, storage) -> None:
 @click.option("--mlflow", "to_mlflow", is_flag=True, help="Also log the results as an MLflow run.")
 @click.option("--home", type=click.Path(file_okay=False), help="Run home for --mlflow (as rnnbench run).")
 @click.option("--tracking-uri", help="MLflow tracking URI for --mlflow (default: the run home's store).")
-def bench_command(as_json: bool, to_mlflow: bool, home, tracking_uri, cells, **sizes) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="On a CUDA machine: check the GPU paths (cuDNN vs the step equations, gradients, a bf16 sweep, "
+    "no host sync in a training step), then print the ratio table. Without CUDA: says so, exits 0.",
+)
+def bench_command(as_json: bool, to_mlflow: bool, home, tracking_uri, cells, check: bool, **sizes) -> None:
     """Time forward and forward+backward of every cell through the encoder, against bare torch.nn."""
     from rnnbench import bench
+
+    if check:
+        from rnnbench.gpu_check import run_check
+
+        sys.exit(run_check(click.echo))
 
     settings = bench.BenchSettings(cells=tuple(cells), **sizes)
     result = bench.run(settings, progress=None if as_json else lambda message: click.echo(message, err=True))

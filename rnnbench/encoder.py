@@ -5,7 +5,12 @@ Two paths compute the same function:
   CPU, cuDNN on GPU) on the cells' own parameters, with packed sequences for padded batches;
 - generic: any cell. The input projection of a whole layer is one matmul before the time loop, the
   loop iterates with ``unbind``, and padded positions keep their state (masked update), so padding
-  never changes real outputs or final states.
+  never changes real outputs or final states. A cell that declares its step's backward (lstm,
+  peephole; see rnnbench.cells.sequence) runs the loop as one autograd Function with a hand-written
+  reverse loop (the ``sequence`` path); any other cell's loop is recorded by autograd step by step.
+
+Lengths are read on the host (packing, the number of masked steps) and should be a CPU tensor, as
+every task gives them: reading device lengths would wait for the device on every batch.
 
 Outputs are ``[batch, time, directions * hidden]`` (zeros at padded positions); final states are a
 list indexed ``layer * directions + direction`` of each cell's state (tensor or tuple).
@@ -17,11 +22,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import _VF, Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from rnnbench.cells.base import Cell, State, build_cell
+from rnnbench.cells.sequence import declares_step_backward, run_sequence
+from rnnbench.data.batching import to_device
 from rnnbench.errors import ConfigError
 
+# cudnnRNNMode_t, what torch.backends.cudnn.rnn.get_cudnn_mode returns (it needs a CUDA build to run;
+# `rnnbench bench --check` compares the two on a GPU machine).
+CUDNN_MODES = {"RNN_RELU": 0, "RNN_TANH": 1, "LSTM": 2, "GRU": 3}
 _FUSED_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
 
 
@@ -32,11 +41,13 @@ def _map_state(fn, *states: State) -> State:
 
 
 def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
-    """Reverse each sequence of ``x [B, T, F]`` within its own length; padding stays at the end."""
+    """Reverse each sequence of ``x [B, T, F]`` within its own length; padding stays at the end.
+
+    ``lengths`` may be on the CPU (copied asynchronously) or already on ``x``'s device."""
     if lengths is None:
         return x.flip(1)
     steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-    last = (lengths.to(x.device) - 1).unsqueeze(1)
+    last = (to_device(lengths, x.device) - 1).unsqueeze(1)
     index = torch.where(steps <= last, last - steps, steps)
     return x.gather(1, index.unsqueeze(-1).expand_as(x))
 
@@ -54,6 +65,7 @@ class Encoder(nn.Module):
         dropout: float = 0.0,
         *,
         fused: bool = True,
+        sequence: bool = True,
         **cell_hparams,
     ):
         super().__init__()
@@ -81,9 +93,65 @@ class Encoder(nn.Module):
         self._hoists = all(
             hasattr(c, "project_input") and hasattr(c, "forward_projected") for c in self.cells
         )
+        # The whole-sequence Function with the cells' own step backward, else autograd per step.
+        self.sequence_path = bool(sequence) and self._hoists and all(map(declares_step_backward, self.cells))
+
+    # -- cuDNN's flat weight buffer -------------------------------------------------------------------
+    def fused_weights(self) -> list[Tensor]:
+        """The fused kernel's weight list, in nn.RNNBase's ``_flat_weights`` order: for each layer and
+        direction, ``weight_ih, weight_hh, bias_ih, bias_hh``."""
+        return [p for c in self.cells for p in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)]
+
+    def cudnn_flatten_arguments(self) -> tuple:
+        """What ``torch._cudnn_rnn_flatten_weight`` gets, as ``nn.RNNBase.flatten_parameters`` calls it."""
+        mode = CUDNN_MODES[self.fused_mode]
+        return (
+            self.fused_weights(),
+            4,
+            self.input_size,
+            mode,
+            self.hidden_size,
+            0,
+            self.num_layers,
+            True,
+            self.bidirectional,
+        )
+
+    def flatten_parameters(self) -> None:
+        """Make the fused weights views into one contiguous buffer, in cuDNN's layout.
+
+        cuDNN reads all weights from one buffer; handed separate tensors, it copies them into a new
+        buffer on every call (and warns each time). As ``nn.RNNBase.flatten_parameters``: only on
+        CUDA with cuDNN; the parameters stay the same objects (the optimizer's), their storage moves.
+        Called after every ``.to()``/``.cuda()`` and again by a forward that finds the weights apart.
+        """
+        if self.fused_mode is None:
+            return
+        weights = self.fused_weights()
+        first = weights[0]
+        if not all(
+            w.is_cuda and w.dtype == first.dtype and torch.backends.cudnn.is_acceptable(w) for w in weights
+        ):
+            return
+        if len({w.data_ptr() for w in weights}) != len(weights):  # aliased weights: cuDNN would break them
+            return
+        with torch.cuda.device_of(first), torch.no_grad():
+            if torch._use_cudnn_rnn_flatten_weight():
+                torch._cudnn_rnn_flatten_weight(*self.cudnn_flatten_arguments())
+
+    def weights_are_flat(self) -> bool:
+        """True when every fused weight lives in one storage (host-side metadata only: no sync)."""
+        return len({w.untyped_storage().data_ptr() for w in self.fused_weights()}) == 1
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self.flatten_parameters()  # .to()/.cuda()/.half() gave the parameters new, separate storages
+        return result
 
     def extra_repr(self) -> str:
         path = f"fused={self.fused_mode}" if self.fused_mode else "generic"
+        if not self.fused_mode and self.sequence_path:
+            path += ", sequence"
         return f"layers={self.num_layers}, bidirectional={self.bidirectional}, dropout={self.dropout}, {path}"
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> list[State]:
@@ -101,11 +169,12 @@ class Encoder(nn.Module):
         if lengths is not None:
             if lengths.shape != (batch,):
                 raise ValueError(f"lengths must have shape [{batch}], got {list(lengths.shape)}")
-            if steps == 0 or int(lengths.min()) < 1 or int(lengths.max()) > steps:
-                raise ValueError(
-                    f"lengths must lie in [1, {steps}], got min {int(lengths.min())} max {int(lengths.max())}"
-                )
-            if int(lengths.min()) == steps:
+            if lengths.device.type != "cpu":
+                lengths = lengths.cpu()  # read on the host below, once; CPU lengths cost no sync
+            shortest, longest = (int(v) for v in lengths.aminmax())
+            if steps == 0 or shortest < 1 or longest > steps:
+                raise ValueError(f"lengths must lie in [1, {steps}], got min {shortest} max {longest}")
+            if shortest == steps:
                 lengths = None  # all full: no masking or packing needed
         if state is not None and len(state) != len(self.cells):
             raise ValueError(
@@ -124,22 +193,29 @@ class Encoder(nn.Module):
             hx = (torch.stack([s[0] for s in state]), torch.stack([s[1] for s in state]))
         else:
             hx = torch.stack(list(state))
-        weights = [p for c in self.cells for p in (c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh)]
+        if x.is_cuda and not self.weights_are_flat():
+            self.flatten_parameters()  # e.g. a parameter was replaced since the last .to()
+        weights = self.fused_weights()
         kernel = _FUSED_KERNELS[self.fused_mode]
         args = (weights, True, self.num_layers, self.dropout, self.training, self.bidirectional)
         if lengths is None:
             result = kernel(x, hx, *args, True)
             out = result[0]
         else:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-            order, unorder = packed.sorted_indices, packed.unsorted_indices
-            hx = tuple(h.index_select(1, order) for h in hx) if is_lstm else hx.index_select(1, order)
-            result = kernel(packed.data, packed.batch_sizes, hx, *args)
-            out, _ = pad_packed_sequence(
-                PackedSequence(result[0], packed.batch_sizes, order, unorder),
-                batch_first=True,
-                total_length=x.shape[1],
+            # pack_padded_sequence / pad_packed_sequence, minus their blocking copies (sorted indices
+            # to the device, unsorted indices back to the host): the permutations are computed on the
+            # CPU from CPU lengths and sent over asynchronously.
+            sorted_lengths, order_cpu = torch.sort(lengths, descending=True)
+            unorder_cpu = torch.empty_like(order_cpu)
+            unorder_cpu[order_cpu] = torch.arange(len(order_cpu))
+            order, unorder = to_device(order_cpu, x.device), to_device(unorder_cpu, x.device)
+            data, batch_sizes = torch._VF._pack_padded_sequence(
+                x.index_select(0, order), sorted_lengths, True
             )
+            hx = tuple(h.index_select(1, order) for h in hx) if is_lstm else hx.index_select(1, order)
+            result = kernel(data, batch_sizes, hx, *args)
+            padded, _ = torch._VF._pad_packed_sequence(result[0], batch_sizes, True, 0.0, x.shape[1])
+            out = padded.index_select(0, unorder)
             result = (result[0],) + tuple(h.index_select(1, unorder) for h in result[1:])
         if is_lstm:
             final = list(zip(result[1].unbind(0), result[2].unbind(0)))
@@ -151,14 +227,16 @@ class Encoder(nn.Module):
     def _forward_generic(self, x: Tensor, lengths: Tensor | None, state: Sequence[State] | None):
         batch, steps = x.shape[0], x.shape[1]
         masks: list[Tensor | None] = [None] * steps
+        device_lengths = None
         if lengths is not None:
-            lengths = lengths.to(x.device)
+            shortest = int(lengths.min())  # a host read: lengths stay on the CPU (see the module doc)
+            device_lengths = to_device(lengths, x.device)  # pinned, asynchronous on CUDA
             # Zero the padding first: 0 * NaN is NaN, so garbage there would reach gradients.
-            real = torch.arange(steps, device=x.device) < lengths.unsqueeze(1)
+            real = torch.arange(steps, device=x.device) < device_lengths.unsqueeze(1)
             x = x.masked_fill(~real.unsqueeze(-1), 0.0)
-            # Only steps past the shortest sequence need a masked update.
-            for t in range(int(lengths.min()), steps):
-                masks[t] = (lengths > t).unsqueeze(1)
+            # Only steps past the shortest sequence need a masked update; a mask is a view of `real`.
+            for t in range(shortest, steps):
+                masks[t] = real[:, t : t + 1]
         layer_input, final = x, []
         for layer in range(self.num_layers):
             outputs = []
@@ -166,9 +244,9 @@ class Encoder(nn.Module):
                 k = layer * self.num_directions + direction
                 cell = self.cells[k]
                 s0 = state[k] if state is not None else cell.init_state(batch, device=x.device, dtype=x.dtype)
-                seq = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
+                seq = layer_input if direction == 0 else reverse_padded(layer_input, device_lengths)
                 out, s_n = self._run_cell(cell, seq, s0, masks)
-                outputs.append(out if direction == 0 else reverse_padded(out, lengths))
+                outputs.append(out if direction == 0 else reverse_padded(out, device_lengths))
                 final.append(s_n)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
             if layer < self.num_layers - 1 and self.dropout > 0.0:
@@ -176,6 +254,9 @@ class Encoder(nn.Module):
         return layer_input, final
 
     def _run_cell(self, cell: Cell, seq: Tensor, s: State, masks: list[Tensor | None]):
+        if self.sequence_path:
+            out, s = run_sequence(cell, cell.project_input(seq.transpose(0, 1)), s, masks)
+            return out.transpose(0, 1), s
         if self._hoists:
             inputs, step = cell.project_input(seq).unbind(1), cell.forward_projected
         else:

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rnnbench.bench import _storage_key  # the same once-per-storage rule as `rnnbench bench`
+from rnnbench.data.batching import prefetch
 from rnnbench.encoder import Encoder, parameter_counts
 from rnnbench.errors import ConfigError, TrialFailed
 from rnnbench.hparams import MAX_WIDTH, Domain
@@ -332,6 +333,10 @@ class Trainer:
                 )
             else:
                 batches = stream
+            # On CUDA the next batch is copied while this one trains; never more batches than the
+            # round can take (a shared stream or a task's resumable position must not lose one).
+            caps = (budget.steps_per_epoch, budget.eval_every, budget.max_steps and budget.max_steps - steps)
+            batches = prefetch(batches, device, limit=min((c for c in caps if c), default=None))
             for batch, new_pass in batches:
                 if new_pass:
                     carry = None  # a new pass over the data: no state carried from the last one

@@ -30,6 +30,10 @@ CELLS = {
     "gru": ("gru", {}),
 }
 FUSED_MODE = {"rnn-tanh": "RNN_TANH", "rnn-relu": "RNN_RELU", "lstm": "LSTM", "peephole": None, "gru": "GRU"}
+# fused: PyTorch's kernel; sequence: the whole-loop Function with the cell's hand-written backward
+# (lstm, peephole; other cells fall back to autograd); autograd: the per-step loop under autograd.
+PATHS = ["fused", "sequence", "autograd"]
+SEQUENCE_CELLS = {"lstm", "peephole"}
 
 
 # -- reference equations (one sequence, vectors [hidden]) ------------------------------------------
@@ -133,11 +137,19 @@ def reference_encoder(cell_name: str, encoder: Encoder, x: Tensor, lengths: list
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def make_encoder(case: str, num_layers: int, bidirectional: bool, *, fused: bool = True, seed: int = 0):
+def make_encoder(case: str, num_layers: int, bidirectional: bool, *, path: str = "fused", seed: int = 0):
     cell_name, hparams = CELLS[case]
     torch.manual_seed(seed)
     encoder = Encoder(
-        cell_name, INPUT, HIDDEN, num_layers, bidirectional, dropout=0.0, fused=fused, **hparams
+        cell_name,
+        INPUT,
+        HIDDEN,
+        num_layers,
+        bidirectional,
+        dropout=0.0,
+        fused=path == "fused",
+        sequence=path != "autograd",
+        **hparams,
     )
     encoder = encoder.double()
     # Every parameter random and not small: no term (forget bias, peepholes) is constant or negligible.
@@ -205,23 +217,24 @@ def assert_same_run(encoder, case, x, lengths, init=None):
 
 
 # -- equivalence with the reference -----------------------------------------------------------------
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("case", list(CELLS))
-def test_encoder_matches_reference_equations(case, num_layers, bidirectional, padded, fused):
-    encoder = make_encoder(case, num_layers, bidirectional, fused=fused)
-    assert encoder.fused_mode == (FUSED_MODE[case] if fused else None)
+def test_encoder_matches_reference_equations(case, num_layers, bidirectional, padded, path):
+    encoder = make_encoder(case, num_layers, bidirectional, path=path)
+    assert encoder.fused_mode == (FUSED_MODE[case] if path == "fused" else None)
+    assert encoder.sequence_path == (path != "autograd" and CELLS[case][0] in SEQUENCE_CELLS)
     x = random_input()
     assert_same_run(encoder, case, x, LENGTHS if padded else None)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("case", list(CELLS))
-def test_initial_state_is_used_on_both_paths(case, padded, fused):
-    encoder = make_encoder(case, 2, True, fused=fused)
+def test_initial_state_is_used_on_every_path(case, padded, path):
+    encoder = make_encoder(case, 2, True, path=path)
     init = random_state(encoder)
     assert_same_run(encoder, case, random_input(), LENGTHS if padded else None, init)
 
@@ -255,7 +268,7 @@ def test_fused_path_only_for_exact_builtins():
 
     for case, mode in FUSED_MODE.items():
         assert make_encoder(case, 2, True).fused_mode == mode
-        assert make_encoder(case, 2, True, fused=False).fused_mode is None
+        assert make_encoder(case, 2, True, path="sequence").fused_mode is None
     assert Encoder(TweakedLSTM, INPUT, HIDDEN).fused_mode is None
     assert Encoder(LSTMCell, INPUT, HIDDEN).fused_mode == "LSTM"
     assert "fused=LSTM" in repr(Encoder("lstm", INPUT, HIDDEN))
@@ -293,11 +306,57 @@ def test_fused_and_generic_paths_share_parameter_objects(case):
     torch.testing.assert_close(encoder(x, lengths)[0], edited_out, **TOLERANCE)
 
 
+# -- cuDNN's flat weight buffer (the CUDA call itself runs in `rnnbench bench --check`) ----------------
+@pytest.mark.parametrize("case", ["rnn-tanh", "rnn-relu", "lstm", "gru"])
+def test_cudnn_flatten_gets_the_arguments_nn_modules_give_it(case):
+    """Same weight order (nn.RNNBase._flat_weights), mode and sizes as nn.RNNBase.flatten_parameters."""
+    encoder = make_encoder(case, 2, True)
+    cell_name, hparams = CELLS[case]
+    module_cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell_name]
+    module = module_cls(INPUT, HIDDEN, 2, bidirectional=True, batch_first=True, **hparams)
+    weights, count, input_size, mode, hidden, proj, layers, batch_first, bidirectional = (
+        encoder.cudnn_flatten_arguments()
+    )
+    names = {id(p): n for n, p in encoder.named_parameters()}
+
+    def ours(nn_name: str) -> str:  # weight_ih_l1_reverse -> cells.3.weight_ih
+        kind, rest = nn_name.split("_l")
+        layer, reverse = int(rest.split("_")[0]), rest.endswith("_reverse")
+        return f"cells.{layer * 2 + reverse}.{kind}"
+
+    assert [names[id(w)] for w in weights] == [ours(n) for n in module._flat_weights_names]
+    assert (count, input_size, hidden, proj, layers, batch_first, bidirectional) == (
+        4,
+        INPUT,
+        HIDDEN,
+        0,
+        2,
+        True,
+        True,
+    )
+    # cudnnRNNMode_t (cudnn.h): CUDNN_RNN_RELU 0, CUDNN_RNN_TANH 1, CUDNN_LSTM 2, CUDNN_GRU 3
+    assert mode == {"RNN_RELU": 0, "RNN_TANH": 1, "LSTM": 2, "GRU": 3}[module.mode]
+
+
+def test_flatten_runs_after_every_move_and_is_a_no_op_off_cuda(monkeypatch):
+    encoder = make_encoder("lstm", 2, True)
+    calls = []
+    original = Encoder.flatten_parameters
+    monkeypatch.setattr(Encoder, "flatten_parameters", lambda self: calls.append(original(self)))
+    before = [p.data_ptr() for p in encoder.parameters()]
+    encoder.float()
+    assert len(calls) == 1  # _apply re-flattens, as nn.RNNBase does
+    encoder.double()
+    assert len(calls) == 2
+    assert not encoder.weights_are_flat()  # on CPU, like nn.LSTM, the weights stay separate tensors
+    assert len(set(before)) == len(before)
+
+
 # -- padding ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CELLS))
-def test_padding_never_changes_real_outputs(case, fused):
-    encoder = make_encoder(case, 2, True, fused=fused)
+def test_padding_never_changes_real_outputs(case, path):
+    encoder = make_encoder(case, 2, True, path=path)
     x, lengths = random_input(), torch.tensor(LENGTHS)
     out, finals = encoder(x, lengths)
 
@@ -315,11 +374,11 @@ def test_padding_never_changes_real_outputs(case, fused):
             torch.testing.assert_close(long_part, short_part, **TOLERANCE)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["rnn-relu", "lstm", "peephole"])
-def test_non_finite_padding_stays_out_of_outputs_and_gradients(case, fused):
+def test_non_finite_padding_stays_out_of_outputs_and_gradients(case, path):
     """Padding may be uninitialised memory (torch.empty) or a NaN sentinel: it must not leak."""
-    encoder = make_encoder(case, 2, True, fused=fused)
+    encoder = make_encoder(case, 2, True, path=path)
     lengths = torch.tensor(LENGTHS)
     real = (torch.arange(STEPS) < lengths.unsqueeze(1)).unsqueeze(-1)
     x = torch.where(real, random_input(), torch.tensor(float("nan"), dtype=torch.float64))
@@ -334,7 +393,7 @@ def test_non_finite_padding_stays_out_of_outputs_and_gradients(case, fused):
 
 
 def test_full_lengths_equal_no_lengths():
-    encoder = make_encoder("lstm", 2, True, fused=False)
+    encoder = make_encoder("lstm", 2, True, path="sequence")
     x = random_input()
     with_lengths = encoder(x, torch.full((BATCH,), STEPS))[0]
     torch.testing.assert_close(with_lengths, encoder(x)[0], rtol=0, atol=0)
@@ -350,10 +409,10 @@ def test_unknown_cell_name_suggests_the_closest():
         assert known in message
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(BATCH, STEPS, INPUT + 1), (STEPS, INPUT), (1, BATCH, STEPS, INPUT)])
-def test_wrong_input_shape_names_expected_and_received(shape, fused):
-    encoder = Encoder("gru", INPUT, HIDDEN, fused=fused)
+def test_wrong_input_shape_names_expected_and_received(shape, path):
+    encoder = Encoder("gru", INPUT, HIDDEN, fused=path == "fused", sequence=path != "autograd")
     with pytest.raises(ValueError) as info:
         encoder(torch.zeros(shape))
     message = str(info.value)

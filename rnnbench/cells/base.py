@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from rnnbench.cells.kernels import linear
 from rnnbench.errors import ConfigError, ContractError, shorten
 from rnnbench.hparams import Domain
 
@@ -149,7 +150,7 @@ class GatedCell(Cell):
             nn.init.uniform_(weight, -bound, bound)
 
     def project_input(self, x: Tensor) -> Tensor:
-        return torch.nn.functional.linear(x, self.weight_ih, self.bias_ih)
+        return linear(x, self.weight_ih, self.bias_ih)  # oneDNN on CPU (rnnbench.cells.kernels)
 
     def forward(self, x_t: Tensor, state: State) -> tuple[Tensor, State]:
         if x_t.dim() != 2 or x_t.shape[-1] != self.input_size:

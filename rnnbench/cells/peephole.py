@@ -10,7 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from rnnbench import hookimpl
-from rnnbench.cells.lstm import LSTMCell
+from rnnbench.cells.lstm import (
+    LSTMCell,
+    lstm_prepare_weights,
+    lstm_step_backward,
+    lstm_step_forward,
+    lstm_weight_grads,
+)
 
 
 class PeepholeLSTMCell(LSTMCell):
@@ -34,6 +40,23 @@ class PeepholeLSTMCell(LSTMCell):
         c = f * c + i * torch.tanh(g)
         h = torch.sigmoid(o + self.weight_co * c) * torch.tanh(c)
         return h, (h, c)
+
+    # The hand-written backward (rnnbench.cells.sequence), defined here again on purpose: a cell's
+    # backward must live in the class that holds its equations (forward_projected).
+    def recurrent_weights(self) -> tuple[Tensor, ...]:
+        return (self.weight_hh, self.weight_ci, self.weight_cf, self.weight_co)
+
+    def prepare_weights(self, weights, batch_size):
+        return lstm_prepare_weights(weights, batch_size)
+
+    def step_forward(self, weights, xp_t, state):
+        return lstm_step_forward(weights, xp_t, state)
+
+    def step_backward(self, weights, saved, grad_h, grad_state, out=None):
+        return lstm_step_backward(weights, saved, grad_h, grad_state, out)
+
+    def weight_grads(self, weights, grad_xp, saved):
+        return lstm_weight_grads(weights, grad_xp, saved)
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from rnnbench import hookimpl
 from rnnbench.cells.base import GatedCell
+from rnnbench.cells.kernels import linear
 from rnnbench.errors import ConfigError
 from rnnbench.hparams import Domain
 
@@ -29,7 +30,7 @@ class RNNCell(GatedCell):
 
     def project_input(self, x: Tensor) -> Tensor:
         """W_ih x + b_ih + b_hh: the recurrent bias rides along with the hoisted projection."""
-        return torch.nn.functional.linear(x, self.weight_ih, self.bias_ih + self.bias_hh)
+        return linear(x, self.weight_ih, self.bias_ih + self.bias_hh)
 
     def forward_projected(self, xp_t: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         pre = torch.addmm(xp_t, h, self.weight_hh.t())

@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from rnnbench import hookimpl
+from rnnbench.data.batching import to_device
 from rnnbench.data.chars import CharVocab, d2l_preprocess, markov_text, read_text
 from rnnbench.data.resolve import DataFile, resolve
 from rnnbench.errors import ConfigError, DataError, UnknownNameError
@@ -369,7 +370,7 @@ def _random_window_batches(
     steps = min(seq_len, len(ids) - 1)
     count = (len(ids) - 1) // steps
     # Starts are drawn on the CPU generator (reproducible on any device), then moved once.
-    starts = torch.randint(len(ids) - steps, (count,), generator=generator).to(ids.device)
+    starts = to_device(torch.randint(len(ids) - steps, (count,), generator=generator), ids.device)
     offsets = torch.arange(steps + 1, device=ids.device)
     for chunk in starts.split(batch_size):
         windows = ids[chunk.unsqueeze(1) + offsets]  # [rows, steps + 1]

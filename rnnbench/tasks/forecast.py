@@ -41,6 +41,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from rnnbench import hookimpl
+from rnnbench.data.batching import to_device
 from rnnbench.data.resolve import DataFile, resolve
 from rnnbench.data.series import (
     Series,
@@ -294,7 +295,7 @@ class ForecastTask(Task):
         windows = self._windows(split, device)
         count = windows.shape[0]
         order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
-        order = order.to(device)
+        order = to_device(order, device)  # once per epoch, asynchronous on CUDA
         for start in range(0, count, batch_size):
             index = order[start : start + batch_size]
             inputs, labels = split_window(windows[index], self.window, self.n_targets)

@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from rnnbench import hookimpl
+from rnnbench.data.batching import to_device
 from rnnbench.errors import ConfigError, UnknownNameError
 from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
@@ -190,7 +191,7 @@ class Memory(Task):
                 rows = min(batch_size, count - start)
                 yield Batch(inputs[start : start + rows], targets[start : start + rows], None, rows * steps)
             return
-        order = torch.randperm(count, generator=generator).to(inputs.device)
+        order = to_device(torch.randperm(count, generator=generator), inputs.device)
         for chunk in order.split(batch_size):
             yield Batch(inputs[chunk], targets[chunk], None, chunk.shape[0] * steps)
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from rnnbench import hookimpl
-from rnnbench.data.batching import bucketed_index_batches, pad_batch
+from rnnbench.data.batching import bucketed_index_batches, pad_batch, to_device
 from rnnbench.data.readers import TaggedSentence, find_split_files, holdout_split, read_conll
 from rnnbench.data.resolve import DataFile
 from rnnbench.data.vocab import UNK_ID, Vocab
@@ -264,10 +264,10 @@ class NERTask(Task):
             words, batch_lengths = pad_batch(data.words, index)
             extra = {"index": index}
             if self.options.char_features == "shape":
-                extra["shapes"] = pad_batch(data.shapes, index)[0].to(device, non_blocking=True)
+                extra["shapes"] = to_device(pad_batch(data.shapes, index)[0], device)
             yield Batch(
-                inputs=words.to(device, non_blocking=True),
-                targets=pad_batch(data.tags, index, IGNORE)[0].to(device, non_blocking=True),
+                inputs=to_device(words, device),  # pinned + asynchronous on CUDA
+                targets=to_device(pad_batch(data.tags, index, IGNORE)[0], device),
                 lengths=batch_lengths,
                 tokens=int(batch_lengths.sum()),
                 extra=extra,

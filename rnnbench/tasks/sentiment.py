@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from rnnbench import hookimpl
-from rnnbench.data.batching import padded_batches
+from rnnbench.data.batching import padded_batches, to_device
 from rnnbench.data.readers import (
     LabelledTexts,
     find_split_files,
@@ -141,7 +141,7 @@ class SentimentClassifier(nn.Module):
         if lengths is None:
             lengths = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.long)
         outputs, _ = self.encoder(self.dropout(self.embedding(tokens)), lengths)
-        pooled = pool(outputs, lengths.to(tokens.device), self.pooling, self.encoder.num_directions)
+        pooled = pool(outputs, to_device(lengths, tokens.device), self.pooling, self.encoder.num_directions)
         return self.head(self.dropout(pooled))
 
 
@@ -281,8 +281,8 @@ class SentimentTask(Task):
         data = self._split(split)
         for index, tokens, lengths in padded_batches(data.ids, batch_size, generator=generator):
             yield Batch(
-                inputs=tokens.to(device, non_blocking=True),
-                targets=data.labels[index].to(device, non_blocking=True),
+                inputs=to_device(tokens, device),  # pinned + asynchronous on CUDA
+                targets=to_device(data.labels[index], device),
                 lengths=lengths,
                 tokens=int(lengths.sum()),
             )
