@@ -242,12 +242,13 @@ class Tracker:
 
     def system_metrics(self, run_id: str):
         """CPU, memory, disk and network (GPU with nvidia-ml-py) of this machine, sampled into the
-        run's System metrics tab every 2 s while it trains; finish() it when done. None if MLflow's
+        run's System metrics tab every second while it trains (a trial shorter than that gets none:
+        MLflow drops an unfinished sample); finish() it when done. None if MLflow's
         monitor cannot start here."""
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            monitor = SystemMetricsMonitor(run_id, sampling_interval=2, tracking_uri=self.uri)
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=1, tracking_uri=self.uri)
             monitor.start()
             return monitor
         except Exception:

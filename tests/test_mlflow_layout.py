@@ -15,9 +15,9 @@ name: layout
 cells: [gru]
 tasks:
   - name: memory
-    options: {problem: adding, seq_len: 10, train_size: 4096, valid_size: 64, test_size: 64}
+    options: {problem: adding, seq_len: 20, train_size: 8192, valid_size: 64, test_size: 64}
 fixed: {hidden_size: 16}
-budget: {trials: 0, epochs: 2}
+budget: {trials: 0, epochs: 3}
 final: {seeds: 1}
 """
 
@@ -49,11 +49,11 @@ def test_mlflow_shows_experiment_datasets_source_and_system_metrics(tmp_path: Pa
     parent = next(r for r in runs if r.data.tags["rnnbench.stage"] == "study")
     text = client.download_artifacts(parent.info.run_id, "experiment.yaml", str(tmp_path / "dl"))
     as_run = yaml.safe_load(Path(text).read_text())
-    assert as_run["budget"]["epochs"] == 2 and as_run["pruner"]["name"] == "median"  # defaults filled in
+    assert as_run["budget"]["epochs"] == 3 and as_run["pruner"]["name"] == "median"  # defaults filled in
 
     child = client.get_run(next(r for r in runs if r.data.tags["rnnbench.stage"] == "final").info.run_id)
     assert child.data.tags["mlflow.source.name"] == "rnnbench"
     inputs = child.inputs.dataset_inputs
     assert [i.dataset.name for i in inputs] == ["memory-synthetic"]
-    assert '"train_size": 4096' in inputs[0].dataset.profile or "4096" in inputs[0].dataset.profile
+    assert '"train_size": 8192' in inputs[0].dataset.profile or "8192" in inputs[0].dataset.profile
     assert any(k.startswith("system/") for k in child.data.metrics), sorted(child.data.metrics)
