@@ -14,7 +14,6 @@ import gc
 import json
 import math
 import os
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -528,17 +527,10 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
 
 def _recover_all(plan: Plan, storage) -> int:
     """Recovery of every study now (a worker of ours just died: its owner is known dead)."""
-    from rnnbench.scheduler import LedgerLock, recover
-    from rnnbench.sweep import FINAL_SUFFIX, load_study
+    from rnnbench.scheduler import LedgerLock, recover_study
 
-    lock, queued = LedgerLock(plan.storage_url, plan.home), 0
-    for study in plan.studies:
-        with lock(study.name):
-            for name in (study.name, study.name + FINAL_SUFFIX):
-                s = load_study(storage, name)
-                if s is not None:
-                    queued += recover(storage, s, plan.max_retries)
-    return queued
+    lock = LedgerLock(plan.storage_url, plan.home)
+    return sum(recover_study(storage, lock, study.name, plan.max_retries) for study in plan.studies)
 
 
 def _worker_main(plan: Plan, worker: int, settings: dict[str, Any]) -> None:
@@ -642,7 +634,7 @@ class Worker:
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 if not waiting and not has_room(trials, int(led.attrs["trials"]), led.max_retries):
                     return led, None
-                s.sampler = make_sampler(self.e, self.worker, len(trials))
+                s.sampler = make_sampler(self.e, len(trials))
             else:
                 for seed in seeds_to_queue(trials, led.seeds):
                     s.enqueue_trial({}, user_attrs={"seed": seed})
@@ -678,23 +670,19 @@ class Worker:
 
     def _recover_now_and_then(self, study: Study) -> None:
         """While waiting on other workers' trials, look for dead ones every few seconds."""
-        from rnnbench.scheduler import recover
-        from rnnbench.sweep import FINAL_SUFFIX, lease_duration, load_study
+        from rnnbench.scheduler import recover_study
+        from rnnbench.sweep import lease_duration
 
         now = time.monotonic()
         if now - self._last_recovery.get(study.name, 0.0) < min(5.0, lease_duration() / 4):
             return
         self._last_recovery[study.name] = now
-        with self.lock(study.name):
-            for name in (study.name, study.name + FINAL_SUFFIX):
-                s = load_study(self.storage, name)
-                if s is not None:
-                    recover(self.storage, s, self.plan.max_retries)
+        recover_study(self.storage, self.lock, study.name, self.plan.max_retries)
 
-    def _refresh_parent(self, study: Study) -> None:
+    def _refresh_parent(self, study: Study, led=None) -> None:
         from rnnbench.projection import BASELINE_ATTR, StudyLedger
 
-        led = StudyLedger.load(self.storage, study.name)
+        led = led or StudyLedger.load(self.storage, study.name)
         if BASELINE_ATTR not in led.attrs:
             led.search.set_user_attr(BASELINE_ATTR, self._baseline(study))
             led.attrs[BASELINE_ATTR] = led.search.user_attrs[BASELINE_ATTR]
@@ -711,9 +699,9 @@ class Worker:
 
         try:
             self._run_trial(study, led, trial, stage=stage, best=best)
-        except BaseException:
-            self._lease.stop()
-            if RECORD not in trial.user_attrs or not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        except BaseException as exc:
+            self._lease.stop()  # before failing it: no renewal may race the failure
+            if RECORD not in trial.user_attrs or not isinstance(exc, KeyboardInterrupt):
                 self._fail_quietly(trial)
             raise
         finally:
@@ -874,15 +862,14 @@ class Worker:
         """The trial's record into MLflow, then the parent; best effort (the ledger has it all)."""
         from rnnbench.projection import StudyLedger
 
+        led = StudyLedger.load(self.storage, study.name)  # after the tell: the parent sees this trial
         try:
-            led = StudyLedger.load(self.storage, study.name)
-            frozen = self.storage.get_trial(trial._trial_id)
-            self.projection.project_trial(led, stage, frozen, live=live)
+            self.projection.project_trial(led, stage, self.storage.get_trial(trial._trial_id), live=live)
         except Exception as exc:
             self.progress.log(
                 f"warning: MLflow run of {study.name} not updated ({exc}); `rnnbench sync` repairs it"
             )
-        self._refresh_parent(study)
+        self._refresh_parent(study, led)
 
     def _baseline(self, study: Study) -> dict[str, float]:
         """The task's trivial baseline on test, for the report to show beside the architectures."""

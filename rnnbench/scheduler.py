@@ -226,6 +226,19 @@ def recover(storage, s: optuna.Study, max_retries: int = DEFAULT_MAX_RETRIES) ->
     return queued
 
 
+def recover_study(storage, lock, name: str, max_retries: int = DEFAULT_MAX_RETRIES) -> int:
+    """:func:`recover` on a study's search and final trials, under its ledger lock."""
+    from rnnbench.sweep import FINAL_SUFFIX, load_study
+
+    queued = 0
+    with lock(name):
+        for stage_name in (name, name + FINAL_SUFFIX):
+            s = load_study(storage, stage_name)
+            if s is not None:
+                queued += recover(storage, s, max_retries)
+    return queued
+
+
 def has_room(trials: list[FrozenTrial], budget: int, max_retries: int) -> bool:
     """A new configuration may be sampled: counted + running + queued stays within the budget."""
     done, pending = counted(trials, max_retries)

@@ -74,7 +74,7 @@ def normalize_rdb_url(url: str) -> str:
     return url
 
 
-def check_storage_url(url: str | None, workers_may_be_parallel: bool = True) -> None:
+def check_storage_url(url: str | None) -> None:
     """Refuse what cannot work, before anything is opened or written."""
     if is_journal(url):
         return
@@ -283,9 +283,7 @@ class _AskTellGridSampler(optuna.samplers.GridSampler):
         return None
 
 
-def make_sampler(
-    experiment: Experiment, worker: int = 0, trials_so_far: int = 0
-) -> optuna.samplers.BaseSampler:
+def make_sampler(experiment: Experiment, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
     """A sampler seeded from the study's trial count: each ask draws a fresh point (a sampler
     rebuilt with a fixed seed proposes its first point again every time), a resumed run proposes
     what an uninterrupted one would, and every architecture starts from the same random points.
