@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from rnnbench.scheduler import final_done
 from rnnbench.stats import MIN_SEEDS, mean_ci
 from rnnbench.sweep import (
     DEFAULT_MAX_RETRIES,
@@ -204,13 +205,10 @@ class Projection:
             }
         metrics |= {f"baseline_test_{k}": v for k, v in led.attrs.get(BASELINE_ATTR, {}).items()}
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
-        finished = {
-            (record_of(t) or {}).get("seed")
-            for t in led.final_trials
-            if led.status(t) in ("complete", "pruned", "failed")
-        }
         runnable = best is not None or led.no_search
-        done = search_done and (not runnable or not led.seeds or {*led.seeds} <= finished)
+        done = search_done and (
+            not runnable or not led.seeds or final_done(led.final_trials, led.seeds, led.max_retries)
+        )
         if not done:
             tags["status"] = "running"
         else:
