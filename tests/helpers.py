@@ -23,27 +23,16 @@ def train_briefly(
     A deliberately plain loop, independent of rnnbench.trainer, so task tests check the task alone.
     """
     from rnnbench.encoder import Encoder
+    from rnnbench.testing import _train_briefly as _train
 
     torch.manual_seed(seed)
     task.setup()
     task.check_architecture(bidirectional=bidirectional)
     hp = {"hidden_size": hidden_size, "dropout": 0.0, **(hparams or {})}
     model = task.build_model(lambda n: Encoder(cell, n, hidden_size, layers, bidirectional), hp)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    device, generator, done = torch.device("cpu"), torch.Generator().manual_seed(seed), 0
-    model.train()
-    while done < steps:
-        carry = None
-        for batch in task.batches("train", batch_size, device=device, generator=generator):
-            loss, carry = task.training_loss(model, batch, carry)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            done += 1
-            if done >= steps:
-                break
+    # the same loop the plugin-task contract check trains with (rnnbench.testing)
+    _train(task, model, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     model.eval()
     with torch.no_grad():
-        scores = task.evaluate(model, "valid", batch_size, device=device)
+        scores = task.evaluate(model, "valid", batch_size, device=torch.device("cpu"))
     return model, scores

@@ -228,7 +228,6 @@ def test_read_only_home_and_full_disk_are_one_line(tmp_path: Path):
     """A home that cannot be created (/sys refuses even root), and a disk that fills up mid-run
     (a file-size limit just above the stores' sizes): one line saying what to do, no traceback,
     and the finished trials still there to resume from."""
-    import resource
 
     read_only = _run_cli(["--home", "/sys/rnnbench-home"], tmp_path / "unused")
     assert read_only.returncode == 2 and "not writable" in read_only.stderr, read_only.stderr
@@ -242,7 +241,19 @@ def test_read_only_home_and_full_disk_are_one_line(tmp_path: Path):
     assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
     limit = max(p.stat().st_size for p in home.rglob("*") if p.is_file()) + 4096
     path.write_text(DISK_EXPERIMENT.format(seeds=8))  # more seeds: more records than fit
-    full = subprocess.run(
+    full = _run_with_file_size_limit(command, env, limit)
+    assert full.returncode == 1, full.stderr
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run the same command again" in lines[0] and "Traceback" not in full.stderr
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "(n=8)" in again.stdout, again.stderr
+
+
+def _run_with_file_size_limit(command: list[str], env: dict, limit: int) -> subprocess.CompletedProcess:
+    """Run with no file allowed past ``limit`` bytes: a disk that fills up, for one process only."""
+    import resource
+
+    return subprocess.run(
         command,
         env=env,
         capture_output=True,
@@ -250,11 +261,6 @@ def test_read_only_home_and_full_disk_are_one_line(tmp_path: Path):
         timeout=300,
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
     )
-    assert full.returncode == 1, full.stderr
-    lines = full.stderr.strip().splitlines()
-    assert len(lines) == 1 and "run the same command again" in lines[0] and "Traceback" not in full.stderr
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "(n=8)" in again.stdout, again.stderr
 
 
 DISK_EXPERIMENT = """\
@@ -272,7 +278,6 @@ final: {{seeds: {seeds}}}
 def test_mlflow_store_creation_failing_leaves_nothing_behind(tmp_path: Path):
     """The disk fills while MLflow builds its schema: no half-migrated mlflow.db stays behind to
     fail every later run; the next run (with space) simply creates it."""
-    import resource
 
     home = tmp_path / "home"
     path = tmp_path / "disk.yaml"
@@ -280,14 +285,7 @@ def test_mlflow_store_creation_failing_leaves_nothing_behind(tmp_path: Path):
     env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "rnnbench.cli", "run", str(path)]
     limit = 64 * 1024  # MLflow's schema alone is larger
-    full = subprocess.run(
-        command,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
-    )
+    full = _run_with_file_size_limit(command, env, limit)
     assert full.returncode != 0 and len(full.stderr.strip().splitlines()) == 1, full.stderr
     assert "cannot create the MLflow store" in full.stderr
     assert not (home / "mlflow.db").exists() and not list(home.glob(".mlflow.db.*"))
