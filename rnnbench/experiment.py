@@ -98,6 +98,8 @@ class TaskEntry(_Strict):
     data_path: str | None = None
     options: dict[str, Any] = {}
     hparams: dict[str, Any] = {}
+    # the experiment's parameter_budget for this task only: embeddings and heads differ by task
+    parameter_budget: int | None = Field(None, ge=1, le=10**9)
 
 
 class BudgetSpec(_Strict):
@@ -189,7 +191,8 @@ class Experiment(_Strict):
 
     @model_validator(mode="after")
     def _consistency(self):
-        if self.parameter_budget and "hidden_size" in {**self.search, **self.fixed}:
+        budgeted = self.parameter_budget or any(t.parameter_budget for t in self.tasks)
+        if budgeted and "hidden_size" in {**self.search, **self.fixed}:
             raise ValueError(
                 "parameter_budget solves hidden_size per architecture: remove hidden_size from search/fixed"
             )
@@ -223,6 +226,11 @@ class Study:
     @property
     def fixed_hparams(self) -> dict[str, Any]:
         return {**self.experiment.fixed, **self.cell_entry.hparams, **self.task_entry.hparams}
+
+    @property
+    def parameter_budget(self) -> int | None:
+        """The task's own budget, else the experiment's (None: hidden_size is searched or fixed)."""
+        return self.task_entry.parameter_budget or self.experiment.parameter_budget
 
     def make_task(self, seed: int = 0):
         from rnnbench.plugins import get_task

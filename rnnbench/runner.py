@@ -140,8 +140,8 @@ def dry_run(plan: Plan) -> list[dict[str, Any]]:
             tasks[key].setup()
         task = tasks[key]
         corners = _search_corners(e)
-        if e.parameter_budget:
-            sizes = [solve_hidden_size(task, study, e.parameter_budget, hp) for hp in corners]
+        if study.parameter_budget:
+            sizes = [solve_hidden_size(task, study, study.parameter_budget, hp) for hp in corners]
         else:
             sizes = _hidden_range(e)
             corners = [corners[0], corners[-1]] if len(sizes) > 1 else corners[:1]
@@ -417,8 +417,9 @@ def fingerprint_parts(plan: Plan, study: Study) -> dict[str, str]:
         "budget": e.budget.model_dump(),
         "sampler": e.sampler.model_dump(),
         "pruner": e.pruner.model_dump(),
-        "task": {**study.task_entry.model_dump(), "resolved_options": resolved},
-        "parameter_budget": e.parameter_budget,
+        # the budget has its own key (and leaving it out keeps older studies' task hash)
+        "task": {**study.task_entry.model_dump(exclude={"parameter_budget"}), "resolved_options": resolved},
+        "parameter_budget": study.parameter_budget,
         "final.epochs": e.final.epochs,
         "precision": e.precision,
         "deterministic": e.deterministic,
@@ -609,10 +610,10 @@ class Worker:
         """The trial's whole configuration; under a parameter budget, hidden_size is solved from
         it (so a searched embedding size is paid for out of the same budget)."""
         hp = {**study.fixed_hparams, **params}
-        if self.e.parameter_budget:
+        if study.parameter_budget:
             key = json.dumps([study.name, hp], sort_keys=True, default=str)
             if key not in self._hidden:
-                self._hidden[key] = solve_hidden_size(task, study, self.e.parameter_budget, hp)
+                self._hidden[key] = solve_hidden_size(task, study, study.parameter_budget, hp)
             hp["hidden_size"] = self._hidden[key]
         return hp
 
@@ -750,7 +751,7 @@ class Worker:
             self.progress.log(f"warning: no MLflow run for {label} of {study.name} ({exc}); a sync adds it")
             run_id = None
         self.progress.trial_started(study.name, stage, trial.number, label)
-        target = {"params_target": e.parameter_budget} if e.parameter_budget else {}
+        target = {"params_target": study.parameter_budget} if study.parameter_budget else {}
         reporter = _EpochReporter(
             self.tracker,
             run_id,

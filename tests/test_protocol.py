@@ -64,6 +64,23 @@ def test_parameter_budget_is_solved_per_trial_with_its_searched_sizes(tmp_path: 
     print(f"\nparameter_budget 20,000, gru on synthetic sentiment: {counts}")
 
 
+def test_a_task_budget_overrides_the_experiments_for_that_task_only(tmp_path: Path):
+    e = parse(
+        "name: tb\ncells: [gru]\nparameter_budget: 20000\n"
+        "tasks:\n  - {name: sentiment, dataset: synthetic, parameter_budget: 8000}\n"
+        "  - {name: memory, options: {problem: adding, seq_len: 10}}\n"
+    )
+    plan = prepare(e, home=tmp_path)
+    worker = Worker(plan, 0, {"device": "cpu"}, stores=open_stores(plan))
+    for study, budget in zip(plan.studies, (8_000, 20_000)):
+        assert study.parameter_budget == budget
+        task = worker._task(study)
+        hp = worker._hparams(study, task, {})
+        assert _count_parameters(task, study, hp["hidden_size"], hp) <= budget < _count_parameters(
+            task, study, hp["hidden_size"] + 1, hp
+        )
+
+
 def test_parameter_budget_reaches_every_trial_of_a_run(tmp_path: Path):
     path = tmp_path / "pb.yaml"
     path.write_text(
