@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -228,7 +229,7 @@ def sync_command(experiment, home, tracking_uri, storage) -> None:
     counts = _sync(experiment, home, tracking_uri, storage)
     click.echo(
         f"synced {experiment}: {counts['parents']} studies, {counts['projected']} run(s) rewritten, "
-        f"{counts['duplicates']} duplicate(s) removed"
+        f"{counts['duplicates']} duplicate(s) removed, {counts['models']} model(s) logged"
     )
 
 
@@ -245,26 +246,89 @@ def _experiment_name(experiment: str) -> str:
 def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True) -> dict | None:
     """Project the ledger into MLflow; None when there is no ledger to read (and not required)."""
     from rnnbench.errors import ConfigError
+    from rnnbench.models import repair_models
     from rnnbench.projection import Projection
-    from rnnbench.runner import run_home
     from rnnbench.scheduler import LedgerLock
-    from rnnbench.sweep import is_journal, journal_path, open_storage, study_names
     from rnnbench.tracking import Tracker, create_sqlite_store
 
-    name = _experiment_name(experiment)
-    path = run_home(home)
-    if is_journal(storage) and not journal_path(storage, path).is_file():
+    try:
+        name, path, ledger = _ledger(experiment, home, storage)
+    except ConfigError:
         if required:
-            raise ConfigError(f"no Optuna ledger at {journal_path(storage, path)}: pass --home or --storage")
-        return None
-    ledger = open_storage(storage, path)
-    if not study_names(ledger, name):
-        if required:
-            raise ConfigError(f"the ledger has no study of experiment {name!r}")
+            raise
         return None
     uri = tracking_uri or create_sqlite_store(path)  # MLflow lost? the ledger rebuilds it
     tracker = Tracker(uri, name, artifact_root=path / "artifacts")
-    return Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
+    done = Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
+    return done | {"models": repair_models(tracker, ledger, name, path)}
+
+
+def _ledger(experiment: str, home, storage):
+    """(experiment name, run home, ledger) of an experiment that has run here."""
+    from rnnbench.errors import ConfigError
+    from rnnbench.runner import run_home
+    from rnnbench.sweep import is_journal, journal_path, open_storage, study_names
+
+    name, path = _experiment_name(experiment), run_home(home)
+    if is_journal(storage) and not journal_path(storage, path).is_file():
+        raise ConfigError(f"no Optuna ledger at {journal_path(storage, path)}: pass --home or --storage")
+    ledger = open_storage(storage, path)
+    if not study_names(ledger, name):
+        raise ConfigError(f"the ledger has no study of experiment {name!r}")
+    return name, path, ledger
+
+
+def _study_name(ledger, experiment: str, study: str) -> str:
+    """A study given in full (``smoke/charlm-synthetic/lstm-1L-uni``) or without the experiment."""
+    from rnnbench.errors import UnknownNameError
+    from rnnbench.sweep import study_names
+
+    names = set(study_names(ledger, experiment))
+    for candidate in (study, f"{experiment}/{study}"):
+        if candidate in names:
+            return candidate
+    raise UnknownNameError("study", study, {n.split("/", 1)[1] for n in names})
+
+
+@app.command("export")
+@click.argument("experiment")
+@click.argument("study")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="New folder for the model."
+)
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option("--storage", help="Optuna storage (default: the run home's journal).")
+def export_command(experiment, study, out, home, storage) -> None:
+    """Write the best final seed of STUDY (chosen on validation) as a self-contained MLflow model
+    folder: weights, signature, input example, and rnnbench_model.json with the vocabulary or
+    scaler, task, architecture and scores. Load it with mlflow.pytorch.load_model(OUT)."""
+    from rnnbench.models import export
+
+    name, path, ledger = _ledger(experiment, home, storage)
+    record = export(ledger, _study_name(ledger, name, study), path, out)
+    test = ", ".join(f"{k}={v:.4g}" for k, v in (record.get("test") or {}).items())
+    click.echo(f"exported {record['study']} seed {record['seed']} (test {test}) to {out}")
+
+
+@app.command("register")
+@click.argument("experiment")
+@click.argument("studies", nargs=-1)
+@click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: the run home's store).")
+@click.option("--storage", help="Optuna storage (default: the run home's journal).")
+def register_command(experiment, studies, home, tracking_uri, storage) -> None:
+    """Register the best final seed (on validation) of each of STUDIES (default: every study) in
+    the MLflow Model Registry, named after the study with '/' as '.'."""
+    from rnnbench.models import register
+    from rnnbench.sweep import study_names
+    from rnnbench.tracking import Tracker, tracking_uri_for
+
+    name, path, ledger = _ledger(experiment, home, storage)
+    tracker = Tracker(tracking_uri or tracking_uri_for(path), name, create=False)
+    chosen = [_study_name(ledger, name, s) for s in studies] or study_names(ledger, name)
+    for study in chosen:
+        model, version = register(tracker, ledger, study, path)
+        click.echo(f"registered {study} as {model} version {version}")
 
 
 @app.command("check")

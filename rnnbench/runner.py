@@ -186,18 +186,9 @@ def _hidden_range(e: Experiment) -> list[int]:
 
 def _count_parameters(task, study: Study, hidden: int, hparams: dict[str, Any] | None = None) -> int:
     """Parameters of the whole model a trial with these hyperparameters trains."""
-    from rnnbench.encoder import Encoder
-    from rnnbench.plugins import get_cell
-    from rnnbench.trainer import split_hparams
+    from rnnbench.trainer import build_model
 
-    hp, cell_hp, task_hp = split_hparams(
-        {**study.fixed_hparams, **(hparams or {}), "hidden_size": hidden}, get_cell(study.arch.cell), task
-    )
-    arch = study.arch
-    model = task.build_model(
-        lambda n: Encoder(arch.cell, n, hidden, arch.layers, arch.bidirectional, 0.0, **cell_hp),
-        {**hp, **task_hp},
-    )
+    model = build_model(task, study.arch, {**study.fixed_hparams, **(hparams or {}), "hidden_size": hidden})
     return sum(p.numel() for p in model.parameters())
 
 
@@ -295,16 +286,19 @@ def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
             Worker(plan, 0, settings, stores=(tracker, storage, lock)).run()
         else:
             _run_parallel(plan, workers, settings, storage, projection)
-        _sync_quietly(projection, e.name)  # whatever a worker could not project (MLflow down, a kill)
+        _sync_quietly(projection, e.name, plan.home)  # what a worker could not project (MLflow down, a kill)
         return summarize(plan, storage)
     finally:
         run_lock.release()
 
 
-def _sync_quietly(projection, experiment: str) -> None:
+def _sync_quietly(projection, experiment: str, home: Path) -> None:
     """A sync that may fail (MLflow down): the ledger has everything, a later sync projects it."""
+    from rnnbench.models import repair_models
+
     try:
         projection.sync(experiment)
+        repair_models(projection.tracker, projection.storage, experiment, home)
     except Exception as exc:
         print(
             f"warning: MLflow not updated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
@@ -506,7 +500,9 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
                         errors.append(p.exitcode)
                     continue
                 lost = _recover_all(plan, storage)
-                _sync_quietly(projection, plan.experiment.name)  # it may have died before projecting
+                _sync_quietly(
+                    projection, plan.experiment.name, plan.home
+                )  # it may have died before projecting
                 print(
                     f"worker {w} died (exit code {p.exitcode}); {lost} trial(s) queued again",
                     flush=True,
@@ -770,7 +766,7 @@ class Worker:
         if stage == "final" and best is not None:
             record["best_trial"] = best.number
         trainer = Trainer(budget, self.settings)
-        failed, value, state = True, None, optuna.trial.TrialState.COMPLETE
+        failed, value, state, model = True, None, optuna.trial.TrialState.COMPLETE, None
         monitor = self.tracker.system_metrics(run_id) if run_id else None
         try:
             result = trainer.fit(
@@ -803,6 +799,11 @@ class Worker:
                 "stop_reason": result.stop_reason,
                 "artifacts": result.artifacts,
             }
+            if stage == "final":  # the file before the record that names it
+                from rnnbench.models import save_weights
+
+                model = result.model
+                record["weights"] = save_weights(self.plan.home, study.name, seed, model)
             detail = f"{primary}={value:.4g}"
         except optuna.TrialPruned as exc:
             failed, state, detail = False, optuna.trial.TrialState.PRUNED, str(exc)
@@ -845,8 +846,20 @@ class Worker:
             return
         _fault("after_ledger_write")
         self._project(study, stage, trial, live=not reporter.live_failed)
+        if model is not None and run_id is not None:
+            self._log_model(study, task, model, record, run_id)
         status = record["status"]
         self.progress.trial_ended(status, detail)
+
+    def _log_model(self, study: Study, task, model, record: dict[str, Any], run_id: str) -> None:
+        """The final seed's MLflow model; best effort (a sync logs it from the weights file)."""
+        from rnnbench.models import log_model, model_card
+
+        try:
+            log_model(self.tracker, run_id, task, model, model_card(task, study, record))
+        except Exception as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self.progress.log(f"warning: model of {study.name} seed {record['seed']} not logged ({first})")
 
     def _write_record(self, trial, record: dict[str, Any], reporter: _EpochReporter) -> None:
         from rnnbench.sweep import RECORD

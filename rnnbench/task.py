@@ -234,6 +234,21 @@ class Task(abc.ABC):
         """Facts about the loaded data (sizes, vocabulary) logged with every run."""
         return {}
 
+    # -- using a trained model outside rnnbench (logged MLflow models, `rnnbench export`) ---------
+    def export_state(self) -> dict[str, Any]:
+        """What a user of a trained model needs besides its weights: vocabulary, scaler, label
+        names, input layout. JSON-able; saved beside every exported model."""
+        return {}
+
+    def serving_model(self, model: nn.Module) -> nn.Module:
+        """``model`` as one tensor in, one tensor out, the form MLflow's pyfunc serves.
+        Default: the model itself, which suits tasks whose model takes ``batch.inputs`` alone."""
+        return model
+
+    def serving_example(self) -> Tensor:
+        """A few test inputs for ``serving_model``: MLflow's input example and signature."""
+        return next(iter(self.batches("test", 2, device=torch.device("cpu")))).inputs
+
 
 def detach_state(state: Any) -> Any:
     """Detach a (nested) encoder state so truncated BPTT stops at the batch boundary."""

@@ -109,6 +109,7 @@ class FitResult:
     summary: dict[str, float]
     stop_reason: str
     artifacts: dict[str, str] = field(default_factory=dict)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # best-on-validation weights, eval mode
 
 
 class Callback:
@@ -162,6 +163,27 @@ def split_hparams(hparams: dict[str, Any], cell_cls: type, task: Task) -> tuple[
     if trainer["optimizer"] not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {trainer['optimizer']!r}")
     return trainer, cell, task_hp
+
+
+def build_model(task: Task, arch: Architecture, hparams: dict[str, Any]) -> torch.nn.Module:
+    """The model a run with these hyperparameters trains, freshly initialised on the CPU: the
+    trainer's, the parameter counter's and a saved model's rebuild are one and the same."""
+    from rnnbench.plugins import get_cell
+
+    hp, cell_hp, task_hp = split_hparams(hparams, get_cell(arch.cell), task)
+
+    def make_encoder(input_size: int) -> Encoder:
+        return Encoder(
+            arch.cell,
+            input_size,
+            int(hp["hidden_size"]),
+            arch.layers,
+            arch.bidirectional,
+            float(hp["dropout"]),
+            **cell_hp,
+        )
+
+    return task.build_model(make_encoder, {**hp, **task_hp})
 
 
 def make_optimizer(params, hp: dict[str, Any]) -> torch.optim.Optimizer:
@@ -274,20 +296,8 @@ class Trainer:
             task.setup()
         task.check_architecture(bidirectional=arch.bidirectional)
         seed_everything(seed, settings.deterministic)
-
-        def make_encoder(input_size: int) -> Encoder:
-            return Encoder(
-                arch.cell,
-                input_size,
-                int(hp["hidden_size"]),
-                arch.layers,
-                arch.bidirectional,
-                float(hp["dropout"]),
-                **cell_hp,
-            )
-
         memory = TrainMemory(device)  # before the model exists: on CUDA its baseline
-        model = task.build_model(make_encoder, {**hp, **task_hp}).to(device)
+        model = build_model(task, arch, hparams).to(device)
         encoders = [m for m in model.modules() if isinstance(m, Encoder)]
         params = {
             "total": sum(p.numel() for p in model.parameters()),
@@ -439,7 +449,9 @@ class Trainer:
             "epochs": float(len(history)),
             "steps": float(steps),
         }
-        result = FitResult(best_epoch, best_valid, test, history, params, summary, stop_reason, artifacts)
+        result = FitResult(
+            best_epoch, best_valid, test, history, params, summary, stop_reason, artifacts, model
+        )
         for cb in callbacks:
             cb.on_fit_end(result)
         return result

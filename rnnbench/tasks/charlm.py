@@ -96,6 +96,17 @@ class CharLanguageModel(nn.Module):
         return self.head(self.dropout(out)), state
 
 
+class NextCharLogits(nn.Module):
+    """Serving form: ``ids [B, T]`` -> next-character logits ``[B, T, vocab]`` (state dropped)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.model(ids)[0]
+
+
 class CharLM(Task):
     """Character-level language modelling: predict the next character (perplexity, bits per char)."""
 
@@ -290,6 +301,16 @@ class CharLM(Task):
             model.train(was_training)
         ids = torch.cat(sampled, dim=1)[0].tolist() if sampled else []
         return {"samples.txt": prime + vocab.decode(ids)}
+
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "input": "character ids [B, T] (int64); output: next-character logits [B, T, vocab]",
+            "characters": self._ready().itos,
+            "unknown_index": CharVocab.unk_index,
+        }
+
+    def serving_model(self, model: nn.Module) -> nn.Module:
+        return NextCharLogits(model)
 
     def describe(self) -> dict[str, Any]:
         vocab = self._ready()

@@ -346,6 +346,20 @@ class ForecastTask(Task):
             values += batch.targets.numel()
         return dict(zip([m.name for m in self.metrics], (totals / values).tolist()))
 
+    def export_state(self) -> dict[str, Any]:
+        columns = self.series.columns
+        return {
+            "input": "[B, input_width, columns] float32, each column z-scored with mean and std; "
+            "output: [B, label_width, targets], z-scored (multiply by std, add mean)",
+            "columns": list(columns),
+            "targets": list(columns[: self.n_targets]),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "input_width": self.window.input_width,
+            "label_width": self.window.label_width,
+            "shift": self.window.shift,
+        }
+
     def describe(self) -> dict[str, Any]:
         series = self._loaded()
         facts: dict[str, Any] = {

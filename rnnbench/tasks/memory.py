@@ -195,6 +195,14 @@ class Memory(Task):
         for chunk in order.split(batch_size):
             yield Batch(inputs[chunk], targets[chunk], None, chunk.shape[0] * steps)
 
+    def export_state(self) -> dict[str, Any]:
+        layout = (
+            "[B, T, 2] float32 (value, marker); output: the sum of the two marked values [B]"
+            if self.options.problem == "adding"
+            else "[B, T] int64 symbols; output: logits of the recalled symbols"
+        )
+        return {"input": layout, "problem": self.options.problem, "seq_len": self.sequence_length}
+
     # -- model ----------------------------------------------------------------------------------
     def build_model(self, make_encoder: EncoderFactory, hparams: dict[str, Any]) -> nn.Module:
         return MemoryModel(self.options.problem, make_encoder, float(hparams.get("dropout", 0.0)))

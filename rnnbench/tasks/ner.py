@@ -149,6 +149,20 @@ class Tagger(nn.Module):
         return self.head(self.dropout(outputs))
 
 
+class PaddedTagger(nn.Module):
+    """Serving form: ``[B, T, 2]`` int64 (word id, shape id), 0-padded at the end -> tag logits
+    ``[B, T, tags]``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, words_and_shapes: Tensor) -> Tensor:
+        words, shapes = words_and_shapes[..., 0], words_and_shapes[..., 1]
+        lengths = (words != 0).sum(dim=1).clamp(min=1).cpu()
+        return self.model(words, lengths, shapes)
+
+
 class NERTask(Task):
     """Named-entity recognition (CoNLL-2003, WNUT-17, your CoNLL files): entity-level F1."""
 
@@ -325,6 +339,24 @@ class NERTask(Task):
         """Tag every token O: no entity is predicted, so F1 is 0 (computed, not assumed)."""
         gold = [s.tags for s in self._split(split).sentences]
         return self._scores(gold, [["O"] * len(tags) for tags in gold])
+
+    def export_state(self) -> dict[str, Any]:
+        assert self.vocab is not None, "call setup() first"
+        return {
+            "input": "[B, T, 2] int64: lowercased word id and word-shape id, 0-padded at the end; "
+            "output: tag logits [B, T, tags]",
+            "vocabulary": self.vocab.itos,
+            "shapes": list(SHAPES),
+            "tags": self.tag_names,
+        }
+
+    def serving_model(self, model: nn.Module) -> nn.Module:
+        return PaddedTagger(model)
+
+    def serving_example(self) -> Tensor:
+        batch = next(iter(self.batches("test", 2, device=torch.device("cpu"))))
+        shapes = batch.extra.get("shapes", torch.zeros_like(batch.inputs))
+        return torch.stack([batch.inputs, shapes], dim=-1)
 
     def describe(self) -> dict[str, Any]:
         if not self.splits:

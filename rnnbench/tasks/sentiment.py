@@ -145,6 +145,18 @@ class SentimentClassifier(nn.Module):
         return self.head(self.dropout(pooled))
 
 
+class PaddedTextClassifier(nn.Module):
+    """Serving form: token ids ``[B, T]`` padded with 0 at the end -> class logits ``[B, classes]``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        lengths = (tokens != 0).sum(dim=1).clamp(min=1).cpu()
+        return self.model(tokens, lengths)
+
+
 class SentimentTask(Task):
     """Sentiment classification of texts (SST-2, IMDB, your CSV): accuracy."""
 
@@ -326,6 +338,19 @@ class SentimentTask(Task):
         confusion = torch.zeros(len(self.classes), len(self.classes), dtype=torch.long)
         confusion[:, majority] = torch.bincount(labels, minlength=len(self.classes))
         return classification_scores(confusion)
+
+    def export_state(self) -> dict[str, Any]:
+        assert self.vocab is not None, "call setup() first"
+        return {
+            "input": "token ids [B, T] (int64), 0-padded at the end; output: class logits [B, classes]",
+            "tokenizer": self.tokenizer,
+            "max_len": self.options.max_len,
+            "vocabulary": self.vocab.itos,
+            "classes": [str(c) for c in self.classes],
+        }
+
+    def serving_model(self, model: nn.Module) -> nn.Module:
+        return PaddedTextClassifier(model)
 
     def describe(self) -> dict[str, Any]:
         if not self.splits:

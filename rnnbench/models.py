@@ -1,0 +1,268 @@
+"""Trained models: a final seed's weights kept beside the ledger, logged as MLflow models, exported.
+
+The weights file is written before the trial's ledger record names it, so a record never points at
+a missing file. The MLflow model is a projection of that file: logged when the seed ends, and
+logged again by ``rnnbench sync`` wherever it is missing (a crash in between, a lost store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rnnbench.errors import DataError
+
+MODELS_DIR = "models"  # under the run home
+MODEL_NAME = "model"  # the logged model's name in its run
+CARD = "rnnbench_model.json"  # task, architecture, hyperparameters, metrics, preprocessing
+WEIGHTS = "state_dict.pt"  # the same weights, loadable with torch.load(..., weights_only=True)
+
+
+def weights_path(home: Path, study_name: str, seed: int) -> Path:
+    parts = [re.sub(r"[^A-Za-z0-9_.-]", "_", part) for part in study_name.split("/")]
+    return Path(home).joinpath(MODELS_DIR, *parts, f"seed-{seed}.pt")
+
+
+def save_weights(home: Path, study_name: str, seed: int, model: torch.nn.Module) -> dict[str, str]:
+    """Write ``model``'s weights atomically; returns what the ledger record keeps: path and sha256."""
+    path = weights_path(home, study_name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    data = buffer.getvalue()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"path": path.relative_to(home).as_posix(), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def load_weights(home: Path, weights: dict[str, str]) -> dict[str, torch.Tensor]:
+    path = Path(home) / weights["path"]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"weights {path} cannot be read ({exc.strerror or exc})") from None
+    if hashlib.sha256(data).hexdigest() != weights["sha256"]:
+        raise DataError(f"weights {path} changed since the ledger recorded them (sha256 differs)")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def rebuild(task, study, record: dict[str, Any], home: Path) -> torch.nn.Module:
+    """The final seed's model from its ledger record and weights file (``task`` set up)."""
+    from rnnbench.trainer import build_model
+
+    model = build_model(task, study.arch, record["hparams"])
+    model.load_state_dict(load_weights(home, record["weights"]))
+    return model.eval()
+
+
+def model_card(task, study, record: dict[str, Any]) -> dict[str, Any]:
+    """Everything but the weights a user needs to run the model and know what it is."""
+    arch = study.arch
+    return {
+        "study": study.name,
+        "task": study.task_entry.name,
+        "dataset": study.task_entry.dataset,
+        "task_options": task.options.model_dump(mode="json") if hasattr(task, "options") else {},
+        "architecture": {"cell": arch.cell, "layers": arch.layers, "bidirectional": arch.bidirectional},
+        "hparams": record["hparams"],
+        "seed": record.get("seed"),
+        "test": record.get("test"),
+        "best_valid": record.get("best_valid"),
+        "weights_sha256": record["weights"]["sha256"],
+        "preprocessing": task.export_state(),
+    }
+
+
+def _requirements() -> list[str]:
+    """Pinned here so MLflow need not infer them (a subprocess that reloads the model, seconds)."""
+    import rnnbench
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"rnnbench=={rnnbench.__version__}"]
+
+
+def _signature(example: torch.Tensor, output: torch.Tensor):
+    """Tensor specs with the batch axis free and, since a recurrent model reads any length, the
+    time axis (axis 1) free too, in the output as well where it follows the input's."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    def spec(t: torch.Tensor, free_time: bool) -> TensorSpec:
+        shape = [-1, *t.shape[1:]]
+        if free_time and t.dim() >= 2:
+            shape[1] = -1
+        return TensorSpec(t.numpy().dtype, tuple(shape))
+
+    follows = output.dim() >= 3 and output.shape[1] == example.shape[1]
+    return ModelSignature(Schema([spec(example, True)]), Schema([spec(output, follows)]))
+
+
+def _flavor_args(task, model: torch.nn.Module, card: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    serving = task.serving_model(model).eval()
+    example = task.serving_example()
+    with torch.no_grad():
+        output = serving(example)
+    card_path = workdir / CARD
+    card_path.write_text(json.dumps(card, indent=1, default=str))
+    weights_file = workdir / WEIGHTS
+    torch.save(model.state_dict(), weights_file)
+    return {
+        "signature": _signature(example, output),
+        "input_example": example.numpy(),
+        "extra_files": [str(card_path), str(weights_file)],
+        "pip_requirements": _requirements(),
+        "metadata": {k: card[k] for k in ("study", "task", "dataset", "architecture", "seed")},
+        # pickle: torch.export cannot trace packed variable-length batches (data-dependent shapes)
+        "serialization_format": "pickle",
+    }, serving
+
+
+def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str, Any]) -> str:
+    """Log ``model`` as the run's MLflow model (pytorch flavour, signature, input example, card)."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_experiment(experiment_id=tracker.experiment_id)  # logged models go to the active one
+    with tempfile.TemporaryDirectory() as tmp:
+        args, serving = _flavor_args(task, model, card, Path(tmp))
+        info = mlflow.pytorch.log_model(serving, name=MODEL_NAME, run_id=run_id, **args)
+    return info.model_id
+
+
+def save_model(path: Path, task, model: torch.nn.Module, card: dict[str, Any]) -> None:
+    """A self-contained MLflow model directory at ``path`` (what ``rnnbench export`` writes)."""
+    import mlflow.pytorch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args, serving = _flavor_args(task, model, card, Path(tmp))
+        mlflow.pytorch.save_model(serving, str(path), **args)
+
+
+def runs_with_models(tracker) -> set[str]:
+    """Run ids that already have their logged model (one query for the whole experiment)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.uri)
+    models = mlflow.search_logged_models(
+        experiment_ids=[tracker.experiment_id], filter_string=f"name = '{MODEL_NAME}'", output_format="list"
+    )
+    return {m.source_run_id for m in models if m.source_run_id}
+
+
+def repair_models(tracker, storage, experiment: str, home: Path) -> int:
+    """Log the model of every finished final seed whose run lacks one and whose weights are in
+    this run home (a worker killed between its ledger write and its model log, or a lost store).
+    Returns how many were logged."""
+    from rnnbench.experiment import expand, parse
+    from rnnbench.projection import YAML_ATTR, StudyLedger
+    from rnnbench.sweep import record_of, study_names
+
+    have, index = runs_with_models(tracker), tracker.runs_by_key()
+    studies, tasks, logged = None, {}, 0
+    for name in study_names(storage, experiment):
+        led = StudyLedger.load(storage, name)
+        if led is None:
+            continue
+        for t in led.final_trials:
+            record = record_of(t) or {}
+            runs = index.get((name, "final", str(t.number)), [])
+            if record.get("status") != "complete" or "weights" not in record or not runs:
+                continue
+            if runs[0].info.run_id in have or not (Path(home) / record["weights"]["path"]).is_file():
+                continue
+            if studies is None:
+                studies = {s.name: s for s in expand(parse(led.attrs[YAML_ATTR]))[0]}
+            study = studies[name]
+            key = json.dumps(study.task_entry.model_dump(), sort_keys=True)
+            if key not in tasks:
+                tasks[key] = study.make_task()
+                tasks[key].setup()
+            task = tasks[key]
+            model = rebuild(task, study, record, home)
+            log_model(tracker, runs[0].info.run_id, task, model, model_card(task, study, record))
+            logged += 1
+    return logged
+
+
+def best_seed(storage, study_name: str) -> dict[str, Any]:
+    """The final seed of ``study_name`` best on *validation* (never chosen on test), with weights.
+    Returns its ledger record plus ``trial`` (number) and ``study`` (name)."""
+    from rnnbench.projection import StudyLedger
+    from rnnbench.sweep import record_of
+
+    led = StudyLedger.load(storage, study_name)
+    if led is None:
+        raise DataError(f"the ledger has no study {study_name!r}")
+    primary, sign = None, 1.0 if led.direction == "minimize" else -1.0
+    candidates = []
+    for t in led.final_trials:
+        record = record_of(t) or {}
+        if record.get("status") == "complete" and "weights" in record:
+            primary = primary or next(iter(record["test"]))
+            candidates.append((sign * record["best_valid"].get(primary, float("inf")), t.number, record))
+    if not candidates:
+        raise DataError(f"{study_name} has no finished final seed with saved weights (run it to the end)")
+    _, number, record = min(candidates, key=lambda c: c[:2])
+    return record | {"trial": number, "study": study_name}
+
+
+def study_of(storage, study_name: str):
+    """The Study object of ``study_name``, rebuilt from the experiment file its ledger keeps."""
+    from rnnbench.experiment import expand, parse
+    from rnnbench.projection import YAML_ATTR, StudyLedger
+
+    led = StudyLedger.load(storage, study_name)
+    studies = {s.name: s for s in expand(parse(led.attrs[YAML_ATTR]))[0]}
+    return studies[study_name]
+
+
+def export(storage, study_name: str, home: Path, out: Path) -> dict[str, Any]:
+    """Write the best seed of ``study_name`` as a self-contained MLflow model directory."""
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not empty: choose a new folder for the model")
+    record = best_seed(storage, study_name)
+    study = study_of(storage, study_name)
+    task = study.make_task()
+    task.setup()
+    model = rebuild(task, study, record, home)
+    if out.exists():
+        out.rmdir()  # MLflow writes the folder itself
+    save_model(out, task, model, model_card(task, study, record))
+    return record
+
+
+def register(tracker, storage, study_name: str, home: Path) -> tuple[str, str]:
+    """Register the best seed's logged model as ``<study name with / as .>``; (name, version)."""
+    import mlflow
+
+    record = best_seed(storage, study_name)
+    run = tracker.runs_by_key().get((study_name, "final", str(record["trial"])), [])
+    if not run:
+        raise DataError(f"{study_name}: the best seed has no MLflow run yet; run `rnnbench sync` first")
+    mlflow.set_tracking_uri(tracker.uri)
+    models = mlflow.search_logged_models(
+        experiment_ids=[tracker.experiment_id],
+        filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run[0].info.run_id}'",
+        output_format="list",
+    )
+    if not models:
+        raise DataError(f"{study_name}: the best seed's model is not logged; run `rnnbench sync` first")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name.replace("/", "."))
+    version = mlflow.register_model(f"models:/{models[0].model_id}", name)
+    return name, str(version.version)
