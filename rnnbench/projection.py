@@ -166,7 +166,8 @@ class Projection:
             else:
                 arch = led.name.rsplit("/", 1)[-1]
                 tags = {**led.tags, "stage": "study", "status": "running"}
-                run_id = self.tracker.start_run(arch, tags)
+                # the study's run starts with its first trial (now, or in the ledger on a rebuild)
+                run_id = self.tracker.start_run(arch, tags, start_time=_first_start(led))
             if led.attrs.get(YAML_ATTR):  # reproducible from MLflow alone
                 self.tracker.log_text(run_id, led.attrs[YAML_ATTR], "experiment.yaml")
             led.search.set_user_attr(PARENT_ATTR, run_id)
@@ -215,10 +216,12 @@ class Projection:
             tags["status"] = "complete" if runnable else "no_completed_trial"
         if led.seeds:
             tags["final_seeds"] = ",".join(str(seed) for seed in led.seeds)
-        self.tracker.log_batch(run_id, metrics, tags)
         run = self.tracker.get_run(run_id)
+        logged = run.data.metrics if run is not None else {}
+        # only what changed: a refresh that finds nothing new adds no point to any chart
+        self.tracker.log_batch(run_id, {k: v for k, v in metrics.items() if logged.get(k) != v}, tags)
         if done and run is not None and run.info.status == "RUNNING":
-            self.tracker.end_run(run_id, "FINISHED")
+            self.tracker.end_run(run_id, "FINISHED", end_time=_last_end(led))
         elif not done and run is not None and run.info.status != "RUNNING":
             self.tracker.reopen(run_id)  # e.g. final seeds added to a finished study
 
@@ -272,7 +275,6 @@ class Projection:
         if not live:
             hparams = record.get("hparams") or dict(t.params)
             params = {**hparams, **_meta_params(led.tags, seed)}
-            params |= {f"data.{k}": v for k, v in (record.get("data") or {}).items()}
             self.tracker.log_params(run_id, params)
             if record.get("parameters"):
                 self.tracker.log_metrics(run_id, record["parameters"], step=0, timestamp=started)
@@ -331,8 +333,8 @@ class Projection:
         done = {"projected": 0, "duplicates": 0, "parents": 0}
         for name in study_names(self.storage, experiment):
             led = StudyLedger.load(self.storage, name)
-            if led is None:
-                continue
+            if led is None or not (led.search_trials or led.final_trials):
+                continue  # not started: its run starts with its first trial
             for stage, trials in (("search", led.search_trials), ("final", led.final_trials)):
                 for t in trials:
                     if t.state in (TrialState.RUNNING, TrialState.WAITING):
@@ -371,6 +373,16 @@ def _meta_params(tags: dict[str, Any], seed) -> dict[str, Any]:
     if seed is not None:
         out["seed"] = seed
     return out
+
+
+def _first_start(led: StudyLedger) -> int | None:
+    starts = [_ms(t.datetime_start) for t in (*led.search_trials, *led.final_trials) if t.datetime_start]
+    return min(starts) if starts else None
+
+
+def _last_end(led: StudyLedger) -> int | None:
+    ends = [_ms(t.datetime_complete) for t in (*led.search_trials, *led.final_trials) if t.datetime_complete]
+    return max(ends) if ends else None
 
 
 def _ms(when) -> int | None:

@@ -91,7 +91,6 @@ class _EpochReporter(Callback):
             counts |= {f"params_encoder_{k}": params["encoder"][k] for k in ("total", "input", "recurrent")}
         self.parameters, self.data = counts, dict(info["data"])
         self._live(self.tracker.log_metrics, self.run_id, counts, step=0, timestamp=self.started_ms)
-        self._live(self.tracker.log_params, self.run_id, {f"data.{k}": v for k, v in self.data.items()})
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         entry = {"epoch": epoch, "time_ms": _now_ms(), "metrics": {k: float(v) for k, v in metrics.items()}}
@@ -799,11 +798,7 @@ class Worker:
                 "stop_reason": result.stop_reason,
                 "artifacts": result.artifacts,
             }
-            if stage == "final":  # the file before the record that names it
-                from rnnbench.models import save_weights
-
-                model = result.model
-                record["weights"] = save_weights(self.plan.home, study.name, seed, model)
+            model = result.model if stage == "final" else None
             detail = f"{primary}={value:.4g}"
         except optuna.TrialPruned as exc:
             failed, state, detail = False, optuna.trial.TrialState.PRUNED, str(exc)
@@ -831,6 +826,10 @@ class Worker:
             if monitor is not None:
                 monitor.finish()
             _release_memory(failed)
+        if model is not None:  # the file before the record that names it; a full disk stops here
+            from rnnbench.models import save_weights
+
+            record["weights"] = save_weights(self.plan.home, study.name, seed, model)
         # The ledger first, in two writes: the whole record, then the state that makes it count.
         self._write_record(trial, record, reporter)
         try:

@@ -234,6 +234,11 @@ class Tracker:
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         profile = json.dumps(describe, sort_keys=True, default=str)
+        if len(profile) > 4000:  # MLflow's limit: keep the scalars (sizes, lengths), valid JSON
+            scalars = {
+                k: v for k, v in describe.items() if isinstance(v, (int, float, str)) and len(str(v)) < 200
+            }
+            profile = json.dumps(scalars, sort_keys=True, default=str)[:4000]
         digest = hashlib.sha256(f"{name}\n{source}\n{profile}".encode()).hexdigest()[:16]
         source_type = "code" if source.startswith("synthetic") else "local"
         dataset = Dataset(name, digest, source_type, json.dumps({"uri": source}), None, profile[:4000])

@@ -6,6 +6,7 @@ params, summary metrics (latest value), and, for the few runs the curves need, m
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -189,10 +190,16 @@ def run_row(run, experiment: str) -> dict[str, Any]:
     for key, value in run.data.params.items():
         if key.startswith("best."):  # the study run carries its best configuration
             row[f"hp_{key[5:]}"] = _number(value)
-        elif key.startswith("data."):
+        elif key.startswith("data."):  # stores written before datasets were MLflow inputs
             row[f"data_{key[5:]}"] = _number(value)
         elif key not in _META_PARAMS:
             row[f"hp_{key}"] = _number(value)
+    for dataset_input in run.inputs.dataset_inputs if run.inputs else ():
+        try:  # the dataset's profile: what the task read (sizes, seq_len, vocabulary...)
+            profile = json.loads(dataset_input.dataset.profile or "{}")
+        except ValueError:
+            continue
+        row |= {f"data_{k}": _number(v) for k, v in profile.items() if isinstance(v, (int, float, str))}
     row.update(run.data.metrics)
     for name in _ENV_TAGS:
         row[f"env_{name}"] = own.get(name)
