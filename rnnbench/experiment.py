@@ -100,6 +100,8 @@ class TaskEntry(_Strict):
     hparams: dict[str, Any] = {}
     # the experiment's parameter_budget for this task only: embeddings and heads differ by task
     parameter_budget: int | None = Field(None, ge=1, le=10**9)
+    # the experiment's budget for this task only (an epoch of one dataset is not another's)
+    budget: BudgetSpec | None = None
 
 
 class BudgetSpec(_Strict):
@@ -122,6 +124,9 @@ class BudgetSpec(_Strict):
         if self.eval_every and self.max_steps:
             return -(-self.max_steps // self.eval_every)
         return None if self.eval_every else self.epochs_limit()
+
+
+TaskEntry.model_rebuild()  # its budget field names BudgetSpec, defined after it
 
 
 class FinalSpec(_Strict):
@@ -226,6 +231,11 @@ class Study:
     @property
     def fixed_hparams(self) -> dict[str, Any]:
         return {**self.experiment.fixed, **self.cell_entry.hparams, **self.task_entry.hparams}
+
+    @property
+    def budget(self) -> BudgetSpec:
+        """The task's own budget, else the experiment's: trials, epochs, steps, time."""
+        return self.task_entry.budget or self.experiment.budget
 
     @property
     def parameter_budget(self) -> int | None:

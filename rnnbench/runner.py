@@ -148,7 +148,7 @@ def dry_run(plan: Plan) -> list[dict[str, Any]]:
         rows.append(
             {
                 "study": study.name,
-                "trials": trial_budget(e),
+                "trials": trial_budget(e, study.budget),
                 "seeds": e.final.seeds,
                 "hidden": "-".join(dict.fromkeys(str(s) for s in sizes)),
                 "parameters": "-".join(dict.fromkeys(f"{c:,}" for c in counts)),
@@ -320,7 +320,7 @@ def create_study(plan: Plan, storage, study: Study):
         study_name=study.name,
         storage=storage,
         sampler=make_sampler(e),
-        pruner=make_pruner(e),
+        pruner=make_pruner(e, study.budget),
         direction=direction,
         load_if_exists=True,
     )
@@ -344,13 +344,13 @@ def create_study(plan: Plan, storage, study: Study):
     wanted = {
         FINGERPRINT_ATTR: parts,
         "search_space": {k: v.model_dump() for k, v in e.search.items()},
-        "budget": e.budget.model_dump(),
+        "budget": study.budget.model_dump(),
         TAGS_ATTR: {
             **_study_tags(study),
             "metric": _primary(study).name,
             "direction": direction,
         },
-        BUDGET_ATTR: trial_budget(e),
+        BUDGET_ATTR: trial_budget(e, study.budget),
         SEEDS_ATTR: seeds,
         RETRIES_ATTR: plan.max_retries,
         YAML_ATTR: experiment_yaml(e),
@@ -407,11 +407,14 @@ def fingerprint_parts(plan: Plan, study: Study) -> dict[str, str]:
         "protocol": PROTOCOL_VERSION,
         "search": {k: v.model_dump() for k, v in sorted(e.search.items())},
         "fixed": study.fixed_hparams,
-        "budget": e.budget.model_dump(),
+        "budget": study.budget.model_dump(),
         "sampler": e.sampler.model_dump(),
         "pruner": e.pruner.model_dump(),
         # the budget has its own key (and leaving it out keeps older studies' task hash)
-        "task": {**study.task_entry.model_dump(exclude={"parameter_budget"}), "resolved_options": resolved},
+        "task": {
+            **study.task_entry.model_dump(exclude={"parameter_budget", "budget"}),
+            "resolved_options": resolved,
+        },
         "parameter_budget": study.parameter_budget,
         "final.epochs": e.final.epochs,
         "precision": e.precision,
@@ -572,7 +575,7 @@ class Worker:
         self.projection = Projection(self.tracker, self.storage, self.lock)
         self.owner = owner_identity(worker)
         self.owner["home"] = str(plan.home)
-        units = len(plan.studies) * (trial_budget(self.e) + self.e.final.seeds)
+        units = sum(trial_budget(self.e, s.budget) + self.e.final.seeds for s in plan.studies)
         self.progress = make_progress(units, prefix)
         self._tasks: dict[str, Any] = {}
         self._hidden: dict[str, int] = {}
@@ -719,22 +722,22 @@ class Worker:
 
         task = self._task(study)
         primary = task.primary_metric.name
-        e, arch = self.e, study.arch
+        e, arch, budget_spec = self.e, study.arch, study.budget
         if stage == "search":
             hp = self._hparams(study, task, suggest(trial, e))
             seed, label = e.sampler.seed, f"trial {trial.number}"
-            epochs = e.budget.epochs_limit()
+            epochs = budget_spec.epochs_limit()
         else:  # the best configuration, or the fixed one when nothing is searched
             hp = self._hparams(study, task, best_hparams(best) if best is not None else {})
             seed = int(trial.user_attrs["seed"])
-            label, epochs = f"seed {seed}", e.final.epochs or e.budget.epochs_limit()
+            label, epochs = f"seed {seed}", e.final.epochs or budget_spec.epochs_limit()
         budget = Budget(
             epochs=epochs,
-            max_steps=e.budget.max_steps,
-            eval_every=e.budget.eval_every,
-            steps_per_epoch=e.budget.steps_per_epoch,
-            max_minutes=e.budget.max_minutes_per_trial,
-            patience=e.budget.patience,
+            max_steps=budget_spec.max_steps,
+            eval_every=budget_spec.eval_every,
+            steps_per_epoch=budget_spec.steps_per_epoch,
+            max_minutes=budget_spec.max_minutes_per_trial,
+            patience=budget_spec.patience,
         )
         tags: dict[str, Any] = {"worker": self.worker}
         if stage == "final":
@@ -752,7 +755,7 @@ class Worker:
             run_id,
             self.progress,
             primary,
-            (e.budget.validations() or "?") if stage == "search" or not e.final.epochs else e.final.epochs,
+            (budget_spec.validations() or "?") if stage == "search" or not e.final.epochs else e.final.epochs,
             trial if stage == "search" else None,
             extra_counts=target,
         )
@@ -779,7 +782,7 @@ class Worker:
             )
             if result.stop_reason == "max_minutes":
                 raise TrialFailed(
-                    "time_limit", f"over its limit of {e.budget.max_minutes_per_trial} minutes per trial"
+                    "time_limit", f"over its limit of {budget_spec.max_minutes_per_trial} minutes per trial"
                 )
             failed = False
             value = result.best_valid[primary] if stage == "search" else result.test[primary]

@@ -28,7 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rnnbench.errors import RnnbenchError
-from rnnbench.experiment import CategoricalParam, Experiment, FloatParam, IntParam
+from rnnbench.experiment import BudgetSpec, CategoricalParam, Experiment, FloatParam, IntParam
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # rnnbench asks and tells and renews heartbeats itself (scheduler.Lease): these do not apply.
@@ -299,29 +299,31 @@ def make_sampler(experiment: Experiment, trials_so_far: int = 0) -> optuna.sampl
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def make_pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
-    spec = experiment.pruner
+def make_pruner(experiment: Experiment, budget: BudgetSpec | None = None) -> optuna.pruners.BasePruner:
+    spec, budget = experiment.pruner, budget or experiment.budget
     if spec.name == "median":
         # Epochs are reported as steps 1, 2, ... and Optuna may prune from step == n_warmup_steps:
         # "warmup_epochs: N" means the first N epochs are never pruned.
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.warmup_epochs + 1)
     if spec.name == "hyperband":
-        rounds = experiment.budget.validations() or experiment.budget.epochs
+        rounds = budget.validations() or budget.epochs
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=min(rounds, 10**6))
     return optuna.pruners.NopPruner()
 
 
-def trial_budget(experiment: Experiment) -> int:
-    """Trials per study; a grid has at most as many points as it has combinations, and an
-    experiment that searches nothing has none (its one configuration goes to the final seeds)."""
+def trial_budget(experiment: Experiment, budget: BudgetSpec | None = None) -> int:
+    """Trials per study (of ``budget``, default the experiment's); a grid has at most as many
+    points as it has combinations, and an experiment that searches nothing has none (its one
+    configuration goes to the final seeds)."""
+    trials = (budget or experiment.budget).trials
     if not experiment.search:
         return 0
     if experiment.sampler.name == "grid":
         size = 1
         for p in experiment.search.values():
             size *= len(p.choices)
-        return min(experiment.budget.trials, size)
-    return experiment.budget.trials
+        return min(trials, size)
+    return trials
 
 
 def suggest(trial: optuna.Trial, experiment: Experiment) -> dict[str, Any]:

@@ -103,7 +103,10 @@ def main() -> int:
         print(f"error: {args.home}/mlflow.db not found: run an experiment first", file=sys.stderr)
         return 2
     if chromium() is None:
-        print("error: Chromium not found: install it (apt-get install chromium) or set CHROMIUM", file=sys.stderr)
+        print(
+            "error: Chromium not found: install it (apt-get install chromium) or set CHROMIUM",
+            file=sys.stderr,
+        )
         return 2
     exp_id, run, model, parent_id = pick(args.home, args.experiment)
     port = _free_port()

@@ -35,7 +35,12 @@ final: {seeds: 2}
 def _cli(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "rnnbench.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "rnnbench.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -170,5 +175,7 @@ def test_a_changed_weights_file_is_refused(finished: Path, tmp_path: Path):
     best = best_seed(storage, "mdl/charlm-synthetic/gru-1L-uni")
     path = home / best["weights"]["path"]
     path.write_bytes(path.read_bytes() + b"x")
-    result = _cli(["export", "mdl", "charlm-synthetic/gru-1L-uni", "--out", str(tmp_path / "o")], home, tmp_path)
+    result = _cli(
+        ["export", "mdl", "charlm-synthetic/gru-1L-uni", "--out", str(tmp_path / "o")], home, tmp_path
+    )
     assert result.returncode == 2 and "changed since the ledger recorded them" in result.stderr

@@ -76,9 +76,36 @@ def test_a_task_budget_overrides_the_experiments_for_that_task_only(tmp_path: Pa
         assert study.parameter_budget == budget
         task = worker._task(study)
         hp = worker._hparams(study, task, {})
-        assert _count_parameters(task, study, hp["hidden_size"], hp) <= budget < _count_parameters(
-            task, study, hp["hidden_size"] + 1, hp
+        assert (
+            _count_parameters(task, study, hp["hidden_size"], hp)
+            <= budget
+            < _count_parameters(task, study, hp["hidden_size"] + 1, hp)
         )
+
+
+def test_a_task_budget_sets_that_tasks_trials_and_steps(tmp_path: Path):
+    path = tmp_path / "tb.yaml"
+    path.write_text(
+        "name: tbud\ncells: [gru]\nsearch: {lr: {type: float, low: 0.001, high: 0.01}}\n"
+        "fixed: {hidden_size: 8}\nbudget: {trials: 2, epochs: 1, steps_per_epoch: 3}\nfinal: {seeds: 1}\n"
+        "tasks:\n  - {name: sentiment, dataset: synthetic}\n"
+        "  - name: memory\n    options: {problem: adding, seq_len: 6}\n"
+        "    budget: {trials: 1, epochs: 2, steps_per_epoch: 5}\n"
+    )
+    result = _cli(["run", str(path)], tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    from rnnbench.projection import StudyLedger
+    from rnnbench.sweep import open_storage, record_of
+
+    storage = open_storage(str(tmp_path / "home" / "optuna.journal"), tmp_path / "home")
+    for name, trials, steps in (
+        ("tbud/sentiment-synthetic/gru-1L-uni", 2, 3),
+        ("tbud/memory-synthetic/gru-1L-uni", 1, 10),
+    ):
+        led = StudyLedger.load(storage, name)
+        assert len(led.search_trials) == trials, name
+        for t in [*led.search_trials, *led.final_trials]:
+            assert record_of(t)["summary"]["steps"] == steps, name
 
 
 def test_parameter_budget_reaches_every_trial_of_a_run(tmp_path: Path):
