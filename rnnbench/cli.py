@@ -161,7 +161,7 @@ def run_command(
     click.echo(preflight.check_experiment(exp, plan.studies, device=device).line())
     if dry_run:
         _print_table(
-            f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget each",
+            f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget for every architecture",
             runner.dry_run(plan),
         )
         for name, reason in plan.skipped:
@@ -377,7 +377,11 @@ def ui_command(home, tracking_uri, host, port) -> None:
         if not (path / "mlflow.db").is_file():
             raise ConfigError(f"no runs in {path} yet: run `rnnbench run experiments/smoke.yaml` first")
         tracking_uri = tracking_uri_for(path)
-    click.echo(f"MLflow UI for {tracking_uri} at http://{host}:{port}  (Ctrl-C to stop)")
+    # MLflow 3 opens in its GenAI view unless asked; runs, metrics and models are the other one
+    click.echo(
+        f"MLflow UI for {tracking_uri} at http://{host}:{port}/#/experiments?workflowType=machine_learning"
+        "  (Ctrl-C to stop)"
+    )
     command = [
         sys.executable,
         "-m",

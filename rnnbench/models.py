@@ -132,8 +132,9 @@ def _flavor_args(task, model: torch.nn.Module, card: dict[str, Any], workdir: Pa
     }, serving
 
 
-def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str, Any]) -> str:
-    """Log ``model`` as the run's MLflow model (pytorch flavour, signature, input example, card)."""
+def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str, Any], step: int = 0) -> str:
+    """Log ``model`` as the run's MLflow model (pytorch flavour, signature, input example, card).
+    ``step``: where the run's scores sit (its best epoch), so MLflow links them to the model."""
     import mlflow
     import mlflow.pytorch
 
@@ -141,7 +142,7 @@ def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str
     mlflow.set_experiment(experiment_id=tracker.experiment_id)  # logged models go to the active one
     with tempfile.TemporaryDirectory() as tmp:
         args, serving = _flavor_args(task, model, card, Path(tmp))
-        info = mlflow.pytorch.log_model(serving, name=MODEL_NAME, run_id=run_id, **args)
+        info = mlflow.pytorch.log_model(serving, name=MODEL_NAME, run_id=run_id, step=step, **args)
     return info.model_id
 
 
@@ -195,7 +196,8 @@ def repair_models(tracker, storage, experiment: str, home: Path) -> int:
                 tasks[key].setup()
             task = tasks[key]
             model = rebuild(task, study, record, home)
-            log_model(tracker, runs[0].info.run_id, task, model, model_card(task, study, record))
+            card = model_card(task, study, record)
+            log_model(tracker, runs[0].info.run_id, task, model, card, int(record.get("best_epoch") or 0))
             logged += 1
     return logged
 

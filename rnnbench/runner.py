@@ -483,7 +483,7 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
         worker_settings = dict(settings, threads=threads)
         if gpus:
             worker_settings["device"] = f"cuda:{w % gpus}"
-        p = ctx.Process(target=_worker_main, args=(plan, w, worker_settings), daemon=False)
+        p = ctx.Process(target=_worker_main, args=(plan, w, worker_settings, workers), daemon=False)
         p.start()
         return p
 
@@ -532,9 +532,9 @@ def _recover_all(plan: Plan, storage) -> int:
     return sum(recover_study(storage, lock, study.name, plan.max_retries) for study in plan.studies)
 
 
-def _worker_main(plan: Plan, worker: int, settings: dict[str, Any]) -> None:
+def _worker_main(plan: Plan, worker: int, settings: dict[str, Any], workers: int) -> None:
     try:
-        Worker(plan, worker, settings, prefix=f"[w{worker}] ").run()
+        Worker(plan, worker, settings, prefix=f"[w{worker}] ", workers=workers).run()
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 
@@ -560,7 +560,15 @@ def _fault(point: str) -> None:
 class Worker:
     """Claims trials and final seeds, trains them, writes the ledger, projects to MLflow."""
 
-    def __init__(self, plan: Plan, worker: int, settings: dict[str, Any], prefix: str = "", stores=None):
+    def __init__(
+        self,
+        plan: Plan,
+        worker: int,
+        settings: dict[str, Any],
+        prefix: str = "",
+        stores=None,
+        workers: int = 1,
+    ):
         from rnnbench.projection import Projection
         from rnnbench.scheduler import owner_identity
         from rnnbench.sweep import trial_budget
@@ -576,7 +584,7 @@ class Worker:
         self.owner = owner_identity(worker)
         self.owner["home"] = str(plan.home)
         units = sum(trial_budget(self.e, s.budget) + self.e.final.seeds for s in plan.studies)
-        self.progress = make_progress(units, prefix)
+        self.progress = make_progress(-(-units // workers), prefix)  # this worker's share of the runs
         self._tasks: dict[str, Any] = {}
         self._hidden: dict[str, int] = {}
         self._last_recovery: dict[str, float] = {}
@@ -858,7 +866,8 @@ class Worker:
         from rnnbench.models import log_model, model_card
 
         try:
-            log_model(self.tracker, run_id, task, model, model_card(task, study, record))
+            card = model_card(task, study, record)
+            log_model(self.tracker, run_id, task, model, card, int(record.get("best_epoch") or 0))
         except Exception as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             self.progress.log(f"warning: model of {study.name} seed {record['seed']} not logged ({first})")

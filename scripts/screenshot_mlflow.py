@@ -72,23 +72,34 @@ def shoot(url: str, exp_id: str, run, model, parent_id: str, out: Path) -> list[
     out.mkdir(parents=True, exist_ok=True)
     run_page = f"{url}/#/experiments/{exp_id}/runs/{run.info.run_id}"
     dataset = next(iter(run.inputs.dataset_inputs)).dataset.name if run.inputs.dataset_inputs else "?"
+    ml = "?workflowType=machine_learning"  # MLflow 3's "Model training" view, not its GenAI one
     pages = [  # (file, address, text that must be on the page)
-        ("child-run.png", run_page, [dataset, model.name, "seed"]),
-        ("child-system-metrics.png", f"{run_page}/system-metrics", ["cpu_utilization_percentage"]),
-        ("logged-model.png", f"{url}/#/experiments/{exp_id}/models/{model.model_id}", [run.info.run_name]),
-        ("parent-run.png", f"{url}/#/experiments/{exp_id}/runs/{parent_id}", ["test_", "experiment.yaml"]),
+        ("child-run.png", run_page + ml, [dataset, model.name, "seed"]),
+        ("child-system-metrics.png", f"{run_page}/system-metrics{ml}", ["cpu_utilization_percentage"]),
+        (
+            "logged-model.png",
+            f"{url}/#/experiments/{exp_id}/models/{model.model_id}{ml}",
+            [run.info.run_name],
+        ),
+        ("parent-run.png", f"{url}/#/experiments/{exp_id}/runs/{parent_id}{ml}", ["test_", "best_valid"]),
     ]
     problems = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium())
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
         for name, address, expected in pages:
-            page.goto(address, wait_until="networkidle")
-            page.wait_for_timeout(2500)  # charts and lazy sections render after the data arrives
-            text = page.inner_text("body")
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})  # a fresh load per page
+            page.goto(address, wait_until="load")  # never "networkidle": the run page polls
+            text = ""
+            for _ in range(20):  # sections render as their requests return: up to 20 s
+                page.wait_for_timeout(1000)
+                text = page.inner_text("body")
+                if all(want in text for want in expected):
+                    break
+            page.wait_for_timeout(1500)  # let charts finish drawing before the picture
             problems += [f"{name}: {want!r} not shown" for want in expected if want not in text]
             page.screenshot(path=str(out / name), full_page=True)
             print(f"{out / name}  ({address})")
+            page.close()
         browser.close()
     return problems
 
