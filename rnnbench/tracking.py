@@ -105,6 +105,7 @@ def _quiet_mlflow() -> None:
     # mlflow sets its logger's level when imported (from this variable), so a level set before is lost
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run … at: http://…"
+    os.environ.setdefault("MLFLOW_PRINT_MODEL_URLS_ON_CREATION", "false")  # "View Logged Model at: …"
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # It logs a database error with its traceback before raising it; rnnbench reports it in one line.

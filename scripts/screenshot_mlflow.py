@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from screenshot_report import chromium  # noqa: E402
+from screenshot_report import chromium, missing  # noqa: E402
 
 
 def _free_port() -> int:
@@ -110,14 +110,8 @@ def main() -> int:
     parser.add_argument("experiment", help="experiment name")
     parser.add_argument("--out", type=Path, default=Path("mlflow-screenshots"))
     args = parser.parse_args()
-    if not (args.home / "mlflow.db").is_file():
-        print(f"error: {args.home}/mlflow.db not found: run an experiment first", file=sys.stderr)
-        return 2
-    if chromium() is None:
-        print(
-            "error: Chromium not found: install it (apt-get install chromium) or set CHROMIUM",
-            file=sys.stderr,
-        )
+    if problem := missing(args.home / "mlflow.db", "run an experiment first"):
+        print(problem, file=sys.stderr)
         return 2
     exp_id, run, model, parent_id = pick(args.home, args.experiment)
     port = _free_port()

@@ -22,6 +22,15 @@ def chromium() -> str | None:
     return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def missing(required: Path, advice: str) -> str | None:
+    """Why the screenshot cannot be taken (an input or Chromium missing), or None."""
+    if not required.is_file():
+        return f"error: {required} not found: {advice}"
+    if chromium() is None:
+        return "error: Chromium not found: install it (apt-get install chromium) or set CHROMIUM"
+    return None
+
+
 def check(report: Path, shot: Path) -> list[str]:
     """Problems found on the report's pages (empty when clean); saves a full-page screenshot."""
     from playwright.sync_api import sync_playwright
@@ -55,14 +64,8 @@ def main() -> int:
     parser.add_argument("report", type=Path, help="a report folder (reports/<experiment>)")
     parser.add_argument("--out", type=Path, help="screenshot path (default REPORT/screenshot.png)")
     args = parser.parse_args()
-    if not (args.report / "index.html").is_file():
-        print(f"error: {args.report}/index.html not found: run `rnnbench report` first", file=sys.stderr)
-        return 2
-    if chromium() is None:
-        print(
-            "error: Chromium not found: install it (apt-get install chromium) or set CHROMIUM",
-            file=sys.stderr,
-        )
+    if problem := missing(args.report / "index.html", "run `rnnbench report` first"):
+        print(problem, file=sys.stderr)
         return 2
     shot = args.out or args.report / "screenshot.png"
     problems = check(args.report, shot)
