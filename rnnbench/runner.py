@@ -630,7 +630,7 @@ class Worker:
 
         from rnnbench.projection import StudyLedger
         from rnnbench.scheduler import Lease, has_room, recover, seeds_to_queue
-        from rnnbench.sweep import make_sampler
+        from rnnbench.sweep import make_pruner, make_sampler
 
         with self.lock(study.name):
             led = StudyLedger.load(self.storage, study.name)
@@ -642,6 +642,8 @@ class Worker:
                 if not waiting and not has_room(trials, int(led.attrs["trials"]), led.max_retries):
                     return led, None
                 s.sampler = make_sampler(self.e, len(trials))
+                # a loaded study has Optuna's default pruner (5 start-up trials, no warm-up), not ours
+                s.pruner = make_pruner(self.e, study.budget)
             else:
                 for seed in seeds_to_queue(trials, led.seeds):
                     s.enqueue_trial({}, user_attrs={"seed": seed})

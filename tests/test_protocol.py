@@ -137,19 +137,30 @@ def test_final_seeds_never_replay_the_search_seed():
 
 
 @pytest.mark.parametrize("warmup, first_prunable_epoch", [(0, 1), (1, 2), (2, 3)])
-def test_warmup_epochs_are_never_pruned(warmup: int, first_prunable_epoch: int):
-    e = parse(BASE.format(name="w", extra="", trials=1, seeds=0).replace("{name: none}", "{name: median}"))
-    e.pruner.warmup_epochs = warmup
-    study = optuna.create_study(pruner=make_pruner(e))
-    for _ in range(2):  # two good finished trials: the median to beat
-        t = study.ask()
+def test_warmup_epochs_are_never_pruned(warmup: int, first_prunable_epoch: int, tmp_path: Path):
+    """Through the worker's own claim: the trial it trains must carry the experiment's pruner
+    (a loaded Optuna study has the default one: 5 start-up trials, no warm-up)."""
+    extra = f"search: {{lr: {{type: float, low: 0.001, high: 0.01}}}}\npruner: {{name: median, warmup_epochs: {warmup}}}"
+    text = BASE.format(name="w", extra=extra, trials=3, seeds=0)
+    plan = prepare(parse(text.replace("pruner: {name: none}\n", "")), home=tmp_path)
+    stores = open_stores(plan)
+    create_study(plan, stores[1], plan.studies[0])
+    worker = Worker(plan, 0, {"device": "cpu"}, stores=stores)
+
+    def claim():
+        _, trial = worker._claim(plan.studies[0], "search")
+        worker._lease.stop()
+        return trial
+
+    for _ in range(2):  # two good finished trials (accuracy 0.9): the median to beat
+        t = claim()
         for epoch in (1, 2, 3):
-            t.report(0.1, epoch)
-        study.tell(t, 0.1)
-    bad = study.ask()
+            t.report(0.9, epoch)
+        t.study.tell(t, 0.9)
+    bad = claim()
     pruned_at = None
     for epoch in (1, 2, 3):
-        bad.report(10.0, epoch)
+        bad.report(0.1, epoch)
         if bad.should_prune():
             pruned_at = epoch
             break
