@@ -260,7 +260,8 @@ def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True
     uri = tracking_uri or create_sqlite_store(path)  # MLflow lost? the ledger rebuilds it
     tracker = Tracker(uri, name, artifact_root=path / "artifacts")
     done = Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
-    return done | {"models": repair_models(tracker, ledger, name, path)}
+    warn = lambda line: click.echo(line, err=True)  # noqa: E731
+    return done | {"models": repair_models(tracker, ledger, name, path, warn=warn)}
 
 
 def _ledger(experiment: str, home, storage):

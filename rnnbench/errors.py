@@ -31,6 +31,13 @@ def clip_message(message: str) -> str:
     return message
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (a database driver's own message where
+    SQLAlchemy wraps one), or its type's name when it has none; for one-line warnings."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 class RnnbenchError(Exception):
     """Base of every error whose message is meant for the user."""
 

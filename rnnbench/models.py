@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rnnbench.errors import DataError
+from rnnbench.errors import DataError, first_line
 
 MODELS_DIR = "models"  # under the run home
 MODEL_NAME = "model"  # the logged model's name in its run
@@ -112,11 +112,20 @@ def _signature(example: torch.Tensor, output: torch.Tensor):
     return ModelSignature(Schema([spec(example, True)]), Schema([spec(output, follows)]))
 
 
-def _flavor_args(task, model: torch.nn.Module, card: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def serve(task, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(serving module, example input, its output): what a logged model is made of. The contract
+    check calls it too, so a task whose serving form is broken is named before a run."""
     serving = task.serving_model(model).eval()
     example = task.serving_example()
     with torch.no_grad():
         output = serving(example)
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"serving_model(model) must return one tensor, got {type(output).__name__}")
+    return serving, example, output
+
+
+def _flavor_args(task, model: torch.nn.Module, card: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    serving, example, output = serve(task, model)
     card_path = workdir / CARD
     card_path.write_text(json.dumps(card, indent=1, default=str))
     weights_file = workdir / WEIGHTS
@@ -166,10 +175,11 @@ def runs_with_models(tracker) -> set[str]:
     return {m.source_run_id for m in models if m.source_run_id}
 
 
-def repair_models(tracker, storage, experiment: str, home: Path) -> int:
+def repair_models(tracker, storage, experiment: str, home: Path, warn=print) -> int:
     """Log the model of every finished final seed whose run lacks one and whose weights are in
     this run home (a worker killed between its ledger write and its model log, or a lost store).
-    Returns how many were logged."""
+    Returns how many were logged. A model that cannot be logged (a task whose serving form is
+    broken) is one warning, once per study, and never stops the sync or the report."""
     from rnnbench.experiment import expand, parse
     from rnnbench.projection import YAML_ATTR, StudyLedger
     from rnnbench.sweep import record_of, study_names
@@ -195,9 +205,17 @@ def repair_models(tracker, storage, experiment: str, home: Path) -> int:
                 tasks[key] = study.make_task()
                 tasks[key].setup()
             task = tasks[key]
-            model = rebuild(task, study, record, home)
-            card = model_card(task, study, record)
-            log_model(tracker, runs[0].info.run_id, task, model, card, int(record.get("best_epoch") or 0))
+            try:
+                model = rebuild(task, study, record, home)
+                card = model_card(task, study, record)
+                log_model(tracker, runs[0].info.run_id, task, model, card, int(record.get("best_epoch") or 0))
+            except DataError:
+                raise
+            except Exception as exc:
+                warn(
+                    f"warning: models of {name} not logged ({first_line(exc, 200)}); its scores are all in MLflow"
+                )
+                break
             logged += 1
     return logged
 

@@ -259,7 +259,9 @@ def _check_metrics(task) -> None:
 def check_task(entry, *, device=None) -> None:
     """The whole Task contract on ``entry``'s synthetic dataset with default options, trained one
     step with a tiny builtin encoder, then evaluated: every metric, the same at batch sizes 8 and 3
-    and when evaluated twice; baseline keys are metric names; describe() values fit MLflow params."""
+    and when evaluated twice; its serving form (the logged model) runs on its serving example;
+    baseline keys are metric names; describe() values fit MLflow params."""
+    from rnnbench.models import serve
     from rnnbench.plugins import get_cell
     from rnnbench.trainer import TRAINER_HPARAMS, split_hparams
 
@@ -297,6 +299,8 @@ def check_task(entry, *, device=None) -> None:
                 raise _Broken(
                     f"evaluate must not depend on the batch size: valid {n} is {a:.6g} at batch size 8, {b:.6g} at 3"
                 )
+        with _step("serving_model(model)(serving_example())"):  # what a logged MLflow model runs
+            serve(task, model)
         with _step("baseline('valid')"):
             baseline = task.baseline("valid")
         if not isinstance(baseline, dict) or (baseline and not set(baseline) & set(names)):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rnnbench.errors import ConfigError, TrialFailed
+from rnnbench.errors import ConfigError, TrialFailed, first_line
 from rnnbench.experiment import Experiment, Study, expand
 from rnnbench.progress import Progress, make_progress
 from rnnbench.stats import MIN_SEEDS, mean_ci
@@ -297,10 +297,16 @@ def _sync_quietly(projection, experiment: str, home: Path) -> None:
 
     try:
         projection.sync(experiment)
-        repair_models(projection.tracker, projection.storage, experiment, home)
+        repair_models(
+            projection.tracker,
+            projection.storage,
+            experiment,
+            home,
+            warn=lambda line: print(line, flush=True),
+        )
     except Exception as exc:
         print(
-            f"warning: MLflow not updated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+            f"warning: MLflow not updated ({first_line(exc, 200)}); "
             f"the ledger has every result: run `rnnbench sync {experiment}` once MLflow is back",
             flush=True,
         )
@@ -871,8 +877,9 @@ class Worker:
             card = model_card(task, study, record)
             log_model(self.tracker, run_id, task, model, card, int(record.get("best_epoch") or 0))
         except Exception as exc:
-            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            self.progress.log(f"warning: model of {study.name} seed {record['seed']} not logged ({first})")
+            self.progress.log(
+                f"warning: model of {study.name} seed {record['seed']} not logged ({first_line(exc, 200)})"
+            )
 
     def _write_record(self, trial, record: dict[str, Any], reporter: _EpochReporter) -> None:
         from rnnbench.sweep import RECORD

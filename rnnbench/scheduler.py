@@ -30,12 +30,12 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from rnnbench.errors import first_line
 from rnnbench.sweep import (
     DEFAULT_MAX_RETRIES,
     RETRIES,
     RETRY_OF,
     StoreError,
-    _first_line,
     counted,
     is_journal,
     journal_path,
@@ -117,7 +117,7 @@ class LedgerLock:
         try:
             conn = self.engine.connect()
         except Exception as exc:
-            raise StoreError(f"ledger lock: database not reachable: {_first_line(exc)}") from None
+            raise StoreError(f"ledger lock: database not reachable: {first_line(exc)}") from None
         try:
             # Session-level advisory lock: the server releases it if this process dies.
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})

@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rnnbench.errors import RnnbenchError
+from rnnbench.errors import RnnbenchError, first_line
 from rnnbench.experiment import BudgetSpec, CategoricalParam, Experiment, FloatParam, IntParam
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -137,7 +137,7 @@ def open_storage(url: str | None, home: Path, *, lease_seconds: float | None = N
     except StoreError:
         raise
     except Exception as exc:  # connection refused, bad password, unknown database...
-        raise StoreError(f"Optuna storage {_redact(url)} is not reachable: {_first_line(exc)}") from None
+        raise StoreError(f"Optuna storage {_redact(url)} is not reachable: {first_line(exc)}") from None
 
 
 @contextmanager
@@ -171,11 +171,6 @@ def _redact(url: str) -> str:
         creds, host = rest.rsplit("@", 1)
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
     return url
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 from optuna.storages.journal._file import BaseJournalFileLock  # noqa: E402  (public as a base only)

@@ -242,12 +242,42 @@ class Task(abc.ABC):
 
     def serving_model(self, model: nn.Module) -> nn.Module:
         """``model`` as one tensor in, one tensor out, the form MLflow's pyfunc serves.
-        Default: the model itself, which suits tasks whose model takes ``batch.inputs`` alone."""
-        return model
+        Default: the model itself when its forward takes the inputs alone; a model called as
+        ``model(inputs, lengths)`` is served on whole sequences (every row as long as the input).
+        Override it where padding has a meaning a server can read (sentiment: token id 0)."""
+        return WholeSequences(model) if _takes_lengths(model) else model
 
     def serving_example(self) -> Tensor:
-        """A few test inputs for ``serving_model``: MLflow's input example and signature."""
-        return next(iter(self.batches("test", 2, device=torch.device("cpu")))).inputs
+        """A few test inputs for ``serving_model``: MLflow's input example and signature.
+        Default: two test rows cut to the shorter one's length, so no row carries padding."""
+        batch = next(iter(self.batches("test", 2, device=torch.device("cpu"))))
+        if batch.lengths is None:
+            return batch.inputs
+        return batch.inputs[:, : int(batch.lengths.min())]
+
+
+class WholeSequences(nn.Module):
+    """Serving form of a model called as ``model(inputs, lengths)``: no row is padded."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        lengths = torch.full((inputs.shape[0],), inputs.shape[1], dtype=torch.long)
+        return self.model(inputs, lengths)
+
+
+def _takes_lengths(model: nn.Module) -> bool:
+    """True when ``model.forward`` needs a second positional argument (the lengths)."""
+    import inspect
+
+    required = [
+        p
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(required) >= 2
 
 
 def detach_state(state: Any) -> Any:

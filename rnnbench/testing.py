@@ -163,12 +163,27 @@ def check_task_contract(
         {"hidden_size": hidden_size, "dropout": 0.0, **(hparams or {})},
     ).to(device)
     _train_briefly(task, model, steps=train_steps, batch_size=batch_size, seed=seed, device=device)
+    _check_serving(task, model.cpu())
+    model.to(device)
     return {
         split: check_evaluate_batch_independence(
             task, model, split=split, batch_sizes=batch_sizes, device=device, rel_tol=rel_tol, abs_tol=abs_tol
         )
         for split in splits
     }
+
+
+def _check_serving(task: Task, model: nn.Module) -> None:
+    """The logged MLflow model is ``serving_model(model)``: it must run on ``serving_example()``."""
+    from rnnbench.models import serve
+
+    try:
+        serve(task, model)
+    except Exception as exc:
+        raise AssertionError(
+            f"task {task.name!r}: serving_model(model)(serving_example()) raised "
+            f"{type(exc).__name__}: {exc}; override serving_model/serving_example (see rnnbench.Task)"
+        ) from exc
 
 
 def _check_metrics(task: Task, result: Any, where: str) -> None:

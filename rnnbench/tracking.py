@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rnnbench.errors import RnnbenchError
+from rnnbench.errors import RnnbenchError, first_line
 
 TAG = "rnnbench."  # prefix of our own tags
 EXPERIMENT_KIND = "custom_model_development"
@@ -29,11 +29,6 @@ class TrackingError(RnnbenchError):
     """An MLflow store that cannot be used as given."""
 
     exit_code = 2
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -81,7 +76,7 @@ def create_sqlite_store(home: Path) -> str:
         if isinstance(exc, OSError):
             raise TrackingError(f"cannot create the MLflow store {path}: {exc.strerror or exc}") from None
         if isinstance(exc, Exception):
-            raise TrackingError(f"cannot create the MLflow store {path}: {_first(exc)}") from None
+            raise TrackingError(f"cannot create the MLflow store {path}: {first_line(exc)}") from None
         raise
     return uri
 
@@ -199,7 +194,7 @@ class Tracker:
             raise
         except Exception as exc:  # unreachable server, bad URI, locked database...
             raise TrackingError(
-                f"MLflow tracking store {tracking_uri} is not usable: {_first(exc)}"
+                f"MLflow tracking store {tracking_uri} is not usable: {first_line(exc)}"
             ) from None
         self.experiment_id = exp_id
 

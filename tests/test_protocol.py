@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
 
 from rnnbench.experiment import parse
@@ -21,7 +20,6 @@ from rnnbench.runner import (
     open_stores,
     prepare,
 )
-from rnnbench.sweep import make_pruner
 
 BASE = """\
 name: {name}

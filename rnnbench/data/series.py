@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from rnnbench.errors import ConfigError, DataError
+from rnnbench.errors import ConfigError, DataError, first_line
 
 # Cells spelled like this are gaps, not numbers (pandas' defaults, minus nothing surprising).
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "-nan", "null", "none", "#n/a", "?"})
@@ -68,7 +68,7 @@ def read_series_csv(
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty (expected a header line and data rows)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV file: {_first_line(exc)}") from None
+        raise DataError(f"{path}: not a readable CSV file: {first_line(exc)}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     return series_from_frame(
         _drop_trailing_blank_rows(frame),
@@ -188,10 +188,6 @@ def _check_dates(column: pd.Series, name: str, source: str) -> None:
             f"{_where(source, row)}: date {text.iloc[row]!r} in column {name!r} is not after the previous "
             f"row's {text.iloc[row - 1]!r}; dates must be strictly increasing (sort the file, drop duplicates)"
         )
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 # -- splits and normalisation ------------------------------------------------------------------

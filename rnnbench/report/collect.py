@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError
+from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError, first_line
 
 TAG = "rnnbench."
 # Params every child run carries that are not hyperparameters (they are tags too).
@@ -91,8 +91,7 @@ def open_client(uri: str):
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)
     except Exception as exc:  # connection refused, bad URI, locked or foreign database...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RnnbenchError(f"MLflow tracking store {uri} is not reachable: {first[:200]}") from None
+        raise RnnbenchError(f"MLflow tracking store {uri} is not reachable: {first_line(exc, 200)}") from None
     return client
 
 

@@ -103,6 +103,19 @@ def test_meets_the_task_contract():
     check_task(Registered("parity", ParityTask, "rnnbench-parity 0.1.0"))
 
 
+def test_the_served_model_is_the_trained_model_on_whole_sequences():
+    from rnnbench.models import serve
+
+    task = small()
+    torch.manual_seed(0)
+    model = task.build_model(lambda n: Encoder("gru", n, 8, 1, True), {"dropout": 0.0}).eval()
+    _, example, output = serve(task, model)  # the default serving form: the task defines none
+    assert example.shape[0] == 2 and torch.all(example.sum(-1) == 1)  # two rows, no padding
+    whole = torch.full((2,), example.shape[1], dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(output, model(example, whole))
+
+
 def test_options_are_checked():
     from rnnbench.errors import ConfigError
 
@@ -147,6 +160,7 @@ def test_runs_through_rnnbench_run_and_report(tmp_path: Path):
     run = rnnbench("run", "parity.yaml")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "parity-tiny/parity-synthetic/gru-1L-uni" in run.stdout and "accuracy" in run.stdout
+    assert "not logged" not in run.stdout + run.stderr  # its models too, with no serving code of its own
     report = rnnbench("report", "parity-tiny", "--format", "html")
     assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
     table = (tmp_path / "reports" / "parity-tiny" / "tables" / "parity-synthetic.csv").read_text()
