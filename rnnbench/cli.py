@@ -164,8 +164,8 @@ def run_command(
             f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget for every architecture",
             runner.dry_run(plan),
         )
-        for name, reason in plan.skipped:
-            click.echo(f"skipped {name}: {reason}")
+        for line in runner.skipped_lines(plan.skipped):
+            click.echo(line)
         return
     try:
         result = runner.start(plan, workers=workers)

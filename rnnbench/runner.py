@@ -264,8 +264,8 @@ def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
                 s, f = create_study(plan, storage, study)
                 requeued += recover(storage, s, plan.max_retries) + recover(storage, f, plan.max_retries)
         repaired = projection.sync(e.name)
-        for name, reason in plan.skipped:
-            print(f"skipped {name}: {reason}", flush=True)
+        for line in skipped_lines(plan.skipped):
+            print(line, flush=True)
         if requeued:
             print(f"resuming: {requeued} interrupted or lost trial(s) queued again", flush=True)
         if repaired["projected"] or repaired["duplicates"]:
@@ -289,6 +289,20 @@ def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
         return summarize(plan, storage)
     finally:
         run_lock.release()
+
+
+def skipped_lines(skipped: list[tuple[str, str]]) -> list[str]:
+    """One line per reason, naming each study it skipped (a causal task refuses every
+    bidirectional variant: one reason, many studies)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        by_reason.setdefault(reason, []).append(name)
+    return [
+        f"skipped {names[0]}: {reason}"
+        if len(names) == 1
+        else f"skipped {len(names)} studies ({', '.join(names)}): {reason}"
+        for reason, names in by_reason.items()
+    ]
 
 
 def _sync_quietly(projection, experiment: str, home: Path) -> None:

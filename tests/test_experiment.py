@@ -199,3 +199,14 @@ def test_builtin_causal_tasks_give_their_own_reason_at_parse_time():
     with pytest.raises(ConfigError) as refusal:
         Memory(seq_len=10).check_architecture(bidirectional=True)
     assert [reason for _, reason in skipped] == [str(refusal.value)] * 2
+
+
+def test_skipped_studies_are_one_line_per_reason():
+    from rnnbench.runner import skipped_lines
+
+    _, skipped = expand(parse(VALID))
+    lines = skipped_lines(skipped + [("x/other/rnn-1L-bi", "another reason")])
+    assert len(lines) == 2
+    names = [name for name, _ in skipped]
+    assert lines[0] == f"skipped 2 studies ({', '.join(names)}): {skipped[0][1]}"
+    assert lines[1] == "skipped x/other/rnn-1L-bi: another reason"
