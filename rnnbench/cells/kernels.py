@@ -47,11 +47,15 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for 2-D tensors (any strides)."""
-    if uses_onednn(a, b):
-        return _linear(a, b.t())
-    return torch.mm(a, b)
+def weight_grad(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad^T @ x``: a weight's gradient over every row at once (``[rows, out]``, ``[rows, in]``).
+
+    On oneDNN computed as ``(x^T @ grad)^T``: oneDNN copies a transposed input into a contiguous one
+    first, and ``x`` is the narrower of the two (for the lstm's ``W_hh`` at T*B = 6400, H = 256: a
+    6.5 MB copy instead of 26 MB; peephole forward+backward 171 vs 179-194 ms with 2 threads)."""
+    if uses_onednn(grad, x):
+        return _linear(x.t(), grad.t()).t()
+    return torch.mm(grad.t(), x)
 
 
 class RecurrentMatmul:
@@ -97,7 +101,7 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _linear(grad, weight.t())  # grad @ W
         if ctx.needs_input_grad[1]:
-            grad_w = _linear(grad.t(), x.t())  # grad^T @ x: one matmul over every row (all steps)
+            grad_w = weight_grad(grad, x)  # grad^T @ x: one matmul over every row (all steps)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum(0)
         return grad_x, grad_w, grad_b

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from rnnbench import hookimpl
 from rnnbench.cells.base import GatedCell, init_forget_bias
-from rnnbench.cells.kernels import RecurrentMatmul, linear, mm
+from rnnbench.cells.kernels import RecurrentMatmul, linear, weight_grad
 from rnnbench.hparams import Domain
 
 
@@ -137,7 +137,7 @@ def lstm_weight_grads(weights, grad_xp: Tensor, saved):
     steps, batch, rows = grad_xp.shape
     flat_grad = grad_xp.reshape(steps * batch, rows)
     h_prev = torch.stack([s[4] for s in saved]).reshape(steps * batch, -1)
-    grads = [mm(flat_grad.t(), h_prev)]
+    grads = [weight_grad(flat_grad, h_prev)]
     if len(weights) > 1:
         size = rows // 4
         c_prev = torch.stack([s[1] for s in saved]).reshape(steps * batch, size)
