@@ -343,8 +343,9 @@ def _megabytes(value: float | None) -> str:
 
 def print_table(result: dict[str, Any], console=None) -> None:
     """The result as a rich table: references first, then the cells."""
-    from rich.console import Console
     from rich.table import Table
+
+    from rnnbench.console import table_console
 
     s, m = result["settings"], result["machine"]
     yardstick = REFERENCES[YARDSTICK][0]
@@ -362,7 +363,8 @@ def print_table(result: dict[str, Any], console=None) -> None:
     )
     columns = ["cell", "path", "fwd ms", "fwd+bwd ms", "IQR", "train tok/s", "MiB", f"x {yardstick}"]
     for column in columns + ["own ref", "x ref fwd", "x ref"]:
-        table.add_column(column, justify="left" if column in ("cell", "path", "own ref") else "right")
+        justify = "left" if column in ("cell", "path", "own ref") else "right"
+        table.add_column(column, justify=justify, overflow="fold")
     for row in result["references"] + result["cells"]:
         if "error" in row:
             table.add_row(row["name"], row["path"], f"[red]failed: {row['error']}[/red]")
@@ -382,7 +384,7 @@ def print_table(result: dict[str, Any], console=None) -> None:
             _ratio(row, own, "forward") if own else "",
             _ratio(row, own, "train") if own else "",
         )
-    (console or Console()).print(table)
+    (console or table_console()).print(table)
 
 
 def log_to_mlflow(result: dict[str, Any], tracking_uri: str, artifact_root=None) -> str:

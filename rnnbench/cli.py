@@ -91,11 +91,11 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     if as_json:
         click.echo(json.dumps(shown, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    # In a log (not a terminal) nothing limits the width; in a narrow terminal, wrap, never cut ("…").
-    console = Console(width=None if sys.stdout.isatty() else 400)
+    from rnnbench.console import table_console
+
+    console = table_console()
     if "cells" in shown:
         table = Table(title=f"cells (parameters at input = hidden = {catalog.REFERENCE_SIZE}, one layer)")
         for column in ("name", "source", "parameters", "description"):
@@ -204,16 +204,16 @@ def _format_ci(row: dict) -> str:
 
 
 def _print_table(title: str, rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from rnnbench.console import table_console
 
     table = Table(title=title)
     for column in rows[0] if rows else []:
         table.add_column(str(column), overflow="fold")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    # In a log (not a terminal) nothing limits the width: never cut a study name short.
-    Console(width=None if sys.stdout.isatty() else 400).print(table)
+    table_console().print(table)
 
 
 @app.command("sync")

@@ -66,10 +66,13 @@ def test_ratios_are_medians_of_the_paired_rounds(tiny_result):
     assert machine["device"] == "cpu" and machine["threads"] == 1 and machine["torch"] and machine["cpu"]
 
 
-def test_table_output_names_the_cell_and_its_reference():
-    wide = {"COLUMNS": "200"}  # rich wraps to 80 columns when not writing to a terminal
-    result = CliRunner(env=wide).invoke(app, ["bench", "--cells", "rnn", "--threads", "1", *TINY])
+def test_table_output_names_the_cell_and_its_reference_uncut_when_piped():
+    # stdout is not a terminal here, as in `rnnbench bench | tee log`: no cell is cut to "…"
+    result = CliRunner().invoke(app, ["bench", "--cells", "rnn,peephole", "--threads", "1", *TINY])
     assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    rows = [line for line in result.stdout.splitlines() if "peephole" in line]
+    assert rows and "generic" in rows[0] and "nn.LSTM" in rows[0]  # the whole row on one line
     assert "rnn" in result.stdout and "nn.RNN" in result.stdout and "fused RNN_TANH" in result.stdout
 
 
