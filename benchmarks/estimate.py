@@ -44,7 +44,7 @@ def time_study(study, task, device: torch.device, steps: int) -> dict:
     trainer_hp, _, _ = split_hparams(hp, get_cell(study.arch.cell), task)
     torch.manual_seed(0)
     model = build_model(task, study.arch, hp).to(device)
-    optimizer = make_optimizer(model.parameters(), trainer_hp)
+    optimizer = make_optimizer(model.parameters(), trainer_hp, device)
     batch_size = int(trainer_hp["batch_size"])
     generator = torch.Generator().manual_seed(0)
 

@@ -10,8 +10,8 @@ construction and checked here wherever a GPU appears. On CUDA, in order:
 2. generic: the whole-sequence Function (hand-written backward) equals the autograd loop, and passes
    ``torch.autograd.gradcheck`` against finite differences, on the GPU;
 3. a tiny sweep (Optuna + MLflow, ``rnnbench run``'s own code) in bf16 finishes with every trial complete;
-4. training steps (bf16 autocast, prefetched pinned batches, forward, backward, clipping, optimizer)
-   run under ``torch.cuda.set_sync_debug_mode("error")``: any host-device sync inside raises;
+4. the Trainer's own training steps (fp32, bf16, and fp16 with its gradient scaler; prefetched pinned
+   batches, forward, backward, clipping, the fused optimizer) run under ``torch.cuda.set_sync_debug_mode("error")``: any host-device sync inside raises;
 5. the ratio table of every cell against cuDNN (``rnnbench bench``).
 
 Without CUDA it says so in one line and exits 0. Each check is a function of the device, so CI runs
@@ -147,15 +147,15 @@ precision: {precision}
 
 
 def training_steps(device: torch.device, precision: str, *, forbid_sync: bool) -> list[str]:
-    """A few Trainer-like steps per path (fused lstm, sequence peephole, autograd gru) on padded
+    """A few of the Trainer's own steps (``trainer.train_step``: autocast, gradient scaler, clipping,
+    the fused optimizer on CUDA) per path (fused lstm, sequence peephole, autograd gru) on padded
     sentiment batches; with ``forbid_sync`` (CUDA) any host-device sync inside a step raises."""
     from rnnbench.data.batching import prefetch
     from rnnbench.tasks.sentiment import SentimentTask
-    from rnnbench.trainer import make_optimizer
+    from rnnbench.trainer import make_optimizer, precision_tools, train_step
 
     task = SentimentTask("synthetic")
     task.setup()
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     lines = []
     for cell, options in (("lstm", {}), ("peephole", {}), ("gru", {"fused": False})):
         torch.manual_seed(0)
@@ -164,24 +164,21 @@ def training_steps(device: torch.device, precision: str, *, forbid_sync: bool) -
             return Encoder(cell, n, 32, 2, True, **options)
 
         model = task.build_model(make, {"hidden_size": 32, "dropout": 0.1}).to(device)
-        optimizer = make_optimizer(model.parameters(), {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0})
+        hp = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0}
+        optimizer = make_optimizer(model.parameters(), hp, device)
+        autocast, scaler = precision_tools(precision, device)
         train = itertools.islice(task.batches("train", 16, device=device, generator=torch.Generator()), 4)
         batches = iter(prefetch(train, device))
 
-        def train_step(batch, model=model, optimizer=optimizer):
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss, _ = task.training_loss(model, batch, None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+        def step(batch, model=model, optimizer=optimizer, autocast=autocast, scaler=scaler):
+            loss, _, _ = train_step(task, model, batch, None, optimizer, autocast, scaler, 1.0)
             return loss.detach()
 
-        loss = train_step(next(batches))  # warm-up: allocations, cuDNN plans
+        loss = step(next(batches))  # warm-up: allocations, cuDNN plans
         # The guard also covers fetching the next batch (padding, pinning, the asynchronous copy).
         with _sync_forbidden() if forbid_sync else _nothing():
             for batch in batches:
-                loss = train_step(batch)
+                loss = step(batch)
         finite = bool(torch.isfinite(loss))
         assert finite, f"{cell}: loss {float(loss)}"
         where = "no host-device sync inside" if forbid_sync else "sync not checked off CUDA"
@@ -221,6 +218,7 @@ def run_check(echo: Callable[[str], None] = print) -> int:
         lambda: check_fused(device),
         lambda: check_generic(device),
         lambda: training_steps(device, "bf16", forbid_sync=True),
+        lambda: training_steps(device, "fp16", forbid_sync=True),
         lambda: training_steps(device, "fp32", forbid_sync=True),
         lambda: tiny_sweep(device, "bf16"),
     ):
