@@ -141,17 +141,20 @@ def _flavor_args(task, model: torch.nn.Module, card: dict[str, Any], workdir: Pa
     }, serving
 
 
-def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str, Any], step: int = 0) -> str:
+def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str, Any]) -> str:
     """Log ``model`` as the run's MLflow model (pytorch flavour, signature, input example, card).
-    ``step``: where the run's scores sit (its best epoch), so MLflow links them to the model."""
+    MLflow links the run's metrics at the model's step to it: the summary step, where the counts,
+    the best validation scores and the test scores are (the run is projected first)."""
     import mlflow
     import mlflow.pytorch
+
+    from rnnbench.projection import SUMMARY_STEP
 
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_experiment(experiment_id=tracker.experiment_id)  # logged models go to the active one
     with tempfile.TemporaryDirectory() as tmp:
         args, serving = _flavor_args(task, model, card, Path(tmp))
-        info = mlflow.pytorch.log_model(serving, name=MODEL_NAME, run_id=run_id, step=step, **args)
+        info = mlflow.pytorch.log_model(serving, name=MODEL_NAME, run_id=run_id, step=SUMMARY_STEP, **args)
     return info.model_id
 
 
@@ -208,7 +211,7 @@ def repair_models(tracker, storage, experiment: str, home: Path, warn=print) -> 
             try:
                 model = rebuild(task, study, record, home)
                 card = model_card(task, study, record)
-                log_model(tracker, runs[0].info.run_id, task, model, card, int(record.get("best_epoch") or 0))
+                log_model(tracker, runs[0].info.run_id, task, model, card)
             except DataError:
                 raise
             except Exception as exc:

@@ -39,6 +39,7 @@ RETRIES_ATTR = "max_retries"
 BASELINE_ATTR = "baseline"  # the task's trivial baseline on test
 PARENT_ATTR = "mlflow_parent_run_id"
 YAML_ATTR = "experiment_yaml"  # the experiment file as run (defaults filled in)
+SUMMARY_STEP = 0  # a run's one-off values (counts, summary, best valid, test) and its model's link
 RUN_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run it was projected to
 
 _MLFLOW_STATUS = {
@@ -277,7 +278,7 @@ class Projection:
             params = {**hparams, **_meta_params(led.tags, seed)}
             self.tracker.log_params(run_id, params)
             if record.get("parameters"):
-                self.tracker.log_metrics(run_id, record["parameters"], step=0, timestamp=started)
+                self.tracker.log_metrics(run_id, record["parameters"], step=SUMMARY_STEP, timestamp=started)
             for entry in record.get("history", []):
                 self.tracker.log_metrics(
                     run_id, entry["metrics"], step=entry["epoch"], timestamp=entry["time_ms"]
@@ -289,10 +290,10 @@ class Projection:
         final_metrics = {f"best_valid_{k}": v for k, v in (record.get("best_valid") or {}).items()}
         final_metrics |= record.get("summary") or {}
         final_metrics |= {f"test_{k}": v for k, v in (record.get("test") or {}).items()}
-        # one batch, tags included: "projected" lands with the metrics or not at all
-        self.tracker.log_batch(
-            run_id, final_metrics, tags, timestamp=finished, step=int(record.get("best_epoch") or 0)
-        )
+        # one batch, tags included: "projected" lands with the metrics or not at all. Step 0, beside
+        # the parameter counts: one value per run (a bar in MLflow's charts, not a one-dot line);
+        # the per-epoch series start at step 1.
+        self.tracker.log_batch(run_id, final_metrics, tags, timestamp=finished, step=SUMMARY_STEP)
         self.tracker.end_run(run_id, _MLFLOW_STATUS[status], end_time=finished)
         return run_id
 

@@ -85,12 +85,16 @@ class _EpochReporter(Callback):
                 self.live_failed = True
 
     def on_fit_start(self, info: dict[str, Any]) -> None:
+        from rnnbench.projection import SUMMARY_STEP
+
         params = info["parameters"]
         counts = {"params_total": params["total"], **self.extra_counts}
         if params.get("encoder"):
             counts |= {f"params_encoder_{k}": params["encoder"][k] for k in ("total", "input", "recurrent")}
         self.parameters, self.data = counts, dict(info["data"])
-        self._live(self.tracker.log_metrics, self.run_id, counts, step=0, timestamp=self.started_ms)
+        self._live(
+            self.tracker.log_metrics, self.run_id, counts, step=SUMMARY_STEP, timestamp=self.started_ms
+        )
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         entry = {"epoch": epoch, "time_ms": _now_ms(), "metrics": {k: float(v) for k, v in metrics.items()}}
@@ -889,7 +893,7 @@ class Worker:
 
         try:
             card = model_card(task, study, record)
-            log_model(self.tracker, run_id, task, model, card, int(record.get("best_epoch") or 0))
+            log_model(self.tracker, run_id, task, model, card)
         except Exception as exc:
             self.progress.log(
                 f"warning: model of {study.name} seed {record['seed']} not logged ({first_line(exc, 200)})"

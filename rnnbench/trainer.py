@@ -463,10 +463,12 @@ class Trainer:
         steady = [r.metrics["train_tokens_per_s"] for r in history[1:]] or [
             history[0].metrics["train_tokens_per_s"]
         ]
+        # Named apart from the per-epoch series they summarise: in MLflow a summary sharing a series'
+        # name would be one more point of it, and the run's value would be the last epoch's.
         summary = {
-            "train_tokens_per_s": float(np.median(steady)),
-            "eval_tokens_per_s": float(np.median([r.metrics["eval_tokens_per_s"] for r in history])),
-            "train_memory_mib": max(r.metrics["train_memory_mib"] for r in history),
+            "train_tokens_per_s_median": float(np.median(steady)),
+            "eval_tokens_per_s_median": float(np.median([r.metrics["eval_tokens_per_s"] for r in history])),
+            "train_memory_mib_peak": max(r.metrics["train_memory_mib"] for r in history),
             "wall_time_s": time.perf_counter() - start,
             "epochs": float(len(history)),
             "steps": float(steps),

@@ -1,5 +1,5 @@
 """Open the MLflow UI of a run home in headless Chromium and screenshot what a user checks first:
-a final seed's run (Datasets, Logged models, parameters), its System metrics tab, its logged
+a final seed's run (Datasets, Logged models, parameters), its Model metrics and System metrics tabs, its logged
 model's page, and its study's parent run. Fails when one of those shows up empty.
 
     pip install -e ".[browser]" -c constraints.txt     # playwright (the Python package only)
@@ -61,7 +61,16 @@ def pick(home: Path, experiment: str):
     models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
     if not models:
         raise SystemExit(f"error: experiment {experiment!r} has no logged model: run it to the end")
-    model = models[0]
+    # the longest-running seed: system metrics are sampled every second, so a run shorter than
+    # that has none to show
+    runs = {r.info.run_id: r for r in mlflow.search_runs([exp.experiment_id], output_format="list")}
+    with_run = [m for m in models if m.source_run_id in runs]
+
+    def duration(m) -> int:
+        info = runs[m.source_run_id].info
+        return (info.end_time or 0) - (info.start_time or 0)
+
+    model = max(with_run or models, key=duration)
     run = mlflow.get_run(model.source_run_id)
     return exp.experiment_id, run, model, run.data.tags.get("mlflow.parentRunId")
 
@@ -75,6 +84,7 @@ def shoot(url: str, exp_id: str, run, model, parent_id: str, out: Path) -> list[
     ml = "?workflowType=machine_learning"  # MLflow 3's "Model training" view, not its GenAI one
     pages = [  # (file, address, text that must be on the page)
         ("child-run.png", run_page + ml, [dataset, model.name, "seed"]),
+        ("child-model-metrics.png", f"{run_page}/model-metrics{ml}", ["valid_"]),
         ("child-system-metrics.png", f"{run_page}/system-metrics{ml}", ["cpu_utilization_percentage"]),
         (
             "logged-model.png",

@@ -57,3 +57,24 @@ def test_mlflow_shows_experiment_datasets_source_and_system_metrics(tmp_path: Pa
     assert [i.dataset.name for i in inputs] == ["memory-synthetic"]
     assert '"train_size": 8192' in inputs[0].dataset.profile or "8192" in inputs[0].dataset.profile
     assert any(k.startswith("system/") for k in child.data.metrics), sorted(child.data.metrics)
+
+    # one-off values are one point each at step 0 (MLflow draws a bar); the series start at step 1
+    def steps(key: str) -> list[int]:
+        return [m.step for m in client.get_metric_history(child.info.run_id, key)]
+
+    for key in (
+        "params_total",
+        "best_epoch",
+        "train_tokens_per_s_median",
+        "train_memory_mib_peak",
+        "test_mse",
+    ):
+        assert set(steps(key)) == {0}, key  # twice where MLflow links it to the model again
+    assert steps("train_tokens_per_s") == [1, 2, 3] and steps("valid_mse") == [1, 2, 3]
+    # the logged model carries the run's test and best-validation scores
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri_for(home))
+    (model,) = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    linked = {m.key for m in model.metrics or []}
+    assert {"test_mse", "best_valid_mse", "params_total"} <= linked, sorted(linked)

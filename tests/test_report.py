@@ -33,7 +33,7 @@ def _runs(finals: dict[str, list[float]], extra: list[dict] | None = None) -> pd
                      "baseline_test_accuracy": 0.5})  # fmt: skip
         for seed, v in enumerate(values):
             rows.append({**base, "stage": "final", "status": "complete", "seed": seed, "test_accuracy": v,
-                         "params_total": 1000, "train_tokens_per_s": 5e4})  # fmt: skip
+                         "params_total": 1000, "train_tokens_per_s_median": 5e4})  # fmt: skip
     return pd.DataFrame(rows + (extra or []))
 
 
@@ -169,7 +169,7 @@ def test_summary_without_a_benchmark_common_to_all():
 
 def test_written_tables_carry_values_notes_and_memory(tmp_path: Path):
     runs = _runs({"lstm-1L-uni": [0.8, 0.82, 0.84], "gru-1L-uni": [0.7, 0.72]})
-    runs.loc[runs["stage"] == "final", "train_memory_mib"] = [1.5, 1.5, 1.5, 0.7, 0.7]
+    runs.loc[runs["stage"] == "final", "train_memory_mib_peak"] = [1.5, 1.5, 1.5, 0.7, 0.7]
     t = rank_task(runs, ACC)
     write([t], summary([t]), tmp_path)
     md = (tmp_path / "sentiment.md").read_text()
@@ -427,7 +427,7 @@ def _two_experiments(home: Path) -> None:
                     run = tracker.start_run(f"seed-{seed}", {**tags, "stage": "final", "seed": seed,
                                                            "status": "complete"}, parent)  # fmt: skip
                     tracker.log_metrics(run, {"test_mse": v, "params_total": 1000.0 + seed,
-                                              "train_tokens_per_s": 12345.6})  # fmt: skip
+                                              "train_tokens_per_s_median": 12345.6})  # fmt: skip
                     tracker.end_run(run)
                 tracker.end_run(parent)
 
@@ -456,3 +456,21 @@ def test_report_compares_two_experiments(tmp_path: Path):
     page = (out / "report.html").read_text()
     assert page.index("<h2>memory-T10</h2>") < page.index("<h2>memory-T40</h2>")  # natural order
     assert (out / "figures" / "compare_experiments.png").stat().st_size > 10_000
+
+
+def test_older_stores_summaries_come_from_their_series_name():
+    """Before the summaries had names of their own, a run's median throughput and peak memory were
+    logged as one more point of the per-epoch series; the report reads them from there."""
+    from mlflow.entities import Metric, Run, RunData, RunInfo
+
+    from rnnbench.report.collect import run_row
+
+    def run(metrics: dict[str, float]) -> Run:
+        info = RunInfo("r", "1", "u", "FINISHED", 0, 1, "active", run_name="seed-0")
+        data = RunData([Metric(k, v, 0, 0) for k, v in metrics.items()], [], [])
+        return Run(info, data)
+
+    old = run_row(run({"train_tokens_per_s": 900.0, "train_memory_mib": 3.0}), "e")
+    assert old["train_tokens_per_s_median"] == 900.0 and old["train_memory_mib_peak"] == 3.0
+    new = run_row(run({"train_tokens_per_s": 900.0, "train_tokens_per_s_median": 1000.0}), "e")
+    assert new["train_tokens_per_s_median"] == 1000.0  # the summary, not the last epoch's value

@@ -45,7 +45,7 @@ def measured() -> dict[int, tuple[float, int]]:
         model = task.build_model(lambda n, h=hidden: Encoder("rnn", n, h), {})
         assert sum(p.numel() for p in model.parameters()) == result.parameters["total"]
         assert all(r.metrics["train_memory_mib"] > 0 for r in result.history)
-        out[hidden] = (result.summary["train_memory_mib"], expected_bytes(model, hidden))
+        out[hidden] = (result.summary["train_memory_mib_peak"], expected_bytes(model, hidden))
     return out
 
 
@@ -65,4 +65,4 @@ def test_old_rss_metric_is_gone():
     result = Trainer({"epochs": 1, "steps_per_epoch": 1}, {"device": "cpu"}).fit(
         task, Architecture("gru"), {"hidden_size": 4, "batch_size": 4}
     )
-    assert "peak_memory_mb" not in result.summary and "train_memory_mib" in result.summary
+    assert "peak_memory_mb" not in result.summary and "train_memory_mib_peak" in result.summary

@@ -29,6 +29,12 @@ _ID_COLUMNS = [
 ]  # fmt: skip
 HISTORY_METRICS = ("grad_norm", "grad_norm_max")
 RUNS_FILE, HISTORIES_FILE, IMPORTANCE_FILE = "runs.parquet", "histories.parquet", "importance.parquet"
+# Run summaries that older stores logged under their per-epoch series' own name
+_SUMMARIES_BEFORE_RENAME = {
+    "train_tokens_per_s_median": "train_tokens_per_s",
+    "eval_tokens_per_s_median": "eval_tokens_per_s",
+    "train_memory_mib_peak": "train_memory_mib",
+}
 OLD_MEMORY_METRIC = "peak_memory_mb"  # before train_memory_mib: the worker's RSS, not the model's
 
 
@@ -200,6 +206,9 @@ def run_row(run, experiment: str) -> dict[str, Any]:
             continue
         row |= {f"data_{k}": _number(v) for k, v in profile.items() if isinstance(v, (int, float, str))}
     row.update(run.data.metrics)
+    for summary, series in _SUMMARIES_BEFORE_RENAME.items():
+        if summary not in row and series in row:  # an older store: its only value of the series
+            row[summary] = row[series]
     for name in _ENV_TAGS:
         row[f"env_{name}"] = own.get(name)
     return row
@@ -329,8 +338,8 @@ def status_notes(df: pd.DataFrame) -> list[str]:
         notes.append(f"{failed_final} final seed run(s) failed")
     if OLD_MEMORY_METRIC in df and df[OLD_MEMORY_METRIC].notna().any():
         old = df[df[OLD_MEMORY_METRIC].notna()]
-        if "train_memory_mib" in old:
-            old = old[old["train_memory_mib"].isna()]
+        if "train_memory_mib_peak" in old:
+            old = old[old["train_memory_mib_peak"].isna()]
         if len(old):
             notes.append(
                 f"{len(old)} run(s) were logged by an older rnnbench with {OLD_MEMORY_METRIC} (the worker "

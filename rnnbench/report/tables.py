@@ -91,8 +91,8 @@ def rank_task(
                 "seed_values": values,
                 "best_valid": parent.get("best_valid") if parent is not None else math.nan,
                 "params": _median(source, "params_total"),
-                "train_tokens_per_s": _median(source, "train_tokens_per_s"),
-                "train_memory_mib": _max(source, "train_memory_mib"),
+                "train_tokens_per_s": _median(source, "train_tokens_per_s_median"),
+                "train_memory_mib": _max(source, "train_memory_mib_peak"),
                 "trials_ok/pruned/failed": "/".join(
                     str(int((search["status"] == s).sum())) for s in ("complete", "pruned", "failed")
                 ),
