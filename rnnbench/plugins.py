@@ -198,3 +198,18 @@ def get_cell(name: str) -> type:
 
 def get_task(name: str) -> type:
     return registry().task(name).cls
+
+
+def metric_bounds(task: str | None, metric: str) -> tuple[float, float]:
+    """The values ``task``'s metric can take (``f1_PER`` is an ``f1``); unbounded when the task or
+    the metric is not known here (a plugin that is not installed)."""
+    from rnnbench.stats import UNBOUNDED
+
+    try:
+        declared = get_task(task).metrics if task else ()
+    except Exception:
+        return UNBOUNDED
+    for m in declared:
+        if m.name == metric:
+            return m.bounds
+    return next((m.bounds for m in declared if metric.startswith(f"{m.name}_")), UNBOUNDED)

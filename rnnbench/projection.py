@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from rnnbench.plugins import metric_bounds
 from rnnbench.scheduler import final_done
 from rnnbench.stats import MIN_SEEDS, mean_ci
 from rnnbench.sweep import (
@@ -199,7 +200,9 @@ class Projection:
             if search_done:  # MLflow params are write-once: only the final best configuration
                 self.tracker.log_params(run_id, {f"best.{k}": v for k, v in best_hparams(best).items()})
         for name, values in s["tests"].items():
-            mean, low, high = mean_ci(values, min_n=MIN_SEEDS)  # no interval from 2 seeds
+            # no interval from 2 seeds; none past what the metric can take
+            bounds = metric_bounds(led.tags.get("task"), name)
+            mean, low, high = mean_ci(values, min_n=MIN_SEEDS, bounds=bounds)
             metrics |= {
                 f"test_{name}_mean": mean,
                 f"test_{name}_ci95_low": low,

@@ -973,13 +973,15 @@ def _release_memory(failed: bool) -> None:
 def summarize(plan: Plan, storage) -> dict[str, Any]:
     """Per study, from the ledger: trials by state, best validation value, final seeds (what the
     CLI prints; the parent runs and the report carry the same numbers, computed the same way)."""
+    from rnnbench.plugins import metric_bounds
     from rnnbench.projection import StudyLedger
 
     rows = []
     for study in plan.studies:
         led = StudyLedger.load(storage, study.name)
         s = led.summary()
-        mean, low, high = mean_ci(s["seed_values"], min_n=MIN_SEEDS)
+        bounds = metric_bounds(study.task_entry.name, led.tags.get("metric", ""))
+        mean, low, high = mean_ci(s["seed_values"], min_n=MIN_SEEDS, bounds=bounds)
         rows.append(
             {
                 "study": study.name,

@@ -20,9 +20,18 @@ def finite(values: Sequence[float | None]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95, min_n: int = 2) -> tuple[float, float, float]:
-    """(mean, low, high) of a two-sided Student-t interval; NaN bounds for fewer than ``min_n``
-    values (the report asks for :data:`MIN_SEEDS`)."""
+UNBOUNDED = (-math.inf, math.inf)
+
+
+def mean_ci(
+    values: Sequence[float],
+    confidence: float = 0.95,
+    min_n: int = 2,
+    bounds: tuple[float, float] = UNBOUNDED,
+) -> tuple[float, float, float]:
+    """(mean, low, high) of a two-sided Student-t interval, cut to ``bounds`` (the values the
+    metric can take: from 3 seeds a t-interval of an F1 near 1 easily reaches past it); NaN bounds
+    for fewer than ``min_n`` values (the report asks for :data:`MIN_SEEDS`)."""
     vals = finite(values)
     n = len(vals)
     if n == 0:
@@ -34,7 +43,7 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95, min_n: int = 2) -
 
     sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
+    return mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
 def welch_p_value(a: Sequence[float], b: Sequence[float], min_n: int = 2) -> float:

@@ -30,6 +30,7 @@ scores are sums over items divided once at the end, never means of per-batch mea
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,15 +48,21 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass(frozen=True)
 class Metric:
-    """A score a task reports. ``direction`` says which way is better."""
+    """A score a task reports. ``direction`` says which way is better; ``bounds``, the values it
+    can take (a confidence interval over seeds is cut to them: no F1 above 1, no negative MSE)."""
 
     name: str
     direction: Literal["minimize", "maximize"]
     description: str = ""
+    bounds: tuple[float, float] = (-math.inf, math.inf)
 
     def better(self, a: float, b: float) -> bool:
         """True when ``a`` is strictly better than ``b``."""
         return a < b if self.direction == "minimize" else a > b
+
+
+SHARE = (0.0, 1.0)  # accuracy, F1, precision, recall
+NON_NEGATIVE = (0.0, math.inf)  # errors, losses
 
 
 @dataclass

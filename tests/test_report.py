@@ -59,6 +59,24 @@ def test_ranking_and_confidence_intervals_by_hand():
     assert table.loc["trivial baseline", "mean"] == pytest.approx(0.5)
 
 
+def test_an_interval_stops_where_the_metric_does():
+    """F1 over 3 seeds at 0.99, 0.999, 0.95: the t-interval's upper end, 1.05, is no F1; nor is a
+    negative MSE. The report, the parent runs and the CLI cut the interval to the metric's range."""
+    from rnnbench.plugins import metric_bounds
+    from rnnbench.report.collect import task_info
+    from rnnbench.stats import mean_ci
+
+    f1 = [0.99, 0.999, 0.95]
+    mean, low, high = mean_ci(f1)
+    assert high > 1.0  # the plain t-interval
+    assert mean_ci(f1, bounds=(0.0, 1.0)) == (mean, low, 1.0)
+    assert mean_ci([0.01, 0.3, 0.02], bounds=metric_bounds("forecast", "mse"))[1] == 0.0
+    assert metric_bounds("ner", "f1_PER") == (0.0, 1.0) and metric_bounds("charlm", "perplexity")[0] == 1.0
+    info, _ = task_info("sentiment", [])
+    table = rank_task(_runs({"lstm-1L-uni": [0.99, 0.999, 0.95]}), info).table.set_index("architecture")
+    assert table.loc["lstm-1L-uni", "ci95_high"] == 1.0 and table.loc["lstm-1L-uni", "ci95_low"] == low
+
+
 def test_lower_is_better_and_unranked_studies():
     mse = TaskInfo("sentiment", "accuracy", "minimize")  # same columns, opposite direction
     runs = _runs({"lstm-1L-uni": [0.3, 0.31], "gru-1L-uni": [0.2, 0.22]})

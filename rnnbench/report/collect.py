@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError, first_line
+from rnnbench.plugins import metric_bounds
 
 TAG = "rnnbench."
 # Params every child run carries that are not hyperparameters (they are tags too).
@@ -45,6 +46,7 @@ class TaskInfo:
     name: str
     metric: str
     direction: str  # "minimize" | "maximize"
+    bounds: tuple[float, float] = (-math.inf, math.inf)  # what the metric can take (Metric.bounds)
 
     @property
     def better(self) -> str:
@@ -138,7 +140,7 @@ def task_info(task: str, columns: list[str]) -> tuple[TaskInfo, str | None]:
         from rnnbench.plugins import get_task
 
         metric = get_task(task).metrics[0]
-        return TaskInfo(task, metric.name, metric.direction), None
+        return TaskInfo(task, metric.name, metric.direction, metric.bounds), None
     except Exception:
         guesses = sorted(c.removeprefix("best_valid_") for c in columns if c.startswith("best_valid_"))
         name = guesses[0] if guesses else "loss"
@@ -308,7 +310,9 @@ def benchmark_infos(runs: pd.DataFrame) -> tuple[dict[str, TaskInfo], list[str]]
         info = tasks[group["task"].iloc[0]]
         tagged = group.dropna(subset=["primary_metric", "direction"]) if "direction" in group else group[:0]
         if len(tagged):  # the study run says which metric it optimised (options can change it)
-            info = TaskInfo(info.name, tagged["primary_metric"].iloc[0], tagged["direction"].iloc[0])
+            metric = tagged["primary_metric"].iloc[0]
+            bounds = metric_bounds(info.name, metric)
+            info = TaskInfo(info.name, metric, tagged["direction"].iloc[0], bounds)
         benchmarks[bench] = info
     return benchmarks, notes
 

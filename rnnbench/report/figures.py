@@ -531,7 +531,7 @@ def memory_vs_length(runs: pd.DataFrame, infos, style):
     rows = []
     for (experiment, arch, cell, variant, t), group in finals.dropna(subset=[length, col]).groupby(by):
         values = finite(group[col])
-        mean, low, high = mean_ci(values, min_n=MIN_SEEDS)  # the tables' t-interval and rule
+        mean, low, high = mean_ci(values, min_n=MIN_SEEDS, bounds=info.bounds)  # as the tables
         rows.append({"experiment": experiment, "architecture": arch, "cell": cell, "variant": variant,
                      "T": t, "mean": mean, "ci95_low": low, "ci95_high": high, "seed_values": values})  # fmt: skip
     data = pd.DataFrame(rows).sort_values(["architecture", "T"])

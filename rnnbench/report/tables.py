@@ -65,7 +65,7 @@ def rank_task(
     for study, group in task_runs.groupby("study"):
         seeds = finals[finals["study"] == study]
         values = finite(seeds[col]) if col in seeds else []
-        mean, low, high = mean_ci(values, min_n=MIN_SEEDS)
+        mean, low, high = mean_ci(values, min_n=MIN_SEEDS, bounds=info.bounds)
         first = group.iloc[0]
         parent = studies.loc[study] if study in studies.index else None
         if isinstance(parent, pd.DataFrame):

@@ -38,7 +38,7 @@ from rnnbench.data.chars import CharVocab, d2l_preprocess, markov_text, read_tex
 from rnnbench.data.resolve import DataFile, resolve
 from rnnbench.errors import ConfigError, DataError, UnknownNameError
 from rnnbench.hparams import positive_int
-from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions, detach_state
+from rnnbench.task import NON_NEGATIVE, SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions, detach_state
 
 DATA_FILES = {
     "tinyshakespeare": DataFile(
@@ -112,8 +112,12 @@ class CharLM(Task):
 
     name = "charlm"
     metrics = (
-        Metric("perplexity", "minimize", "exp of the mean negative log-likelihood per character"),
-        Metric("bits_per_char", "minimize", "mean negative log-likelihood per character, in bits"),
+        Metric(
+            "perplexity", "minimize", "exp of the mean negative log-likelihood per character", (1.0, math.inf)
+        ),
+        Metric(
+            "bits_per_char", "minimize", "mean negative log-likelihood per character, in bits", NON_NEGATIVE
+        ),
     )
     causal = True
     datasets = ("synthetic", "tinyshakespeare", "timemachine", "text")

@@ -57,7 +57,7 @@ from rnnbench.data.series import (
 )
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.hparams import MAX_WIDTH, Domain
-from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
+from rnnbench.task import NON_NEGATIVE, SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
 TF_TUTORIAL_SPLIT = (0.7, 0.2, 0.1)
 SYNTHETIC_ROWS = 4000
@@ -194,10 +194,15 @@ class ForecastTask(Task):
 
     name = "forecast"
     metrics = (
-        Metric("mse", "minimize", "mean squared error of z-scored targets (as ETT results are reported)"),
-        Metric("mae", "minimize", "mean absolute error of z-scored targets"),
-        Metric("mse_original", "minimize", "mean squared error in the data's own units"),
-        Metric("mae_original", "minimize", "mean absolute error in the data's own units"),
+        Metric(
+            "mse",
+            "minimize",
+            "mean squared error of z-scored targets (as ETT results are reported)",
+            NON_NEGATIVE,
+        ),
+        Metric("mae", "minimize", "mean absolute error of z-scored targets", NON_NEGATIVE),
+        Metric("mse_original", "minimize", "mean squared error in the data's own units", NON_NEGATIVE),
+        Metric("mae_original", "minimize", "mean absolute error in the data's own units", NON_NEGATIVE),
     )
     causal = False
     datasets = tuple(DATASETS)

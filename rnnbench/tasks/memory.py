@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from rnnbench import hookimpl
 from rnnbench.data.batching import to_device
 from rnnbench.errors import ConfigError, UnknownNameError
-from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
+from rnnbench.task import NON_NEGATIVE, SHARE, SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
 COPY_RECALL = 10  # symbols to remember and recall
 COPY_SYMBOLS = 8  # symbols 1..8; 0 is the blank and 9 the delimiter
@@ -43,10 +43,10 @@ COPY_BLANK, COPY_DELIMITER = 0, 9
 COPY_TOKENS = COPY_SYMBOLS + 2
 MAX_GENERATED_STEPS = 50_000_000  # ~400 MB of generated data at most
 
-ADDING_METRICS = (Metric("mse", "minimize", "mean squared error of the predicted sum"),)
+ADDING_METRICS = (Metric("mse", "minimize", "mean squared error of the predicted sum", NON_NEGATIVE),)
 COPY_METRICS = (
-    Metric("cross_entropy", "minimize", "mean cross-entropy (nats) per recalled symbol"),
-    Metric("accuracy", "maximize", "fraction of recalled symbols predicted exactly"),
+    Metric("cross_entropy", "minimize", "mean cross-entropy (nats) per recalled symbol", NON_NEGATIVE),
+    Metric("accuracy", "maximize", "fraction of recalled symbols predicted exactly", SHARE),
 )
 
 

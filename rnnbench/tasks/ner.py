@@ -25,7 +25,7 @@ from rnnbench.data.vocab import UNK_ID, Vocab
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.hparams import Domain, positive_int
 from rnnbench.metrics.spans import extract_spans, span_f1
-from rnnbench.task import Batch, EncoderFactory, Metric, Task, TaskOptions
+from rnnbench.task import SHARE, Batch, EncoderFactory, Metric, Task, TaskOptions
 
 CONLL2003_URL = (
     "https://raw.githubusercontent.com/kamalkraj/BERT-NER/e5be564156f194f1becb0d82aeaf6e762d9eb9ed/data"
@@ -168,9 +168,9 @@ class NERTask(Task):
 
     name = "ner"
     metrics = (
-        Metric("f1", "maximize", "entity-level micro F1 (conlleval rules); f1_<TYPE> per entity type"),
-        Metric("precision", "maximize", "share of predicted entities that are exactly right"),
-        Metric("recall", "maximize", "share of gold entities found exactly"),
+        Metric("f1", "maximize", "entity-level micro F1 (conlleval rules); f1_<TYPE> per entity type", SHARE),
+        Metric("precision", "maximize", "share of predicted entities that are exactly right", SHARE),
+        Metric("recall", "maximize", "share of gold entities found exactly", SHARE),
     )
     causal = False
     datasets = ("synthetic", "conll2003", "wnut17", "conll")

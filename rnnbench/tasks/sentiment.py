@@ -30,7 +30,7 @@ from rnnbench.data.resolve import DataFile
 from rnnbench.data.vocab import TOKENIZERS, UNK, UNK_ID, Vocab
 from rnnbench.errors import ConfigError, DataError
 from rnnbench.hparams import positive_int
-from rnnbench.task import SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
+from rnnbench.task import SHARE, SPLITS, Batch, EncoderFactory, Metric, Task, TaskOptions
 
 # The SST-2 test labels and the IMDB CSVs were built for this project: no canonical URL to fetch.
 SST2_FILES = {
@@ -162,8 +162,8 @@ class SentimentTask(Task):
 
     name = "sentiment"
     metrics = (
-        Metric("accuracy", "maximize", "share of texts classified correctly"),
-        Metric("f1", "maximize", "macro-averaged F1 over classes"),
+        Metric("accuracy", "maximize", "share of texts classified correctly", SHARE),
+        Metric("f1", "maximize", "macro-averaged F1 over classes", SHARE),
     )
     causal = False
     datasets = ("synthetic", "sst2", "imdb", "csv")

@@ -30,8 +30,9 @@ from rnnbench.task import Batch, TaskOptions
 
 SPLITS = ("train", "valid", "test")
 METRICS = (
-    Metric("accuracy", "maximize", "share of sequences whose parity is predicted right"),
-    Metric("cross_entropy", "minimize", "mean cross-entropy (nats) of the predicted parity"),
+    # bounds: the values a metric can take; the report cuts confidence intervals to them
+    Metric("accuracy", "maximize", "share of sequences whose parity is predicted right", (0.0, 1.0)),
+    Metric("cross_entropy", "minimize", "mean cross-entropy (nats) of the predicted parity", (0.0, math.inf)),
 )
 
 
