@@ -562,8 +562,11 @@ def bench_command(as_json: bool, to_mlflow: bool, home, tracking_uri, cells, che
 def main() -> None:
     import signal
 
+    from rnnbench.interrupts import stop_on_sigterm
+
     if hasattr(signal, "SIGXFSZ"):  # a file-size limit: an OSError to report, not a silent death
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    stop_on_sigterm()  # kill, timeout, a scheduler's time limit: stop as Ctrl-C does
     app(prog_name="rnnbench")
 
 

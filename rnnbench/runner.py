@@ -521,7 +521,7 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
                     continue
                 p.join()
                 del procs[w]
-                if p.exitcode in (0, 130, -2):
+                if p.exitcode in (0, 130, -2, -15):
                     if p.exitcode != 0:
                         errors.append(p.exitcode)
                     continue
@@ -539,13 +539,26 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
                 else:
                     errors.append(p.exitcode)
     except KeyboardInterrupt:
-        for p in procs.values():
-            p.join(timeout=60)
+        _stop_workers(procs.values())
         raise
-    if 130 in errors or -2 in errors:
+    if {130, -2, -15} & set(errors):
         raise KeyboardInterrupt
     if errors:
         raise ConfigError(f"{len(errors)} worker(s) kept dying (exit codes {errors}); see their output above")
+
+
+def _stop_workers(procs, grace_s: float = 60.0) -> None:
+    """Interrupt every worker (SIGTERM: they may ignore SIGINT, see rnnbench.interrupts), give
+    each time to write its interrupted trial, and kill what is left: none outlives the run."""
+    procs = [p for p in procs if p.is_alive()]
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def _recover_all(plan: Plan, storage) -> int:
@@ -557,6 +570,9 @@ def _recover_all(plan: Plan, storage) -> int:
 
 
 def _worker_main(plan: Plan, worker: int, settings: dict[str, Any], workers: int) -> None:
+    from rnnbench.interrupts import stop_once_on_either
+
+    stop_once_on_either()
     try:
         Worker(plan, worker, settings, prefix=f"[w{worker}] ", workers=workers).run()
     except KeyboardInterrupt:

@@ -76,10 +76,11 @@ def _counts(home: Path, name: str):
     return states, runs, keys
 
 
-def _start_until(path: Path, home: Path, condition, timeout: float = 180):
+def _start_until(path: Path, home: Path, condition, timeout: float = 180, args=(), **popen):
     """Start `rnnbench run` and read its output until ``condition(line, lines so far)`` holds."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rnnbench.cli", "run", str(path)],
+        [sys.executable, "-m", "rnnbench.cli", "run", str(path), *args],
+        **popen,
         env=_env(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -214,6 +215,37 @@ def test_ctrl_c_then_resume(tmp_path: Path):
     states, runs, keys = _counts(home, "ctrlc")
     assert states["search"] == Counter({"complete": 2, "interrupted": 1})
     assert max(keys.values()) == 1
+
+
+def test_sigterm_to_the_parent_stops_every_worker_then_resume(tmp_path: Path):
+    """`kill <pid>` (a scheduler's time limit, `timeout`) on `run --workers 2`: exit 130, both
+    workers' trials are `interrupted`, no worker outlives the run (it used to train on, orphaned),
+    and a resume ends with exact counts. Started the way `cmd &` starts it: SIGINT ignored."""
+    import psutil
+
+    home = tmp_path / "home"
+    path = _write(tmp_path, "term", trials=2, epochs=30, seeds=1, train_size=2048)
+    proc, seen = _start_until(
+        path,
+        home,
+        lambda line, seen: sum("epoch 1/30" in s for s in seen) >= 2,  # both workers are training
+        args=("--workers", "2"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, "".join(seen) + out
+    assert "to resume" in out and "Traceback" not in out
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    states, _, _ = _counts(home, "term")
+    assert states["search"]["interrupted"] == 2
+    resumed = _run(["run", str(path), "--workers", "2"], home, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    states, _, keys = _counts(home, "term")
+    assert states["search"] == Counter({"complete": 2, "interrupted": 2})
+    assert states["final"] == Counter({"complete": 1}) and max(keys.values()) == 1
 
 
 def test_more_final_seeds_extend_a_finished_study(tmp_path: Path):
