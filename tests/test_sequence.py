@@ -42,12 +42,14 @@ def _run(encoder: Encoder, x: Tensor, lengths, sequence: bool):
     )
 
 
+@pytest.mark.parametrize("hidden", [32, kernels.ONEDNN_MIN_HIDDEN], ids=["addmm", "onednn"])
 @pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
 @pytest.mark.parametrize("cell", ["lstm", "peephole"])
-def test_sequence_path_equals_autograd_in_float32(cell, padded):
-    """float32 on CPU runs oneDNN's matmuls and the sigmoid form of tanh: same numbers up to rounding."""
+def test_sequence_path_equals_autograd_in_float32(cell, padded, hidden):
+    """float32 on CPU: PyTorch's matmuls (small) or oneDNN's packed ones per step, and the sigmoid
+    form of tanh: same numbers as autograd's loop up to rounding."""
     torch.manual_seed(0)
-    encoder = Encoder(cell, 16, 32, 2, True, fused=False)
+    encoder = Encoder(cell, 16, hidden, 2, True, fused=False)
     assert encoder.sequence_path
     x = torch.randn(4, 10, 16)
     lengths = LENGTHS if padded else None
@@ -156,10 +158,13 @@ def test_onednn_matmuls_equal_torch_in_float32():
     h, add = torch.randn(8, 16, generator=gen), torch.randn(8, 64, generator=gen)
     weight, grad = torch.randn(64, 16, generator=gen), torch.randn(8, 64, generator=gen)
     assert kernels.uses_onednn(h, weight)
-    matmul = kernels.RecurrentMatmul(weight, 8)
+    assert not kernels.RecurrentMatmul(weight, 8).packed  # small: PyTorch's addmm is faster
+    wide = kernels.ONEDNN_MIN_HIDDEN
+    h_wide, weight_wide = torch.randn(8, wide, generator=gen), torch.randn(64, wide, generator=gen)
+    matmul = kernels.RecurrentMatmul(weight_wide, 8)
     assert matmul.packed
-    torch.testing.assert_close(matmul.forward(h, add), torch.addmm(add, h, weight.t()), **F32)
-    torch.testing.assert_close(matmul.backward(grad), grad @ weight, **F32)
+    torch.testing.assert_close(matmul.forward(h_wide, add), torch.addmm(add, h_wide, weight_wide.t()), **F32)
+    torch.testing.assert_close(matmul.backward(grad), grad @ weight_wide, **F32)
     torch.testing.assert_close(kernels.weight_grad(grad, h), grad.t() @ h, **F32)
 
     x = torch.randn(3, 8, 16, generator=gen, requires_grad=True)
