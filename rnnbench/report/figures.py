@@ -653,6 +653,8 @@ def make_all(runs, histories, tables, infos, importance_df, out: Path) -> Figure
     result = Figures()
     for name, drawn in draw_all(runs, histories, tables, infos, importance_df, Style.for_runs(runs)).items():
         if isinstance(drawn, str):
+            if name == "importance" and importance_df.empty:
+                continue  # importance_table's own notes say why, in the same list: once is enough
             result.notes.append(drawn)
         else:
             result.paths[name] = save(drawn, out, name)
