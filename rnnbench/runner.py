@@ -547,6 +547,25 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
         raise ConfigError(f"{len(errors)} worker(s) kept dying (exit codes {errors}); see their output above")
 
 
+def remaining_units(plan: Plan, storage) -> int:
+    """Search trials and final seeds the ledger still lacks, over every study of the plan (what
+    the progress line counts down; all of them on a first run)."""
+    from rnnbench.projection import StudyLedger
+    from rnnbench.sweep import COUNTED, study_counts, trial_budget
+
+    left = 0
+    for study in plan.studies:
+        budget, seeds = trial_budget(plan.experiment, study.budget), plan.experiment.final.seeds
+        led = StudyLedger.load(storage, study.name)
+        if led is not None:
+            search = study_counts(led.search_trials, plan.max_retries)
+            final = study_counts(led.final_trials, plan.max_retries)
+            budget -= sum(search[k] for k in COUNTED)
+            seeds -= sum(final[k] for k in COUNTED)
+        left += max(budget, 0) + max(seeds, 0)
+    return left
+
+
 def _stop_workers(procs, grace_s: float = 60.0) -> None:
     """Interrupt every worker (SIGTERM: they may ignore SIGINT, see rnnbench.interrupts), give
     each time to write its interrupted trial, and kill what is left: none outlives the run."""
@@ -611,7 +630,6 @@ class Worker:
     ):
         from rnnbench.projection import Projection
         from rnnbench.scheduler import owner_identity
-        from rnnbench.sweep import trial_budget
 
         self.plan, self.e, self.worker = plan, plan.experiment, worker
         self.settings = RunSettings(**settings)
@@ -623,7 +641,7 @@ class Worker:
         self.projection = Projection(self.tracker, self.storage, self.lock)
         self.owner = owner_identity(worker)
         self.owner["home"] = str(plan.home)
-        units = sum(trial_budget(self.e, s.budget) + self.e.final.seeds for s in plan.studies)
+        units = remaining_units(plan, self.storage)  # a resumed run counts only what is left
         self.progress = make_progress(-(-units // workers), prefix)  # this worker's share of the runs
         self._tasks: dict[str, Any] = {}
         self._hidden: dict[str, int] = {}

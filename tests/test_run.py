@@ -254,6 +254,7 @@ def test_more_final_seeds_extend_a_finished_study(tmp_path: Path):
     assert _run(["run", str(_write(tmp_path, "ext", trials=1, seeds=1))], home).returncode == 0
     again = _run(["run", str(_write(tmp_path, "ext", trials=1, seeds=2))], home)
     assert again.returncode == 0, again.stderr
+    assert "[0/1 eta ?]" in again.stdout  # progress counts what is left: one seed, not 1 + 2
     assert "(seeds: " in again.stdout  # two seeds: their values, no interval
     states, runs, _ = _counts(home, "ext")
     assert states["search"] == Counter({"complete": 1}) and states["final"] == Counter({"complete": 2})
