@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from rnnbench.report.collect import TaskInfo, natural_key
-from rnnbench.report.tables import TaskTable
+from rnnbench.report.tables import BASELINE_ROW, TaskTable
 from rnnbench.stats import MIN_SEEDS, finite, mean_ci
 
 SEEDS_NOTE = f"mean; 95% CI over ≥{MIN_SEEDS} seeds, else each seed as a dot"
@@ -27,9 +27,10 @@ _POINTS = (
     "Points with (almost) the same x are drawn side by side so none hides another."
 )
 CAPTIONS = {
-    "metric_vs_params": f"Test metric against trainable parameters. {_POINTS}",
+    "metric_vs_params": f"Test metric against trainable parameters; dashed: the task's trivial baseline "
+    f"(its value written instead where it lies far off the scores). {_POINTS}",
     "metric_vs_throughput": f"Test metric against training throughput; the black line joins the Pareto "
-    f"front (no other architecture is both faster and better). {_POINTS}",
+    f"front (no other architecture is both faster and better); dashed: the trivial baseline. {_POINTS}",
     "valid_curves": "Validation metric per epoch of each architecture's best search trial (one run each, no band).",
     "optimisation_history": "Every search trial's best validation score (points) and the study's running "
     "best (steps), by trial number.",
@@ -200,6 +201,26 @@ def _arch_points(t: TaskTable) -> pd.DataFrame:
     return df[df["seeds"].fillna(0) > 0].copy()
 
 
+def _baseline_line(ax, t: TaskTable, points: pd.DataFrame) -> bool:
+    """The task's trivial baseline as a dashed line where it falls near the scores; written in the
+    panel when it lies far off them (charlm's unigram perplexity is ten times the models'), so the
+    scores stay readable. True when the dashed line was drawn."""
+    rows = t.table[t.table["architecture"] == BASELINE_ROW] if "architecture" in t.table else t.table[:0]
+    if rows.empty or pd.isna(rows["mean"].iloc[0]):
+        return False
+    base = float(rows["mean"].iloc[0])
+    ends = pd.concat([points[c] for c in ("mean", "ci95_low", "ci95_high") if c in points]).dropna()
+    low, high = float(ends.min()), float(ends.max())
+    span = max(high - low, abs(high) * 0.05, 1e-12)
+    if low - span <= base <= high + span:
+        ax.axhline(base, color="0.3", ls="--", lw=1, zorder=1)
+        return True
+    where = 0.04 if base < low else 0.93
+    ax.text(0.02, where, f"{BASELINE_ROW}: {base:.4g} (off this scale)", transform=ax.transAxes,
+            fontsize=8, color="0.3")  # fmt: skip
+    return False
+
+
 def _is_wide(values: pd.Series) -> bool:
     """Log scale only when the values span a decade (closer values read better on a linear axis)."""
     positive = values[values > 0]
@@ -309,9 +330,11 @@ def _scatter_per_task(tables, style, x, xlabel, name, pareto=False):
     keys = [(t.task, t.experiment) for t, _ in shown]
     fig, axes = _layout(keys)
     cell_colour = lambda row: style.colour(row["cell"])  # noqa: E731
+    baseline_drawn = False
     for key, (t, p) in zip(keys, shown):
         ax = axes[key]
         p = p.assign(x_drawn=dodge(p[x], _is_wide(p[x])))
+        baseline_drawn |= _baseline_line(ax, t, p)
         _error_bars(ax, p, "x_drawn", cell_colour)
         _seed_points(ax, p, "x_drawn", cell_colour)
         sns.scatterplot(data=p, x="x_drawn", y="mean", s=90, ax=ax, zorder=3, **style.kwargs(p))
@@ -332,6 +355,8 @@ def _scatter_per_task(tables, style, x, xlabel, name, pareto=False):
     extra = []
     if pareto:
         extra.append(Line2D([], [], color="0.2", marker="o", mfc="none", ms=12, label="Pareto front"))
+    if baseline_drawn:
+        extra.append(Line2D([], [], color="0.3", ls="--", lw=1, label=BASELINE_ROW))
     _legend(fig, list(axes.values()), extra)
     return fig
 
@@ -554,8 +579,14 @@ def memory_vs_length(runs: pd.DataFrame, infos, style):
         )  # fmt: skip
         mine = parents[parents["experiment"] == key[1]] if key[1] else parents
         if baseline in mine and mine[baseline].notna().any():
-            ax.axhline(mine[baseline].dropna().mean(), color="0.3", ls="--", lw=1)
-            extra = [Line2D([], [], color="0.3", ls="--", lw=1, label="trivial baseline")]
+            # the baseline depends on T (adding: the variance of the sum): one point per length
+            length_of = finals.drop_duplicates("study").set_index("study")[length]
+            base = mine.assign(T=mine["study"].map(length_of)).dropna(subset=["T", baseline])
+            base = base.groupby("T")[baseline].mean()
+            ax.plot(
+                base.index, base.values, color="0.15", ls="--", lw=1.2, marker="_", ms=14, zorder=5
+            )  # on top: the rnn lines lie on it
+            extra = [Line2D([], [], color="0.3", ls="--", lw=1, label=BASELINE_ROW)]
         if wide:
             ax.set_xscale("log")
         ax.set_xticks(lengths, [str(int(t)) for t in lengths])

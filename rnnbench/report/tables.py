@@ -25,6 +25,9 @@ MEMORY_NOTE = (
 )
 
 
+BASELINE_ROW = "trivial baseline"  # the row a ranking table adds for the task's trivial baseline
+
+
 @dataclass
 class TaskTable:
     task: str
@@ -133,7 +136,7 @@ def rank_task(
         notes.append("trivial baseline: not logged yet (it is logged when a study finishes)")
     else:
         table = pd.concat(
-            [table, pd.DataFrame([{"architecture": "trivial baseline", "mean": baseline, "seeds": 0}])],
+            [table, pd.DataFrame([{"architecture": BASELINE_ROW, "mean": baseline, "seeds": 0}])],
             ignore_index=True,
         )
     order = [
