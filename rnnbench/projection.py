@@ -291,7 +291,8 @@ class Projection:
         if record.get("data"):
             self._log_dataset(led, run_id, record["data"])
         final_metrics = {f"best_valid_{k}": v for k, v in (record.get("best_valid") or {}).items()}
-        final_metrics |= record.get("summary") or {}
+        counts = record.get("parameters") or {}  # logged at the start: once is enough
+        final_metrics |= {k: v for k, v in (record.get("summary") or {}).items() if k not in counts}
         final_metrics |= {f"test_{k}": v for k, v in (record.get("test") or {}).items()}
         # one batch, tags included: "projected" lands with the metrics or not at all. Step 0, beside
         # the parameter counts: one value per run (a bar in MLflow's charts, not a one-dot line);
