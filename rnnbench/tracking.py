@@ -243,13 +243,11 @@ class Tracker:
 
     def system_metrics(self, run_id: str):
         """CPU, memory, disk and network (GPU with nvidia-ml-py) of this machine, sampled into the
-        run's System metrics tab every second while it trains (a trial shorter than that gets none:
-        MLflow drops an unfinished sample); finish() it when done. None if MLflow's
-        monitor cannot start here."""
+        run's System metrics tab every second while it trains, and the samples of the last,
+        unfinished second when it ends; finish() it when done. None if MLflow's monitor cannot
+        start here."""
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(run_id, sampling_interval=1, tracking_uri=self.uri)
+            monitor = _make_system_monitor(run_id, self.uri)
             monitor.start()
             return monitor
         except Exception:
@@ -358,3 +356,36 @@ def run_key(tags: dict[str, str]) -> tuple:
     stage = tags.get(f"{TAG}stage")
     number = tags.get(f"{TAG}trial") if stage in ("search", "final") else None
     return (tags.get(f"{TAG}study"), stage, number)
+
+
+def _make_system_monitor(run_id: str, uri: str):
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class TrialSystemMetrics(SystemMetricsMonitor):
+        """MLflow's monitor drops the samples of an unfinished interval, so a trial shorter than
+        the interval (every smoke trial) had an empty System metrics tab: publish them at the end.
+        And psutil's first CPU reading in a thread is a meaningless 0.0 (its docs): that was the
+        only CPU value a short trial showed, and every trial's first. Read it once and discard it."""
+
+        _primed = False
+
+        def collect_metrics(self):
+            if not self._primed:  # runs in the monitor's thread, not the training one
+                import psutil
+
+                psutil.cpu_percent()
+                self._shutdown_event.wait(0.1)
+                self._primed = True
+            return super().collect_metrics()
+
+        def finish(self):
+            running = getattr(self, "_process", None) is not None
+            super().finish()
+            try:
+                if running and any(getattr(m, "_metrics", None) for m in self.monitors):
+                    self.publish_metrics(self.aggregate_metrics())
+                    self.mlflow_logger.flush()
+            except Exception:  # a private detail of MLflow changed: the sampled seconds still stand
+                pass
+
+    return TrialSystemMetrics(run_id, sampling_interval=1, tracking_uri=uri)
