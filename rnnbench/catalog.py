@@ -85,7 +85,8 @@ def build() -> dict[str, Any]:
         }
         for entry in registry.tasks.values()
     ]
-    return {"cells": cells, "tasks": tasks, "warnings": [str(w.message) for w in caught]}
+    clashes = [message for by_name in registry.clashes.values() for message in by_name.values()]
+    return {"cells": cells, "tasks": tasks, "warnings": [str(w.message) for w in caught] + clashes}
 
 
 def load(refresh: bool = False) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class _Group(click.Group):
     """Turns user errors into one readable line (no traceback unless --debug)."""
 
     def invoke(self, ctx: click.Context):
-        from rnnbench.errors import RnnbenchError
+        from rnnbench.errors import LedgerUnreachable, RnnbenchError
 
         try:
             return super().invoke(ctx)
@@ -54,6 +55,10 @@ class _Group(click.Group):
         except Exception as exc:  # a bug of ours or a library's: still one line, the details on request
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if unreachable := _unreachable_database(exc):
+                error = LedgerUnreachable(_database_name(ctx.obj.get("storage")), unreachable)
+                click.echo(f"error: {error}", err=True)
+                ctx.exit(error.exit_code)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             if any(text in first.lower() for text in _DISK_MESSAGES):  # sqlite says it in words
                 click.echo(f"error: {first[:300]}: {_DISK_ADVICE}", err=True)
@@ -64,6 +69,32 @@ class _Group(click.Group):
                 err=True,
             )
             ctx.exit(1)
+
+
+def _unreachable_database(exc: BaseException) -> str | None:
+    """The driver's first line when ``exc`` (or what caused it) is a database server that does not
+    answer (down, restarted, network gone): a condition to name, not a bug. SQLite errors are not
+    this: they are the disk's (see _DISK_MESSAGES)."""
+    from rnnbench.errors import first_line
+
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for error in chain:
+        driver = getattr(error, "orig", None) or error  # SQLAlchemy wraps the driver's error
+        kind = type(driver)
+        if kind.__name__ == "OperationalError" and kind.__module__.split(".")[0] in ("psycopg", "psycopg2"):
+            return first_line(driver, 200)
+    return None
+
+
+def _database_name(storage: str | None) -> str:
+    from rnnbench.sweep import database_location, is_journal
+
+    return (
+        "a database server" if is_journal(storage) else f"the ledger database at {database_location(storage)}"
+    )
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,6 +176,7 @@ def run_command(
     from rnnbench import experiment as experiment_mod
     from rnnbench import preflight, runner
 
+    click.get_current_context().obj["storage"] = storage  # to name the ledger if it goes away
     exp = experiment_mod.load(experiment_file)
     if device is not None:
         experiment_mod.check_device(device)
@@ -257,6 +289,9 @@ def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True
         if required:
             raise
         return None
+    if not required and not os.access(path, os.W_OK):  # archived results: report them as they are
+        click.echo(f"note: run home {path} is read-only: MLflow is read as it is, not repaired", err=True)
+        return None
     uri = tracking_uri or create_sqlite_store(path)  # MLflow lost? the ledger rebuilds it
     tracker = Tracker(uri, name, artifact_root=path / "artifacts")
     done = Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
@@ -270,6 +305,7 @@ def _ledger(experiment: str, home, storage):
     from rnnbench.runner import run_home
     from rnnbench.sweep import is_journal, journal_path, open_storage, study_names
 
+    click.get_current_context().obj["storage"] = storage  # to name the ledger if it goes away
     name, path = _experiment_name(experiment), run_home(home)
     if is_journal(storage) and not journal_path(storage, path).is_file():
         raise ConfigError(f"no Optuna ledger at {journal_path(storage, path)}: pass --home or --storage")
@@ -351,7 +387,8 @@ def check_command(experiment_file, device) -> None:
     verdicts = preflight.check_installed(device=device or "cpu")
     for v in verdicts:
         if v.error is None:
-            click.echo(f"ok   {v.kind} {v.name} ({v.origin}) {v.seconds:.2f} s")
+            note = f" ({v.note})" if v.note else ""
+            click.echo(f"ok   {v.kind} {v.name} ({v.origin}) {v.seconds:.2f} s{note}")
         else:
             click.echo(f"FAIL {v.error}")
     if failed := [v for v in verdicts if v.error]:
@@ -467,16 +504,23 @@ def report_command(experiments, out, fmt, home, tracking_uri, storage) -> None:
     """Tables, seaborn figures, an executed notebook and HTML for EXPERIMENT (a name or its YAML file).
 
     Two or more experiments: one report that compares them (rankings side by side, one column of
-    figure panels per experiment)."""
+    figure panels per experiment). A saved report's folder (one holding runs.parquet): rendered
+    again from its own tables with this rnnbench's statistics, no MLflow store needed."""
     import time
     from pathlib import Path
 
     from rnnbench.errors import ConfigError
-    from rnnbench.report import build_report
-    from rnnbench.report.collect import resolve_tracking_uri
+    from rnnbench.report import build_report, rebuild_report
+    from rnnbench.report.collect import RUNS_FILE, resolve_tracking_uri
     from rnnbench.runner import run_home
 
     started = time.perf_counter()
+    if len(experiments) == 1 and (Path(experiments[0]) / RUNS_FILE).is_file():
+        report = rebuild_report(
+            _copied_report(Path(experiments[0]), out), fmt=fmt, progress=lambda m: click.echo(m, err=True)
+        )
+        _print_report(report, started)
+        return
     names = [_experiment_name(e) for e in experiments]
     if len(set(names)) < len(names):
         raise ConfigError(f"an experiment is named twice: {' '.join(names)}; compare different experiments")
@@ -497,11 +541,33 @@ def report_command(experiments, out, fmt, home, tracking_uri, storage) -> None:
         journal=journal if journal.is_file() else None,
         progress=lambda message: click.echo(message, err=True),
     )
+    _print_report(report, started)
+
+
+def _print_report(report, started: float) -> None:
+    import time
+
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if report.notebook_errors:
         click.echo(f"warning: notebook cells raised {', '.join(report.notebook_errors)}", err=True)
     click.echo(f"report: {report.index}  ({time.perf_counter() - started:.1f} s)")
+
+
+def _copied_report(saved, out):
+    """The folder to render a saved report into: itself, or ``out`` with its data files copied."""
+    import shutil
+    from pathlib import Path
+
+    from rnnbench.report.collect import HISTORIES_FILE, IMPORTANCE_FILE, ITEMS_FILE, RUNS_FILE
+
+    if out is None or Path(out).resolve() == saved.resolve():
+        return saved
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name in (RUNS_FILE, HISTORIES_FILE, IMPORTANCE_FILE, ITEMS_FILE):
+        if (saved / name).is_file():
+            shutil.copy2(saved / name, Path(out) / name)
+    return Path(out)
 
 
 @app.command("bench")

@@ -68,6 +68,13 @@ class PluginError(RnnbenchError):
     """A plugin conflicts with another one or returned something unusable."""
 
 
+class NameClashError(PluginError):
+    """Two plugins (or a plugin and a builtin) register one cell or task name: an experiment that
+    uses the name cannot say which it means, so it is refused (exit code 2); others still run."""
+
+    exit_code = 2
+
+
 class ContractError(PluginError):
     """A plugin's cell or task breaks a rule of the Cell or Task contract (found by the pre-flight
     check, before anything runs): bad input to ``rnnbench run``, so exit code 2."""
@@ -79,6 +86,17 @@ class DataError(RnnbenchError):
     """A dataset file is missing, corrupt or malformed (bad input: exit code 2)."""
 
     exit_code = 2
+
+
+class LedgerUnreachable(RnnbenchError):
+    """The ledger's database server stopped answering mid-run: a condition to name, not a bug and not
+    bad input (exit code 1). Finished trials are in the ledger; the next run resumes."""
+
+    def __init__(self, where: str, detail: str):
+        super().__init__(
+            f"{where} is unreachable ({detail}): start it and run the same command again; "
+            "finished trials are kept"
+        )
 
 
 class TrialFailed(RnnbenchError):

@@ -13,6 +13,7 @@ seeds, studies and epochs (see the limits below).
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -54,7 +55,13 @@ class IntParam(_Range):
     low: int
     high: int
     log: bool = False
-    step: int = 1
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _log_without_step(self):
+        if self.log and self.step != 1:  # Optuna would refuse it at the first trial, after stores exist
+            raise ValueError("a log-scaled range takes no step: remove step, or log")
+        return self
 
 
 class FloatParam(_Range):
@@ -67,6 +74,15 @@ class FloatParam(_Range):
 class CategoricalParam(_Strict):
     type: Literal["categorical"]
     choices: list[Any] = Field(min_length=1, max_length=1000)
+
+    @field_validator("choices")
+    @classmethod
+    def _scalars(cls, choices: list[Any]) -> list[Any]:
+        # what Optuna can store in the ledger; found at the first trial otherwise, after stores exist
+        for choice in choices:
+            if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                raise ValueError(f"choice {shorten(choice)}: choices are numbers, text, true/false or null")
+        return choices
 
 
 SearchParam = Annotated[IntParam | FloatParam | CategoricalParam, Field(discriminator="type")]
@@ -81,6 +97,13 @@ _LABEL = Field(
 )
 
 
+def _not_only_dots(label: str | None) -> str | None:
+    # '.' and '..' would name a folder or its parent wherever the study name becomes a path
+    if label is not None and not label.strip("."):
+        raise ValueError(f"a label of dots only ({label!r}) is not a name: use letters or digits")
+    return label
+
+
 class CellEntry(_Strict):
     name: str
     label: str | None = _LABEL  # tells apart two entries of one cell (e.g. different hparams)
@@ -89,12 +112,28 @@ class CellEntry(_Strict):
     hparams: dict[str, Any] = {}
 
     _listify = field_validator("layers", "bidirectional", mode="before")(_as_list)
+    _label = field_validator("label")(_not_only_dots)
+
+
+def parse_margin(value: float | str) -> tuple[float, bool]:
+    """``(size, relative)`` of a margin: ``0.005`` is absolute, ``"1%"`` relative (0.01)."""
+    relative = isinstance(value, str) and value.strip().endswith("%")
+    try:
+        size = float(value.strip().removesuffix("%")) / 100 if relative else float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"margin must be a positive number or a percentage like '1%', not {value!r}"
+        ) from None
+    if isinstance(value, bool) or not (math.isfinite(size) and size > 0):
+        raise ValueError(f"margin must be a positive number or a percentage like '1%', not {value!r}")
+    return size, relative
 
 
 class TaskEntry(_Strict):
     name: str
     dataset: str = "synthetic"
     label: str | None = _LABEL  # tells apart two entries of one task (e.g. memory at several seq_len)
+    _label = field_validator("label")(_not_only_dots)
     data_path: str | None = None
     options: dict[str, Any] = {}
     hparams: dict[str, Any] = {}
@@ -102,6 +141,16 @@ class TaskEntry(_Strict):
     parameter_budget: int | None = Field(None, ge=1, le=10**9)
     # the experiment's budget for this task only (an epoch of one dataset is not another's)
     budget: BudgetSpec | None = None
+    # margin of practical equivalence of the primary metric, overriding the task's own: a number
+    # in the metric's units (0.01 accuracy), or a share of the compared value ("1%" of perplexity)
+    margin: float | str | None = None
+
+    @field_validator("margin")
+    @classmethod
+    def _positive_margin(cls, value: float | str | None) -> float | str | None:
+        if value is not None:
+            parse_margin(value)
+        return value
 
 
 class BudgetSpec(_Strict):
@@ -349,6 +398,44 @@ def _compose(text: str, source: str) -> yaml.Node | None:
     return root
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key {shorten(key)} (first on line {first_line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one, so a
+    second `budget:` block would silently replace the first). Keys a merge (`<<: *base`) brings in
+    may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise _DuplicateKey(key, line, first[key])
+                    first[key] = line
+                except TypeError:  # an unhashable key: SafeLoader refuses it below
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """The document's values (safe tags only), refusing duplicate keys; one ConfigError line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain YAML types only
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source} {exc}") from None
+    except yaml.YAMLError as exc:  # e.g. a !!python/object tag: SafeLoader constructs no objects
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
 def _yaml_lines(root: yaml.Node | None, source: str = "<string>") -> dict[tuple, int]:
     """Map key paths (tuples of keys/indices) to 1-based YAML line numbers, for error messages.
 
@@ -409,7 +496,7 @@ def parse(text: str, source: str = "<string>") -> Experiment:
             f"{source}: {len(text):,} characters; an experiment file is at most {MAX_FILE_BYTES:,}"
         )
     lines = _yaml_lines(_compose(text, source), source)  # bounded before anything expands it
-    data = yaml.safe_load(text)
+    data = _load_yaml(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: an experiment file must be a mapping of keys (name, cells, tasks, ...)")
     try:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,35 @@ WEIGHTS = "state_dict.pt"  # the same weights, loadable with torch.load(..., wei
 
 
 def weights_path(home: Path, study_name: str, seed: int) -> Path:
-    parts = [re.sub(r"[^A-Za-z0-9_.-]", "_", part) for part in study_name.split("/")]
+    """``models/<experiment>/<task label>/<architecture>/seed-<s>.pt``: one folder per part of the
+    study name, so no experiment can reach another's weights (records keep the path they were
+    written to, so weights saved under an older layout still load)."""
+    parts = [_folder_name(part) for part in study_name.split("/")]
     return Path(home).joinpath(MODELS_DIR, *parts, f"seed-{seed}.pt")
+
+
+def _folder_name(part: str) -> str:
+    """``part`` itself when it is a plain name; otherwise made safe and suffixed with a hash of the
+    original, so no part is '.' or '..' and two parts never share a folder ('a+b' and 'a_b')."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", part)
+    if safe == part and part.strip("."):
+        return part
+    return f"{safe.replace('.', '_')}-{hashlib.sha256(part.encode()).hexdigest()[:8]}"
 
 
 def save_weights(home: Path, study_name: str, seed: int, model: torch.nn.Module) -> dict[str, str]:
     """Write ``model``'s weights atomically; returns what the ledger record keeps: path and sha256."""
     path = weights_path(home, study_name, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     data = buffer.getvalue()
+    write_atomically(path, data)
+    return {"path": path.relative_to(home).as_posix(), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, whole or not at all: a crash never leaves half a file a record names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,7 +68,6 @@ def save_weights(home: Path, study_name: str, seed: int, model: torch.nn.Module)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return {"path": path.relative_to(home).as_posix(), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def load_weights(home: Path, weights: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -199,12 +217,14 @@ def repair_models(tracker, storage, experiment: str, home: Path, warn=print) -> 
     """Log the model of every finished final seed whose run lacks one and whose weights are in
     this run home (a worker killed between its ledger write and its model log, or a lost store).
     Returns how many were logged. A model that cannot be logged (a task whose serving form is
-    broken) is one warning, once per study, and never stops the sync or the report."""
+    broken) is one warning, once per study, and never stops the sync or the report.
+    The seeds' per-item outcomes, the other run-home file MLflow mirrors, are repaired first."""
     from rnnbench.experiment import expand, parse
-    from rnnbench.projection import YAML_ATTR, StudyLedger
+    from rnnbench.projection import YAML_ATTR, StudyLedger, repair_items
     from rnnbench.sweep import record_of, study_names
 
     have, index = runs_with_models(tracker), tracker.runs_by_key()
+    repair_items(tracker, storage, experiment, home, warn, index)
     studies, tasks, logged = None, {}, 0
     for name in study_names(storage, experiment):
         led = StudyLedger.load(storage, name)
@@ -281,9 +301,16 @@ def export(storage, study_name: str, home: Path, out: Path) -> dict[str, Any]:
     task = study.make_task()
     task.setup()
     model = rebuild(task, study, record, home)
-    if out.exists():
-        out.rmdir()  # MLflow writes the folder itself
-    save_model(out, task, model, model_card(task, study, record))
+    # Built beside ``out`` and renamed into place: a failure half-way leaves no half a model there.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_model(staging / "model", task, model, model_card(task, study, record))
+        if out.exists():
+            out.rmdir()  # the empty folder checked above
+        (staging / "model").rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return record
 
 

@@ -1,7 +1,8 @@
 """Plugin manager: builtin plugins first, then every installed entry point of group ``rnnbench``.
 
 A plugin that fails to import or returns something malformed is named in a one-line warning and
-skipped; the others still load. Two plugins registering the same name is a PluginError. Each cell
+skipped; the others still load. A name two plugins register is refused where it is used (a
+NameClashError naming both), so experiments that do not use it still run. Each cell
 and task remembers where it came from (distribution, entry point, class), so the pre-flight check
 can name exactly what broke the contract.
 """
@@ -18,7 +19,7 @@ from functools import lru_cache
 import pluggy
 
 from rnnbench import hookspecs
-from rnnbench.errors import PluginError, UnknownNameError, clip_message, shorten
+from rnnbench.errors import NameClashError, UnknownNameError, clip_message, shorten
 
 ENTRY_POINT_GROUP = "rnnbench"
 DISABLE_ENV = "RNNBENCH_DISABLE_PLUGINS"
@@ -98,6 +99,9 @@ class Registry:
             load_entry_points = os.environ.get(DISABLE_ENV, "").lower() not in ("1", "true", "yes")
         if load_entry_points:
             self._load_entry_points()
+        # kind -> name -> the message naming every registrant: such a name is refused where it is
+        # used, so a clash blocks only the experiments that use it
+        self.clashes: dict[str, dict[str, str]] = {"cell": {}, "task": {}}
         self.cells = self._collect("cell", "rnnbench_cells", _cell_base())
         self.tasks = self._collect("task", "rnnbench_tasks", _task_base())
 
@@ -126,6 +130,7 @@ class Registry:
 
     def _collect(self, kind: str, hook_name: str, base: type) -> dict[str, Registered]:
         found: dict[str, Registered] = {}
+        claimants: dict[str, list[Registered]] = {}
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             source = self._sources.get(id(impl.plugin), "unknown")
             where = f"{impl.plugin_name} ({source})"
@@ -149,23 +154,31 @@ class Registry:
                         PluginWarning,
                     )
                     continue
-                if name in found:
-                    raise PluginError(
-                        f"{kind} name {name!r} is registered twice: by {found[name].source} "
-                        f"({found[name].cls.__module__}) and by {source} ({cls.__module__})"
-                    )
-                found[name] = Registered(name, cls, source, self._entry_points.get(id(impl.plugin)))
+                entry = Registered(name, cls, source, self._entry_points.get(id(impl.plugin)))
+                claimants.setdefault(name, []).append(entry)
+                found[name] = entry
+        for name, entries in claimants.items():
+            if len(entries) > 1:
+                del found[name]
+                who = " and by ".join(f"{e.source} ({e.cls.__module__})" for e in entries)
+                self.clashes[kind][name] = (
+                    f"{kind} name {name!r} is registered twice: by {who}; uninstall one of them "
+                    "(experiments that do not use it still run)"
+                )
         return dict(sorted(found.items()))
 
     def cell(self, name: str) -> Registered:
-        if name not in self.cells:
-            raise UnknownNameError("cell", name, self.cells)
-        return self.cells[name]
+        return self._lookup("cell", self.cells, name)
 
     def task(self, name: str) -> Registered:
-        if name not in self.tasks:
-            raise UnknownNameError("task", name, self.tasks)
-        return self.tasks[name]
+        return self._lookup("task", self.tasks, name)
+
+    def _lookup(self, kind: str, registered: dict[str, Registered], name: str) -> Registered:
+        if name in self.clashes[kind]:
+            raise NameClashError(self.clashes[kind][name])
+        if name not in registered:
+            raise UnknownNameError(kind, name, registered)
+        return registered[name]
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -200,16 +213,22 @@ def get_task(name: str) -> type:
     return registry().task(name).cls
 
 
-def metric_bounds(task: str | None, metric: str) -> tuple[float, float]:
-    """The values ``task``'s metric can take (``f1_PER`` is an ``f1``); unbounded when the task or
-    the metric is not known here (a plugin that is not installed)."""
-    from rnnbench.stats import UNBOUNDED
-
+def declared_metric(task: str | None, metric: str):
+    """The :class:`rnnbench.task.Metric` that ``task`` declares under ``metric`` (``f1_PER`` is an
+    ``f1``); None when the task or the metric is not known here (a plugin that is not installed)."""
     try:
         declared = get_task(task).metrics if task else ()
     except Exception:
-        return UNBOUNDED
+        return None
     for m in declared:
         if m.name == metric:
-            return m.bounds
-    return next((m.bounds for m in declared if metric.startswith(f"{m.name}_")), UNBOUNDED)
+            return m
+    return next((m for m in declared if metric.startswith(f"{m.name}_")), None)
+
+
+def metric_bounds(task: str | None, metric: str) -> tuple[float, float]:
+    """The values ``task``'s metric can take; unbounded when it is not known here."""
+    from rnnbench.stats import UNBOUNDED
+
+    m = declared_metric(task, metric)
+    return m.bounds if m is not None else UNBOUNDED

@@ -12,7 +12,8 @@ the MLflow store, the Optuna journal or the run lock are created. It
 A plugin that breaks a rule is refused with a :class:`ContractError` naming its distribution, entry
 point, class and the rule, in seconds instead of failing every trial of its budget. ``rnnbench
 check`` runs the same checks on every installed cell and task, plus a deeper Task check on the
-task's synthetic data (:func:`check_task`: evaluate at two batch sizes and twice, baseline, describe).
+task's synthetic data (:func:`check_task`: evaluate at two batch sizes and twice, per-item outcomes
+that add up to the metrics, baseline, describe).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ TINY_BATCH, TINY_INPUT, TINY_HIDDEN, TINY_STEPS = 2, 3, 4, 5
 REFERENCE_CELL = "lstm"  # the builtin cell a task plugin is checked with (its state is a tuple)
 MLFLOW_PARAM_KEY = re.compile(r"^[\w\-. /]+$")  # what MLflow accepts as a param name
 MLFLOW_PARAM_VALUE = 6000  # characters MLflow keeps of a param value
+SEED_LEVEL_ONLY = "seed-level statistics only (the task declares no per-item outcomes: evaluate_items)"
 
 
 class _Broken(Exception):
@@ -256,13 +258,16 @@ def _check_metrics(task) -> None:
         raise _Broken("metric names must be distinct and directions 'minimize' or 'maximize'")
 
 
-def check_task(entry, *, device=None) -> None:
+def check_task(entry, *, device=None) -> str | None:
     """The whole Task contract on ``entry``'s synthetic dataset with default options, trained one
     step with a tiny builtin encoder, then evaluated: every metric, the same at batch sizes 8 and 3
-    and when evaluated twice; its serving form (the logged model) runs on its serving example;
-    baseline keys are metric names; describe() values fit MLflow params."""
+    and when evaluated twice; per-item outcomes, when the task declares them, the same at both batch
+    sizes and adding up to the metrics; its serving form (the logged model) runs on its serving
+    example; baseline keys are metric names; describe() values fit MLflow params. Returns a note for
+    the user (a task without items gets seed-level statistics only), or None."""
     from rnnbench.models import serve
     from rnnbench.plugins import get_cell
+    from rnnbench.task import declares_items
     from rnnbench.trainer import TRAINER_HPARAMS, split_hparams
 
     device = torch.device(device or "cpu")
@@ -299,6 +304,7 @@ def check_task(entry, *, device=None) -> None:
                 raise _Broken(
                     f"evaluate must not depend on the batch size: valid {n} is {a:.6g} at batch size 8, {b:.6g} at 3"
                 )
+        _check_items(task, model, device)
         with _step("serving_model(model)(serving_example())"):  # what a logged MLflow model runs
             serve(task, model)
         with _step("baseline('valid')"):
@@ -314,6 +320,18 @@ def check_task(entry, *, device=None) -> None:
         raise ConfigError(f"task {entry.name!r}: {err}") from None
     except _Broken as rule:
         raise _contract("task", entry, str(rule)) from None
+    return None if declares_items(task) else SEED_LEVEL_ONLY
+
+
+def _check_items(task, model: nn.Module, device) -> None:
+    """evaluate_items at batch sizes 8 and 3 and metrics_from_sums of its sums against evaluate."""
+    from rnnbench.testing import check_item_outcomes
+
+    with _step("evaluate_items(model, 'valid', ...) or metrics_from_sums(sums)"):
+        try:
+            check_item_outcomes(task, model, split="valid", batch_sizes=(8, 3), device=device, rel_tol=1e-4)
+        except AssertionError as broken:
+            raise _Broken(str(broken).removeprefix(f"task {task.name!r}: ")) from None
 
 
 def _check_describe(facts) -> None:
@@ -454,6 +472,7 @@ class Verdict:
     origin: str
     seconds: float
     error: str | None = None
+    note: str | None = None  # worth telling the user although nothing is broken
 
 
 def check_installed(*, device: str = "cpu") -> list[Verdict]:
@@ -472,12 +491,14 @@ def _check_all(reg, target, verdicts: list[Verdict]) -> None:
     for kind, entries, check in (("cell", reg.cells, check_cell), ("task", reg.tasks, check_task)):
         for entry in entries.values():
             started = time.perf_counter()
-            error = None
+            error = note = None
             try:
-                check(entry, device=target)
+                note = check(entry, device=target)
             except RnnbenchError as err:
                 error = str(err)
-            verdicts.append(Verdict(kind, entry.name, entry.origin, time.perf_counter() - started, error))
+            verdicts.append(
+                Verdict(kind, entry.name, entry.origin, time.perf_counter() - started, error, note)
+            )
 
 
 def _kind(value) -> str:

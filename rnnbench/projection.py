@@ -10,12 +10,15 @@ stale and refreshes every parent run, which repairs whatever a crash left half-d
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from rnnbench.errors import DataError
 from rnnbench.plugins import metric_bounds
 from rnnbench.scheduler import final_done
 from rnnbench.stats import MIN_SEEDS, mean_ci
@@ -366,6 +369,48 @@ class Projection:
             self.refresh_parent(led, index)
             done["parents"] += 1
         return done
+
+
+def project_items(tracker, run_id: str, home: Path, ref: dict[str, Any]) -> bool:
+    """A final seed's items file (see rnnbench.items) as its run's artifact ``items/items.parquet``.
+    True when logged; False when the run has it already, so projecting twice is harmless. Raises
+    DataError when the run home's file is missing or changed."""
+    from rnnbench import items
+
+    if tracker.has_artifact(run_id, items.ARTIFACT_PATH):
+        return False
+    data = items.read_items_bytes(home, ref)
+    with tempfile.TemporaryDirectory() as tmp:  # the artifact's name, not the run home's
+        path = Path(tmp) / items.ARTIFACT_FILE
+        path.write_bytes(data)
+        tracker.log_file(run_id, path, items.ARTIFACT_DIR)
+    return True
+
+
+def repair_items(tracker, storage, experiment: str, home: Path, warn=print, index: dict | None = None) -> int:
+    """Log the items artifact of every finished final seed whose run lacks it (a worker killed
+    before logging it, a deleted artifact, a rebuilt store); returns how many were logged. Files this
+    run home lacks (copied without them, or another machine's) are one warning, never an error."""
+    index = tracker.runs_by_key() if index is None else index
+    logged, unreadable = 0, []
+    for name in study_names(storage, experiment):
+        led = StudyLedger.load(storage, name)
+        for t in led.final_trials if led is not None else ():
+            record = record_of(t) or {}
+            runs = index.get((name, "final", str(t.number)), [])
+            if record.get("status") != "complete" or "items" not in record or not runs:
+                continue
+            try:
+                logged += project_items(tracker, runs[0].info.run_id, home, record["items"])
+            except DataError as exc:
+                unreadable.append(str(exc))
+    if unreadable:
+        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+        warn(
+            f"warning: per-item outcomes not logged to MLflow: {unreadable[0]}{more}; "
+            "paired statistics leave those seeds out"
+        )
+    return logged
 
 
 def best_hparams(t: FrozenTrial) -> dict[str, Any]:

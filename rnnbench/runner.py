@@ -121,9 +121,12 @@ def prepare(
     device: str | None = None,
     threads: int | None = None,
 ) -> Plan:
-    studies, skipped = expand(experiment)
-    home = run_home(home)
+    from rnnbench.sweep import lease_duration
     from rnnbench.tracking import tracking_uri_for
+
+    studies, skipped = expand(experiment)
+    lease_duration()  # a bad RNNBENCH_LEASE_SECONDS is refused here, before any store is opened
+    home = run_home(home)
 
     uri = tracking_uri or tracking_uri_for(home)
     return Plan(experiment, studies, skipped, home, uri, storage_url, max_retries, device, threads)
@@ -220,12 +223,12 @@ def open_stores(plan: Plan, *, create: bool = True):
     sqlite store (created whole or not at all) and the journal (a torn last record cut off)."""
     from rnnbench.scheduler import LedgerLock
     from rnnbench.sweep import StoreError, check_storage_url, is_journal, open_storage
-    from rnnbench.tracking import Tracker, check_reachable, create_sqlite_store, tracking_uri_for
+    from rnnbench.tracking import Tracker, check_usable, create_sqlite_store, tracking_uri_for
 
     check_storage_url(plan.storage_url)
     default_store = plan.tracking_uri == tracking_uri_for(plan.home)
     if not default_store:
-        check_reachable(plan.tracking_uri)
+        check_usable(plan.tracking_uri)
     storage = None if is_journal(plan.storage_url) else open_storage(plan.storage_url, plan.home)
     try:
         plan.home.mkdir(parents=True, exist_ok=True)
@@ -436,7 +439,7 @@ def fingerprint_parts(plan: Plan, study: Study) -> dict[str, str]:
         "pruner": e.pruner.model_dump(),
         # the budget has its own key (and leaving it out keeps older studies' task hash)
         "task": {
-            **study.task_entry.model_dump(exclude={"parameter_budget", "budget"}),
+            **study.task_entry.model_dump(exclude={"parameter_budget", "budget", "margin"}),
             "resolved_options": resolved,
         },
         "parameter_budget": study.parameter_budget,
@@ -479,6 +482,8 @@ def _study_tags(study: Study) -> dict[str, Any]:
         "bidirectional": arch.bidirectional,
         "task": study.task_entry.name,
         "dataset": study.task_entry.dataset,
+        # a report-time choice (verdicts), so not part of the fingerprint
+        **({"margin": study.task_entry.margin} if study.task_entry.margin is not None else {}),
     }
 
 
@@ -601,7 +606,8 @@ def _worker_main(plan: Plan, worker: int, settings: dict[str, Any], workers: int
 def _fault(point: str) -> None:
     """Test-only fault injection: RNNBENCH_FAULT=<point>[:<once file>][,...] SIGKILLs this
     process at ``point`` (``mid_trial``: after a trial's first epoch; ``after_ledger_write``:
-    between the ledger write and the MLflow write); with a once file only the first process dies."""
+    between the ledger write and the MLflow write; ``sqlite_store_built``: before a new MLflow
+    store is renamed into place); with a once file only the first process dies."""
     for spec in filter(None, os.environ.get("RNNBENCH_FAULT", "").split(",")):
         name, _, once_file = spec.partition(":")
         if name != point:
@@ -836,7 +842,7 @@ class Worker:
         if stage == "final" and best is not None:
             record["best_trial"] = best.number
         trainer = Trainer(budget, self.settings)
-        failed, value, state, model = True, None, optuna.trial.TrialState.COMPLETE, None
+        failed, value, state, model, items = True, None, optuna.trial.TrialState.COMPLETE, None, None
         monitor = self.tracker.system_metrics(run_id) if run_id else None
         try:
             result = trainer.fit(
@@ -848,10 +854,6 @@ class Worker:
                 callbacks=[reporter],
                 setup_done=True,
             )
-            if result.stop_reason == "max_minutes":
-                raise TrialFailed(
-                    "time_limit", f"over its limit of {budget_spec.max_minutes_per_trial} minutes per trial"
-                )
             failed = False
             value = result.best_valid[primary] if stage == "search" else result.test[primary]
             summary = {
@@ -870,6 +872,7 @@ class Worker:
                 "artifacts": result.artifacts,
             }
             model = result.model if stage == "final" else None
+            items = result.items if stage == "final" else None
             detail = f"{primary}={value:.4g}"
         except optuna.TrialPruned as exc:
             failed, state, detail = False, optuna.trial.TrialState.PRUNED, str(exc)
@@ -901,6 +904,10 @@ class Worker:
             from rnnbench.models import save_weights
 
             record["weights"] = save_weights(self.plan.home, study.name, seed, model)
+        if items is not None:  # likewise: the file first, then the record naming it
+            from rnnbench.items import save_items
+
+            record["items"] = save_items(self.plan.home, study.name, seed, items)
         # The ledger first, in two writes: the whole record, then the state that makes it count.
         self._write_record(trial, record, reporter)
         try:
@@ -918,6 +925,8 @@ class Worker:
         self._project(study, stage, trial, live=not reporter.live_failed)
         if model is not None and run_id is not None:
             self._log_model(study, task, model, record, run_id)
+        if "items" in record and run_id is not None:
+            self._log_items(study, record, run_id)
         status = record["status"]
         self.progress.trial_ended(status, detail)
 
@@ -931,6 +940,17 @@ class Worker:
         except Exception as exc:
             self.progress.log(
                 f"warning: model of {study.name} seed {record['seed']} not logged ({first_line(exc, 200)})"
+            )
+
+    def _log_items(self, study: Study, record: dict[str, Any], run_id: str) -> None:
+        """The final seed's items as its run's artifact; best effort (a sync logs it from the file)."""
+        from rnnbench.projection import project_items
+
+        try:
+            project_items(self.tracker, run_id, self.plan.home, record["items"])
+        except Exception as exc:
+            self.progress.log(
+                f"warning: items of {study.name} seed {record['seed']} not logged ({first_line(exc, 200)})"
             )
 
     def _write_record(self, trial, record: dict[str, Any], reporter: _EpochReporter) -> None:

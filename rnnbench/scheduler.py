@@ -30,13 +30,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rnnbench.errors import first_line
+from rnnbench.errors import LedgerUnreachable, first_line
 from rnnbench.sweep import (
     DEFAULT_MAX_RETRIES,
     RETRIES,
     RETRY_OF,
-    StoreError,
     counted,
+    database_location,
     is_journal,
     journal_path,
     lease_duration,
@@ -116,8 +116,10 @@ class LedgerLock:
         lock_id = int.from_bytes(digest[:8], "big", signed=True)
         try:
             conn = self.engine.connect()
-        except Exception as exc:
-            raise StoreError(f"ledger lock: database not reachable: {first_line(exc)}") from None
+        except Exception as exc:  # it answered when the run started: it went away since
+            raise LedgerUnreachable(
+                f"the ledger database at {database_location(self.url)}", first_line(exc)
+            ) from None
         try:
             # Session-level advisory lock: the server releases it if this process dies.
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})

@@ -18,6 +18,7 @@ Trial statuses, derived from the ledger alone (:func:`trial_status`):
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from contextlib import contextmanager
@@ -110,6 +111,11 @@ def open_storage(url: str | None, home: Path, *, lease_seconds: float | None = N
 
         path = journal_path(url, home)
         try:
+            if path.is_file() and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+                # archived results on read-only storage: readable as they are (no repair, no lock)
+                return optuna.storages.JournalStorage(
+                    JournalFileBackend(str(path), lock_obj=ReadOnlyJournal(path))
+                )
             path.parent.mkdir(parents=True, exist_ok=True)
             repair_journal(path)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalLock(path)))
@@ -160,9 +166,28 @@ def _schema_lock(url: str):
         engine.dispose()
 
 
+LEASE_ENV = "RNNBENCH_LEASE_SECONDS"
+LEASE_RANGE = (1, 86400)  # below a second renewals cannot keep up; a day already outlives any fault
+
+
 def lease_duration() -> float:
     """Seconds a claim stays valid without renewal (renewed every quarter of it)."""
-    return float(os.environ.get("RNNBENCH_LEASE_SECONDS", "60"))
+    from rnnbench.errors import ConfigError
+
+    text = os.environ.get(LEASE_ENV, "60")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    low, high = LEASE_RANGE
+    if not low <= seconds <= high:  # also refuses nan
+        raise ConfigError(f"{LEASE_ENV}={text[:40]!r}: expected a number of seconds from {low} to {high}")
+    return seconds
+
+
+def database_location(url: str) -> str:
+    """``host:port/database`` of an RDB URL, for messages (no scheme, user or password)."""
+    return url.split("://", 1)[-1].rsplit("@", 1)[-1]
 
 
 def _redact(url: str) -> str:
@@ -198,6 +223,20 @@ class JournalLock(BaseJournalFileLock):
 
     def release(self) -> None:
         self._lock.release()
+
+
+class ReadOnlyJournal(BaseJournalFileLock):
+    """The lock of a journal this process cannot write: reading needs no lock, and a write is one
+    line saying why it cannot happen."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def acquire(self) -> bool:
+        raise StoreError(f"Optuna journal {self.path} is read-only here: it can be read, not written")
+
+    def release(self) -> None:
+        pass
 
 
 def _cut_torn_tail(path: Path) -> int:

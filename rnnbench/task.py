@@ -25,6 +25,11 @@ computed together. So padding must not reach a score, no batch may be dropped or
 scores are sums over items divided once at the end, never means of per-batch means.
 :func:`rnnbench.testing.check_evaluate_batch_independence` checks this for any task; call it (or
 :func:`rnnbench.testing.check_task_contract`) from a plugin's own tests.
+
+Per-item outcomes (optional): a task that overrides ``evaluate_items`` and ``metrics_from_sums``
+lets the report resample test items as well as seeds (a two-level bootstrap) and pair two
+architectures item by item; one that does not gets seed-level statistics only.
+:func:`rnnbench.testing.check_item_outcomes` checks that the items and the metrics agree.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -42,6 +47,10 @@ from torch import Tensor, nn
 
 from rnnbench.errors import ConfigError, UnknownNameError
 from rnnbench.hparams import Domain
+
+if TYPE_CHECKING:
+    import numpy
+    import pandas
 
 SPLITS = ("train", "valid", "test")
 
@@ -55,6 +64,11 @@ class Metric:
     direction: Literal["minimize", "maximize"]
     description: str = ""
     bounds: tuple[float, float] = (-math.inf, math.inf)
+    # margin of practical equivalence: two architectures whose difference surely lies within
+    # ±margin are called equivalent; relative: a share of the compared value (1% of a perplexity).
+    # None: comparisons say better, worse or inconclusive only.
+    margin: float | None = None
+    margin_relative: bool = False
 
     def better(self, a: float, b: float) -> bool:
         """True when ``a`` is strictly better than ``b``."""
@@ -124,7 +138,12 @@ class Task(abc.ABC):
     - ``baseline`` keys must equal metric names (``{"accuracy": 0.5}`` for a metric named
       ``accuracy``); extra keys are reported as they are;
     - ``setup`` raises :class:`rnnbench.errors.DataError` naming the file and line of bad data: the
-      pre-flight runs it before any store exists, so the user gets one line and nothing written.
+      pre-flight runs it before any store exists, so the user gets one line and nothing written;
+    - ``evaluate_items`` (optional, with ``metrics_from_sums``) gives one row per item of a split
+      (sentence, window, block of a stream, sequence) in the split's natural order, whatever the
+      batch size, so row ``i`` is the same item for every model of a task and dataset; its numeric
+      columns' sums are all ``metrics_from_sums`` needs, and on the whole split it gives back what
+      ``evaluate`` returns (:func:`declares_items` tells whether a task declares items).
     """
 
     name: ClassVar[str] = ""
@@ -229,6 +248,31 @@ class Task(abc.ABC):
         The same numbers whatever ``batch_size`` is: see the measurement rule in the module
         docstring."""
 
+    @torch.no_grad()
+    def evaluate_items(
+        self, model: nn.Module, split: str, batch_size: int, *, device: torch.device
+    ) -> pandas.DataFrame | None:
+        """Per-item outcomes of ``split`` (model already in eval mode): one row per item (sentence,
+        window, block of the stream, sequence) in the split's natural order, numeric columns
+        (float32 or int32; float64 where float32 sums would lose precision) whose column sums are
+        sufficient statistics of every metric.
+
+        The measurement rule of ``evaluate`` holds: every item scored exactly once, and the rows and
+        their values do not depend on ``batch_size``. None (the default): the task declares no items,
+        and the report uses seed-level statistics only."""
+        return None
+
+    def metrics_from_sums(self, sums: dict[str, numpy.ndarray]) -> dict[str, numpy.ndarray]:
+        """Every metric of :attr:`metrics` (and whatever else ``evaluate`` returns) from the sums of
+        the columns of ``evaluate_items``.
+
+        Each value of ``sums`` is an array of any shape (one sum per bootstrap replicate); return
+        arrays of that shape, computed without a Python loop over replicates. On the whole split's
+        sums the result equals ``evaluate()`` up to float rounding. It is called on an instance
+        built with the run's task and dataset but default options and no ``setup()`` (the report
+        has no data loaded): take class or type names from the column names, not from the data."""
+        raise NotImplementedError(f"task {self.name!r} declares no items (see Task.evaluate_items)")
+
     def baseline(self, split: str) -> dict[str, float]:
         """The trivial baseline's metrics on ``split`` (majority class, persistence, uniform...)."""
         return {}
@@ -285,6 +329,12 @@ def _takes_lengths(model: nn.Module) -> bool:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
     return len(required) >= 2
+
+
+def declares_items(task: Task | type[Task]) -> bool:
+    """True when ``task`` (a Task or its class) overrides :meth:`Task.evaluate_items`."""
+    cls = task if isinstance(task, type) else type(task)
+    return cls.evaluate_items is not Task.evaluate_items
 
 
 def detach_state(state: Any) -> Any:

@@ -10,7 +10,9 @@
 Each check raises AssertionError with a readable message, so it works under pytest or any runner.
 The central rule (see :mod:`rnnbench.task`): ``evaluate`` scores every position of a split exactly
 once and gives the same numbers whatever batch size it is called with, because the evaluation
-batch size follows the searched training batch size and must not change what is measured.
+batch size follows the searched training batch size and must not change what is measured. A task
+that declares per-item outcomes (``evaluate_items``) must also give items that add up to its
+metrics (:func:`check_item_outcomes`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from rnnbench.task import Task
+from rnnbench.task import Task, declares_items
 
-__all__ = ["check_evaluate_batch_independence", "check_task_contract"]
+__all__ = ["check_evaluate_batch_independence", "check_item_outcomes", "check_task_contract"]
+REPLICATES = 4  # resamples the vectorised check of metrics_from_sums draws
 
 
 def check_evaluate_batch_independence(
@@ -79,6 +84,91 @@ def check_evaluate_batch_independence(
                 "called with (sum over items and divide once; no padding, dropped or partial batches)"
             )
     return scores
+
+
+def check_item_outcomes(
+    task: Task,
+    model: nn.Module,
+    *,
+    split: str = "valid",
+    batch_sizes: Sequence[int] = (1, 7),
+    device: str | torch.device = "cpu",
+    rel_tol: float = 1e-5,
+    abs_tol: float = 1e-6,
+) -> pd.DataFrame | None:
+    """Check ``evaluate_items`` and ``metrics_from_sums`` of ``model`` on ``split``; None (and nothing
+    checked) when the task declares no items.
+
+    Asserts that ``evaluate_items`` returns a non-empty DataFrame of integer or float columns, with
+    the same rows and values (within ``rel_tol``/``abs_tol``) at every batch size; that
+    ``metrics_from_sums`` of the columns' sums (in float64) gives every metric of ``task.metrics``
+    and agrees with ``evaluate`` on every key both return; and that on sums of shape ``[R]``
+    (``R`` resamples of the rows, the first the split itself) it returns arrays of shape ``[R]``
+    equal to its result on each replicate alone. ``task`` must be set up. Returns the item table.
+    """
+    if not declares_items(task):
+        return None
+    device = torch.device(device)
+    name = task.name or type(task).__name__
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            items = {b: task.evaluate_items(model, split, b, device=device) for b in batch_sizes}
+            scores = task.evaluate(model, split, batch_sizes[0], device=device)
+    finally:
+        model.train(was_training)
+    for batch_size, table in items.items():
+        where = f"task {name!r}: evaluate_items({split!r}, batch_size={batch_size})"
+        if not isinstance(table, pd.DataFrame) or table.empty:
+            raise AssertionError(
+                f"{where} must return a non-empty pandas DataFrame, got {type(table).__name__}"
+            )
+        if not_numeric := [c for c in table.columns if table[c].dtype.kind not in "iuf"]:
+            raise AssertionError(f"{where}: columns {not_numeric} are not integer or float columns")
+    first = items[batch_sizes[0]]
+    for batch_size, table in items.items():
+        if list(table.columns) != list(first.columns) or len(table) != len(first):
+            raise AssertionError(
+                f"task {name!r}: evaluate_items gives {len(first)} rows of {list(first.columns)} at batch "
+                f"size {batch_sizes[0]} but {len(table)} rows of {list(table.columns)} at {batch_size}"
+            )
+        for column in first.columns:
+            a, b = first[column].to_numpy(np.float64), table[column].to_numpy(np.float64)
+            if not np.allclose(a, b, rtol=rel_tol, atol=abs_tol):
+                row = int(np.argmax(~np.isclose(a, b, rtol=rel_tol, atol=abs_tol)))
+                raise AssertionError(
+                    f"task {name!r}: {split} item {row} has {column} = {a[row]:.6g} at batch size "
+                    f"{batch_sizes[0]} but {b[row]:.6g} at {batch_size}: items must not depend on the "
+                    "batch size, and keep the split's order"
+                )
+    values = {c: first[c].to_numpy(np.float64) for c in first.columns}
+    whole = task.metrics_from_sums({c: np.array(v.sum()) for c, v in values.items()})
+    if missing := [m.name for m in task.metrics if m.name not in whole]:
+        raise AssertionError(f"task {name!r}: metrics_from_sums is missing metrics {missing}")
+    for key in sorted(set(whole) & set(scores)):
+        got = np.asarray(whole[key])
+        if got.shape != () or not math.isclose(float(got), scores[key], rel_tol=rel_tol, abs_tol=abs_tol):
+            raise AssertionError(
+                f"task {name!r}: {split} {key} is {scores[key]:.6g} by evaluate but {got} by "
+                "metrics_from_sums of the sums of evaluate_items: the items must add up to the metrics"
+            )
+    rows = len(first)
+    weights = np.random.default_rng(0).multinomial(rows, np.full(rows, 1.0 / rows), size=REPLICATES)
+    weights[0] = 1  # the first replicate is the split itself
+    resampled = task.metrics_from_sums({c: weights @ v for c, v in values.items()})
+    for r in range(REPLICATES):
+        alone = task.metrics_from_sums({c: np.array(weights[r] @ v) for c, v in values.items()})
+        for key, value in resampled.items():
+            value = np.asarray(value)
+            if value.shape != (REPLICATES,) or not np.isclose(
+                value[r], alone[key], rtol=1e-9, equal_nan=True
+            ):
+                raise AssertionError(
+                    f"task {name!r}: metrics_from_sums on sums of shape [{REPLICATES}] must return arrays "
+                    f"of that shape, element by element its result on each replicate; {key} is {value}"
+                )
+    return first
 
 
 def _train_briefly(
@@ -141,8 +231,8 @@ def check_task_contract(
     ``task`` is a Task subclass (built on its ``synthetic`` dataset with ``seed``) or an instance
     (for other datasets or options). The check sets it up, builds a ``cell`` encoder of
     ``hidden_size`` through ``build_model``, trains it ``train_steps`` steps so that it uses its
-    context, then runs :func:`check_evaluate_batch_independence` on each of ``splits``.
-    Returns the scores per split and batch size.
+    context, then runs :func:`check_evaluate_batch_independence` and :func:`check_item_outcomes` on
+    each of ``splits``. Returns the scores per split and batch size.
     """
     from rnnbench.encoder import Encoder
 
@@ -165,12 +255,15 @@ def check_task_contract(
     _train_briefly(task, model, steps=train_steps, batch_size=batch_size, seed=seed, device=device)
     _check_serving(task, model.cpu())
     model.to(device)
-    return {
-        split: check_evaluate_batch_independence(
+    scores = {}
+    for split in splits:
+        scores[split] = check_evaluate_batch_independence(
             task, model, split=split, batch_sizes=batch_sizes, device=device, rel_tol=rel_tol, abs_tol=abs_tol
         )
-        for split in splits
-    }
+        # the two largest batch sizes: evaluate's check covers the others, and batch size 1 is slow
+        largest = sorted(batch_sizes)[-2:]
+        check_item_outcomes(task, model, split=split, batch_sizes=largest, device=device, rel_tol=rel_tol)
+    return scores
 
 
 def _check_serving(task: Task, model: nn.Module) -> None:

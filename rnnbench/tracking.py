@@ -47,10 +47,29 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 f"MLflow tracking server {uri} is not reachable ({exc.strerror or exc}): start it "
                 "(mlflow server ...) or fix --tracking-uri"
             ) from None
-    elif parts.scheme not in ("sqlite", "file", "postgresql", "mysql", "databricks", "") and not (
+    elif parts.scheme == "file" or (parts.scheme == "" and uri != "databricks"):
+        # MLflow 3 refuses its file store, but only once rnnbench has opened the ledger beside it
+        raise TrackingError(
+            f"MLflow's file store ({uri}) is not supported (MLflow 3 keeps it in maintenance mode): use "
+            "sqlite:///PATH/mlflow.db, a database URL or a tracking server (http://...)"
+        )
+    elif parts.scheme not in ("sqlite", "postgresql", "mysql", "databricks", "") and not (
         parts.scheme.startswith(("postgresql+", "mysql+"))
     ):
         raise TrackingError(f"unknown tracking URI scheme {parts.scheme!r} in {uri}")
+
+
+def check_usable(uri: str) -> None:
+    """One line when MLflow cannot read a store given by URI: asked before the run home is
+    written to, so a refused store leaves nothing behind."""
+    check_reachable(uri)
+    _quiet_mlflow()
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {first_line(exc)}") from None
 
 
 def create_sqlite_store(home: Path) -> str:
@@ -58,19 +77,31 @@ def create_sqlite_store(home: Path) -> str:
 
     MLflow creates the file and then migrates its schema; a crash or a full disk in between
     leaves a file every later run fails on. So the store is built under a temporary name and
-    renamed into place only once MLflow has answered from it."""
+    renamed into place only once MLflow has answered from it. Processes starting together on one
+    home build it one at a time (a file lock), and whoever finds it built uses it: renaming a new
+    store over one in use would lose what was written to it. Temporary stores of processes that
+    died building one are removed here."""
     path = (home / "mlflow.db").resolve()
     uri = f"sqlite:///{path}"
+    _remove_dead_temporaries(path)
     if path.is_file():
         return uri
     _quiet_mlflow()
+    from filelock import FileLock
     from mlflow.tracking import MlflowClient
+
+    from rnnbench.runner import _fault
 
     tmp = path.with_name(f".mlflow.db.{os.getpid()}.tmp")
     try:
-        MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
-        _dispose_engines(f"sqlite:///{tmp}")
-        os.replace(tmp, path)
+        (path.parent / "locks").mkdir(exist_ok=True)  # beside the run locks: nothing new in the home
+        with FileLock(str(path.parent / "locks" / "mlflow-db.lock")):
+            if path.is_file():  # built by another process while this one waited
+                return uri
+            MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
+            _dispose_engines(f"sqlite:///{tmp}")
+            _fault("sqlite_store_built")
+            os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -79,6 +110,21 @@ def create_sqlite_store(home: Path) -> str:
             raise TrackingError(f"cannot create the MLflow store {path}: {first_line(exc)}") from None
         raise
     return uri
+
+
+def _remove_dead_temporaries(path: Path) -> None:
+    """Delete ``.mlflow.db.<pid>.tmp`` files (and their sqlite journals) whose process is gone:
+    a SIGKILL between building a store and renaming it leaves one. Best effort: a read-only home
+    keeps them, and a live process's own is never touched."""
+    import psutil
+
+    for tmp in path.parent.glob(".mlflow.db.*.tmp*"):
+        pid = tmp.name.split(".")[3]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def _dispose_engines(uri: str) -> None:
@@ -340,6 +386,13 @@ class Tracker:
 
     def log_text(self, run_id: str, text: str, filename: str) -> None:
         self.client.log_text(run_id, text, filename)
+
+    def log_file(self, run_id: str, local_path: Path, artifact_dir: str) -> None:
+        self.client.log_artifact(run_id, str(local_path), artifact_dir)
+
+    def has_artifact(self, run_id: str, artifact_path: str) -> bool:
+        folder = artifact_path.rpartition("/")[0] or None
+        return any(f.path == artifact_path for f in self.client.list_artifacts(run_id, folder))
 
     def end_run(self, run_id: str, status: str = "FINISHED", end_time: int | None = None) -> None:
         self.client.set_terminated(run_id, status, end_time=end_time)

@@ -14,9 +14,9 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -27,7 +27,10 @@ from rnnbench.data.batching import prefetch
 from rnnbench.encoder import Encoder, parameter_counts
 from rnnbench.errors import ConfigError, TrialFailed
 from rnnbench.hparams import MAX_WIDTH, Domain
-from rnnbench.task import Task, _one_line
+from rnnbench.task import Task, _one_line, declares_items
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 # Hyperparameters the trainer or the encoder read; cells and tasks declare their own.
@@ -110,6 +113,9 @@ class FitResult:
     stop_reason: str
     artifacts: dict[str, str] = field(default_factory=dict)
     model: torch.nn.Module | None = field(default=None, repr=False)  # best-on-validation weights, eval mode
+    # per-item outcomes of valid and test (rnnbench.items.item_frame); None: not the final stage, or
+    # the task declares no items
+    items: pd.DataFrame | None = field(default=None, repr=False)
 
 
 class Callback:
@@ -292,6 +298,44 @@ def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(dict(_storage_key(t) for t in tensors).values())
 
 
+class TimeLimit:
+    """A trial's ``max_minutes``, over the whole trial: checked between training steps and between
+    the batches evaluation reads, so a task slow only to score cannot run past it (and reaching it
+    ends the trial at once, with no further validation)."""
+
+    def __init__(self, minutes: float | None):
+        self.minutes = minutes
+        self.ends = time.perf_counter() + minutes * 60 if minutes else math.inf
+
+    def check(self) -> None:
+        if time.perf_counter() > self.ends:
+            raise TrialFailed("time_limit", f"over its limit of {self.minutes:g} minutes per trial")
+
+    @contextmanager
+    def covering(self, task: Task):
+        """Within this block ``task.batches`` checks the limit before each batch it yields (the
+        scores are untouched: the same batches, in the same order)."""
+        if self.minutes is None:
+            yield
+            return
+        own = vars(task).get("batches")  # an instance attribute of the task's own, kept as it was
+        batches = task.batches
+
+        def checked(*args, **kwargs):
+            for batch in batches(*args, **kwargs):
+                self.check()
+                yield batch
+
+        task.batches = checked
+        try:
+            yield
+        finally:
+            if own is None:
+                del task.batches
+            else:
+                task.batches = own
+
+
 class Trainer:
     """Runs one configuration of one architecture on one task with one seed."""
 
@@ -350,6 +394,7 @@ class Trainer:
         history: list[EpochRecord] = []
         best_state, best_epoch, best_valid, bad_epochs = None, -1, None, 0
         steps, start, stop_reason = 0, time.perf_counter(), "epochs"
+        deadline = TimeLimit(budget.max_minutes)
         eval_tokens: dict[str, int] = {}
         # A round ends in a validation: an epoch (capped at steps_per_epoch), or eval_every
         # steps read from one stream of training batches that runs across epochs.
@@ -392,9 +437,7 @@ class Trainer:
                 epoch_tokens += batch.tokens
                 if epoch_steps % settings.sync_every == 0:
                     self._check_finite(loss_sum, epoch, steps)
-                if budget.max_minutes and time.perf_counter() - start > budget.max_minutes * 60:
-                    stop_reason = "max_minutes"
-                    break
+                deadline.check()
                 if (budget.max_steps and steps >= budget.max_steps) or (
                     budget.steps_per_epoch and epoch_steps >= budget.steps_per_epoch
                 ):
@@ -415,11 +458,13 @@ class Trainer:
 
             model.eval()
             t1 = time.perf_counter()
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast, deadline.covering(task):
                 valid = task.evaluate(model, "valid", eval_bs, device=device)
-            eval_time = time.perf_counter() - t1
-            if "valid" not in eval_tokens:
-                eval_tokens["valid"] = sum(b.tokens for b in task.batches("valid", eval_bs, device=device))
+                eval_time = time.perf_counter() - t1
+                if "valid" not in eval_tokens:
+                    eval_tokens["valid"] = sum(
+                        b.tokens for b in task.batches("valid", eval_bs, device=device)
+                    )
             value = valid.get(primary.name, float("nan"))
             if not math.isfinite(value):
                 raise TrialFailed("nan_metric", f"validation {primary.name} is {value} at epoch {epoch}")
@@ -443,8 +488,6 @@ class Trainer:
                 bad_epochs += 1
             for cb in callbacks:
                 cb.on_epoch_end(epoch, metrics)
-            if stop_reason == "max_minutes":
-                break
             if budget.max_steps and steps >= budget.max_steps:
                 stop_reason = "max_steps"
                 break
@@ -454,10 +497,21 @@ class Trainer:
 
         model.load_state_dict(best_state)
         model.eval()
-        test = None
+        test, items, items_time = None, None, None
         if evaluate_test:  # the only place the test split is read, once, with the best checkpoint
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast, deadline.covering(task):
                 test = {k: float(v) for k, v in task.evaluate(model, "test", eval_bs, device=device).items()}
+            if declares_items(task):  # what paired statistics resample: the same checkpoint's items
+                from rnnbench.items import item_frame
+
+                t2 = time.perf_counter()
+                with torch.no_grad(), autocast, deadline.covering(task):
+                    per_split = {
+                        s: task.evaluate_items(model, s, eval_bs, device=device) for s in ("valid", "test")
+                    }
+                if all(frame is not None for frame in per_split.values()):
+                    items = item_frame(per_split)
+                items_time = time.perf_counter() - t2
         with torch.no_grad():
             artifacts = task.artifacts(model, device=device)
         steady = [r.metrics["train_tokens_per_s"] for r in history[1:]] or [
@@ -473,8 +527,10 @@ class Trainer:
             "epochs": float(len(history)),
             "steps": float(steps),
         }
+        if items_time is not None:
+            summary["items_time_s"] = items_time
         result = FitResult(
-            best_epoch, best_valid, test, history, params, summary, stop_reason, artifacts, model
+            best_epoch, best_valid, test, history, params, summary, stop_reason, artifacts, model, items
         )
         for cb in callbacks:
             cb.on_fit_end(result)

@@ -36,3 +36,17 @@ def train_briefly(
     with torch.no_grad():
         scores = task.evaluate(model, "valid", batch_size, device=torch.device("cpu"))
     return model, scores
+
+
+def run_cli(args: list[str], home, cwd=None, timeout: int = 300, **env):
+    """``rnnbench ARGS`` in a child process with RNNBENCH_HOME=home and one thread (the
+    subprocess form every end-to-end test uses); extra keyword arguments become env variables."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "rnnbench.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip

@@ -95,6 +95,50 @@ REFUSED = {
     ),
     "YAML alias bomb": (alias_bomb(), "expands to more than 10,000 values through YAML aliases"),
     "recursive alias": (BASE + "fixed: &a {x: *a}\n", "refers to its own parent"),
+    "a duplicate key (two budget: blocks)": (
+        BASE + "budget: {trials: 1}\nfinal: {seeds: 0}\nbudget: {trials: 2}\n",
+        "line 6: duplicate key 'budget' (first on line 4)",
+    ),
+    "a duplicate nested key": (
+        BASE + "budget:\n  trials: 1\n  epochs: 2\n  trials: 3\n",
+        "line 7: duplicate key 'trials' (first on line 5)",
+    ),
+    "a duplicate key in a flow mapping": (
+        BASE + "fixed: {lr: 0.1, dropout: 0.0, lr: 0.2}\n",
+        "line 4: duplicate key 'lr' (first on line 4)",
+    ),
+    "a duplicate key spelt two ways": (
+        BASE + "fixed:\n  lr: 0.1\n  'lr': 0.2\n",
+        "line 6: duplicate key 'lr' (first on line 5)",
+    ),
+    "a python object tag": (
+        BASE + "fixed: !!python/object/apply:os.system ['touch PWNED']\n",
+        "line 4: not valid YAML: could not determine a constructor",
+    ),
+    "task label '..'": (
+        "name: x\ncells: [lstm]\ntasks: [{name: memory, label: '..'}]\n",
+        "tasks[0].label: a label of dots only",
+    ),
+    "cell label '.'": (
+        "name: x\ncells: [{name: lstm, label: '.'}]\ntasks: [memory]\n",
+        "cells[0].label: a label of dots only",
+    ),
+    "int step 0": (
+        BASE + "search: {hidden_size: {type: int, low: 4, high: 8, step: 0}}\n",
+        "search.hidden_size.step: Input should be greater than or equal to 1",
+    ),
+    "int step below 0": (
+        BASE + "search: {hidden_size: {type: int, low: 4, high: 8, step: -2}}\n",
+        "search.hidden_size.step: Input should be greater than or equal to 1",
+    ),
+    "log with a step": (
+        BASE + "search: {hidden_size: {type: int, low: 4, high: 64, log: true, step: 2}}\n",
+        "a log-scaled range takes no step",
+    ),
+    "a list as a categorical choice": (
+        BASE + "search: {hidden_size: {type: categorical, choices: [8, [16, 32]]}}\n",
+        "choice [16, 32]: choices are numbers, text, true/false or null",
+    ),
     "too many studies": (
         "name: x\ncells: [{name: gru, layers: [1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16], "
         "bidirectional: [false, true]}]\ntasks: [" + ", ".join(["forecast"] * 40) + "]\n",
@@ -126,6 +170,32 @@ def test_aliases_within_bounds_still_work():
         BASE + "search:\n  lr: &r {type: float, low: 1.0e-3, high: 1.0e-2, log: true}\n  weight_decay: *r\n"
     )
     assert parse(text).search["weight_decay"].high == 0.01
+
+
+def test_merge_keys_may_override_what_they_merge():
+    text = (
+        BASE
+        + "search:\n  lr: &r {type: float, low: 1.0e-3, high: 1.0e-2}\n  weight_decay:\n    <<: *r\n    low: 0.0\n"
+    )
+    assert parse(text).search["weight_decay"].low == 0.0
+
+
+def test_log_range_with_step_1_is_fine():
+    text = BASE + "search: {hidden_size: {type: int, low: 4, high: 64, log: true, step: 1}}\n"
+    assert parse(text).search["hidden_size"].log
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan", "1e9"])
+def test_lease_seconds_must_be_a_sane_number(monkeypatch, value):
+    from rnnbench.sweep import lease_duration
+
+    monkeypatch.setenv("RNNBENCH_LEASE_SECONDS", value)
+    with pytest.raises(
+        ConfigError, match=r"RNNBENCH_LEASE_SECONDS=.*expected a number of seconds from 1 to 86400"
+    ):
+        lease_duration()
+    monkeypatch.setenv("RNNBENCH_LEASE_SECONDS", "2.5")
+    assert lease_duration() == 2.5
 
 
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
@@ -173,8 +243,12 @@ def test_echoed_values_are_cut_short():
 
 
 # -- data, found by the pre-flight before any store exists ---------------------------------------
-def forecast_csv(path: Path, *, nan_row: int | None = None) -> Path:
+def forecast_csv(
+    path: Path, *, nan_row: int | None = None, value_at: tuple[int, float] | None = None
+) -> Path:
     values = [float(i % 24) for i in range(400)]
+    if value_at is not None:
+        values[value_at[0]] = value_at[1]
     frame = pd.DataFrame({"date": pd.date_range("2020-01-01", periods=400, freq="h"), "y": values})
     if nan_row is not None:
         frame.loc[nan_row, "y"] = float("nan")
@@ -267,7 +341,55 @@ def cli_cases(tmp_path: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
         tiny_experiment(f"  - {{name: sentiment, dataset: csv, data_path: {single}}}\n")
     )
     cases["single-class sentiment"] = ([str(tmp_path / "single.yaml")], {})
+    for value in ("abc", "0", "-5", "inf"):
+        cases[f"RNNBENCH_LEASE_SECONDS={value}"] = (
+            [str(tmp_path / "ok.yaml")],
+            {"RNNBENCH_LEASE_SECONDS": value},
+        )
+    conll = conll_missing_a_column(tmp_path / "chunk-as-ner.conll")
+    (tmp_path / "conll.yaml").write_text(
+        tiny_experiment(
+            f"  - {{name: ner, dataset: conll, options: {{train_file: {conll}, valid_file: {conll}, "
+            f"test_file: {conll}}}}}\n"
+        )
+    )
+    cases["CoNLL line without its NER column"] = ([str(tmp_path / "conll.yaml")], {})
+    huge = forecast_csv(tmp_path / "huge.csv", value_at=(120, 1e39))
+    (tmp_path / "huge.yaml").write_text(
+        tiny_experiment(
+            f"  - {{name: forecast, dataset: csv, data_path: {huge}, options: {{target_columns: y, "
+            "date_column: date, input_width: 8, label_width: 2}}\n"
+        )  # fmt: skip
+    )
+    cases["forecast value beyond float32"] = ([str(tmp_path / "huge.yaml")], {})
+    mlruns = (tmp_path / "mlruns").as_uri()
+    cases["--tracking-uri file://"] = ([str(tmp_path / "ok.yaml"), "--tracking-uri", mlruns], {})
     return cases
+
+
+def conll_missing_a_column(path: Path) -> Path:
+    """CoNLL-2003 columns (token, POS, chunk, NER) with the NER column missing on line 3."""
+    path.write_text(
+        "EU NNP B-NP B-ORG\nrejects VBZ B-VP O\nGerman JJ B-NP\ncall NN I-NP O\n\n"
+        "Peter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n\n"
+    )
+    return path
+
+
+def test_conll_line_missing_a_column_names_file_and_line(tmp_path: Path):
+    from rnnbench.data.readers import read_conll
+
+    path = conll_missing_a_column(tmp_path / "train.txt")
+    with pytest.raises(DataError, match=r"train.txt line 3 has 3 columns where line 1 has 4"):
+        read_conll(path)
+
+
+def test_forecast_value_beyond_float32_is_refused(tmp_path: Path):
+    from rnnbench.data.series import read_series_csv
+
+    path = forecast_csv(tmp_path / "huge.csv", value_at=(120, -1e39))
+    with pytest.raises(DataError, match=r"line 122 \(data row 121\): column 'y' holds -1e\+39, beyond"):
+        read_series_csv(path, target_columns=["y"], date_column="date")
 
 
 def test_cli_bad_inputs_exit_2_in_at_most_3_lines_and_write_nothing(tmp_path: Path):
@@ -277,8 +399,8 @@ def test_cli_bad_inputs_exit_2_in_at_most_3_lines_and_write_nothing(tmp_path: Pa
         "import json, sys\n"
         "from click.testing import CliRunner\n"
         "from rnnbench.cli import app\n"
-        "for args in json.loads(sys.argv[1]):\n"
-        "    r = CliRunner().invoke(app, ['run', *args])\n"
+        "for args, env in json.loads(sys.argv[1]):\n"
+        "    r = CliRunner().invoke(app, ['run', *args], env=env)\n"
         "    print(json.dumps([r.exit_code, r.output]))\n"
     )
     import json
@@ -286,7 +408,7 @@ def test_cli_bad_inputs_exit_2_in_at_most_3_lines_and_write_nothing(tmp_path: Pa
     home = tmp_path / "home"
     env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", script, json.dumps([args for args, _ in cases.values()])],
+        [sys.executable, "-c", script, json.dumps(list(cases.values()))],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
@@ -298,6 +420,7 @@ def test_cli_bad_inputs_exit_2_in_at_most_3_lines_and_write_nothing(tmp_path: Pa
         assert 1 <= len(lines) <= 3 and lines[-1].startswith("error: "), (name, output[-500:])
         assert "Traceback" not in output and len(output) < 1000, name
     assert not home.exists() and not (tmp_path / "runs").exists()  # no mlflow.db, journal or locks/
+    assert not (tmp_path / "PWNED").exists()  # the python tag ran nothing
 
 
 def test_fixed_data_then_simply_runs(tmp_path: Path):

@@ -4,9 +4,6 @@ scores what the ledger says; a lost model is logged again by sync; export and re
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -18,6 +15,7 @@ import torch
 from rnnbench.models import CARD, WEIGHTS, best_seed
 from rnnbench.projection import StudyLedger
 from rnnbench.sweep import open_storage, record_of, study_names
+from tests.helpers import run_cli
 
 EXPERIMENT = """\
 name: mdl
@@ -32,24 +30,12 @@ final: {seeds: 2}
 """
 
 
-def _cli(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "rnnbench.cli", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A run home whose experiment ran to the end."""
     root = tmp_path_factory.mktemp("models")
     (root / "mdl.yaml").write_text(EXPERIMENT)
-    result = _cli(["run", "mdl.yaml"], root / "home", root)
+    result = run_cli(["run", "mdl.yaml"], root / "home", root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "not logged" not in result.stdout + result.stderr
     return root
@@ -118,8 +104,8 @@ def test_sync_logs_a_lost_model_from_the_weights_file_once(finished: Path, tmp_p
     models = _logged_models(home)
     lost = models[0]
     mlflow.MlflowClient().delete_logged_model(lost.model_id)
-    first = _cli(["sync", "mdl", "--home", str(home)], home, tmp_path)
-    again = _cli(["sync", "mdl", "--home", str(home)], home, tmp_path)
+    first = run_cli(["sync", "mdl", "--home", str(home)], home, tmp_path)
+    again = run_cli(["sync", "mdl", "--home", str(home)], home, tmp_path)
     assert "1 model(s) logged" in first.stdout, first.stdout + first.stderr
     assert "0 model(s) logged" in again.stdout, again.stdout + again.stderr
     assert {m.source_run_id for m in _logged_models(home)} == {m.source_run_id for m in models}
@@ -128,7 +114,7 @@ def test_sync_logs_a_lost_model_from_the_weights_file_once(finished: Path, tmp_p
 def test_export_writes_a_self_contained_model_of_the_best_seed_on_validation(finished: Path, tmp_path: Path):
     home = finished / "home"
     out = tmp_path / "exported"
-    result = _cli(["export", "mdl", "sentiment-synthetic/gru-1L-uni", "--out", str(out)], home, tmp_path)
+    result = run_cli(["export", "mdl", "sentiment-synthetic/gru-1L-uni", "--out", str(out)], home, tmp_path)
     assert result.returncode == 0, result.stderr
     storage = open_storage(str(home / "optuna.journal"), home)
     best = best_seed(storage, "mdl/sentiment-synthetic/gru-1L-uni")
@@ -140,7 +126,7 @@ def test_export_writes_a_self_contained_model_of_the_best_seed_on_validation(fin
     reloaded = mlflow.pytorch.load_model(str(out)).model.state_dict()
     assert weights.keys() == reloaded.keys() and all(torch.equal(weights[k], reloaded[k]) for k in weights)
     # a second export into the same folder is refused, and the first stays whole
-    again = _cli(["export", "mdl", "sentiment-synthetic/gru-1L-uni", "--out", str(out)], home, tmp_path)
+    again = run_cli(["export", "mdl", "sentiment-synthetic/gru-1L-uni", "--out", str(out)], home, tmp_path)
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
     assert (out / "MLmodel").is_file()
 
@@ -150,7 +136,7 @@ def test_register_puts_each_studys_best_seed_in_the_model_registry(finished: Pat
 
     home = tmp_path / "home"
     shutil.copytree(finished / "home", home)
-    result = _cli(["register", "mdl", "ner-synthetic/gru-1L-uni", "--home", str(home)], home, tmp_path)
+    result = run_cli(["register", "mdl", "ner-synthetic/gru-1L-uni", "--home", str(home)], home, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "as mdl.ner-synthetic.gru-1L-uni version 1" in result.stdout
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
@@ -175,7 +161,7 @@ def test_a_changed_weights_file_is_refused(finished: Path, tmp_path: Path):
     best = best_seed(storage, "mdl/charlm-synthetic/gru-1L-uni")
     path = home / best["weights"]["path"]
     path.write_bytes(path.read_bytes() + b"x")
-    result = _cli(
+    result = run_cli(
         ["export", "mdl", "charlm-synthetic/gru-1L-uni", "--out", str(tmp_path / "o")], home, tmp_path
     )
     assert result.returncode == 2 and "changed since the ledger recorded them" in result.stderr

@@ -210,19 +210,25 @@ def test_two_plugins_registering_the_same_name_is_an_error_naming_both(monkeypat
         FakeEntryPoint("first", "first_plugin", FakeDistribution("rnnbench-first", "1.0")),
         FakeEntryPoint("second", "second_plugin", FakeDistribution("rnnbench-second", "2.0")),
     )
+    registry = Registry()  # the clash blocks only what uses the name
+    assert registry.cell("gru").source == "builtin"
     with pytest.raises(PluginError) as info:
-        Registry()
+        registry.cell("toy")
     message = str(info.value)
-    assert "'toy'" in message
+    assert info.value.exit_code == 2 and "'toy'" in message
     assert "rnnbench-first 1.0" in message and "rnnbench-second 2.0" in message
+    assert "toy" not in registry.cells  # listed nowhere as if one of them had won
+    assert registry.clashes["cell"]["toy"] == message
 
 
 def test_plugin_reusing_a_builtin_name_is_an_error(monkeypatch, installed):
     plugin_module(monkeypatch, "shadow_plugin", rnnbench_cells=cells_hook({"lstm": ToyCell}))
     installed(FakeEntryPoint("shadow", "shadow_plugin", FakeDistribution("rnnbench-shadow", "1.0")))
+    registry = Registry()
     with pytest.raises(PluginError) as info:
-        Registry()
+        registry.cell("lstm")
     assert "builtin" in str(info.value) and "rnnbench-shadow 1.0" in str(info.value)
+    assert registry.cell("gru").source == "builtin"
 
 
 # -- switching third-party plugins off --------------------------------------------------------------

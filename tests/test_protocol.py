@@ -3,9 +3,6 @@ pruner warm-up, the fingerprint that guards a resume, fixed configurations, thre
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from rnnbench.runner import (
     open_stores,
     prepare,
 )
+from tests.helpers import run_cli
 
 BASE = """\
 name: {name}
@@ -36,13 +34,6 @@ pruner: {{name: none}}
 
 def _experiment(name="p", extra="", trials=2, seeds=1):
     return parse(BASE.format(name=name, extra=extra, trials=trials, seeds=seeds))
-
-
-def _cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "rnnbench.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 def test_parameter_budget_is_solved_per_trial_with_its_searched_sizes(tmp_path: Path):
@@ -90,7 +81,7 @@ def test_a_task_budget_sets_that_tasks_trials_and_steps(tmp_path: Path):
         "  - name: memory\n    options: {problem: adding, seq_len: 6}\n"
         "    budget: {trials: 1, epochs: 2, steps_per_epoch: 5}\n"
     )
-    result = _cli(["run", str(path)], tmp_path / "home")
+    result = run_cli(["run", str(path)], tmp_path / "home")
     assert result.returncode == 0, result.stderr
     from rnnbench.projection import StudyLedger
     from rnnbench.sweep import open_storage, record_of
@@ -116,7 +107,7 @@ def test_parameter_budget_reaches_every_trial_of_a_run(tmp_path: Path):
             seeds=1,
         )
     )
-    result = _cli(["run", str(path)], tmp_path / "home")
+    result = run_cli(["run", str(path)], tmp_path / "home")
     assert result.returncode == 0, result.stderr
     from rnnbench.projection import StudyLedger
     from rnnbench.sweep import open_storage, record_of, study_names
@@ -196,7 +187,7 @@ def test_a_resume_names_what_changed_and_final_seeds_may_grow(tmp_path: Path):
 def test_a_fixed_configuration_goes_straight_to_the_final_seeds(tmp_path: Path):
     path = tmp_path / "fixed.yaml"
     path.write_text(BASE.format(name="fixed", extra="fixed: {hidden_size: 8}", trials=0, seeds=2))
-    result = _cli(["run", str(path), "--threads", "1"], tmp_path / "home")
+    result = run_cli(["run", str(path), "--threads", "1"], tmp_path / "home")
     assert result.returncode == 0, result.stderr
     from mlflow.tracking import MlflowClient
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rnnbench.errors import DataError
+from rnnbench.errors import DataError, shorten
 
 ENCODING = "utf-8-sig"
 
@@ -147,6 +147,7 @@ def read_conll(
     tokens: list[str] = []
     tags: list[str] = []
     first_line = 0
+    width: tuple[int, int] | None = None  # (columns, line) of the first token line
 
     def end_sentence():
         if tokens:
@@ -169,6 +170,14 @@ def read_conll(
                 raise DataError(
                     f"{path} line {line_number} has {len(fields)} column(s), needs {needed} "
                     f"(token column {token_column}, tag column {tag_column}): {line!r}"
+                )
+            # One short line would shift a counted-from-the-end column onto another (chunk tags read
+            # as entity tags), so every token line must have the first one's columns.
+            width = width or (len(fields), line_number)
+            if len(fields) != width[0]:
+                raise DataError(
+                    f"{path} line {line_number} has {len(fields)} columns where line {width[1]} has "
+                    f"{width[0]}: {shorten(line, 60)}"
                 )
             if not tokens:
                 first_line = line_number

@@ -131,6 +131,9 @@ def _drop_trailing_blank_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.iloc[:end]
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _where(source: str, index: int) -> str:
     # Index 0 is the first data row, on line 2 under the header (blank lines are kept as rows).
     return f"{source}, line {index + 2} (data row {index + 1})"
@@ -166,6 +169,14 @@ def _numeric_column(column: pd.Series, name: str, source: str) -> np.ndarray:
         shown = text.iloc[row] if text is not None else values[row]
         raise DataError(
             f"{_where(source, row)}: column {name!r} holds {shown!r}, which is not a finite number"
+        )
+    # Models compute in float32: a larger value would become inf there, and every score with it.
+    huge = np.abs(values) > FLOAT32_MAX
+    if huge.any():
+        row = int(np.flatnonzero(huge)[0])
+        raise DataError(
+            f"{_where(source, row)}: column {name!r} holds {values[row]:g}, beyond the float32 range "
+            f"(±{FLOAT32_MAX:.3g}) models compute in; rescale the column"
         )
     return values
 

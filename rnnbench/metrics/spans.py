@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+import numpy as np
+
 
 def extract_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     """The entities of one tagged sentence as ``{(type, start, end)}``."""
@@ -28,12 +30,30 @@ def extract_spans(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     return spans
 
 
-def _prf(correct: int, predicted: int, gold: int) -> dict[str, float]:
+def prf(correct, predicted, gold) -> dict[str, np.ndarray]:
+    """Precision, recall and F1 from entity counts: numbers or arrays of any shape, element-wise."""
+    correct, predicted, gold = (np.asarray(count, dtype=np.float64) for count in (correct, predicted, gold))
     # conlleval's convention: an empty denominator scores 0, never a division error
-    precision = correct / predicted if predicted else 0.0
-    recall = correct / gold if gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, correct / predicted, 0.0)
+        recall = np.where(gold > 0, correct / gold, 0.0)
+        both = precision + recall
+        f1 = np.where(both > 0, 2 * precision * recall / both, 0.0)
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def _prf(correct: int, predicted: int, gold: int) -> dict[str, float]:
+    return {name: float(score) for name, score in prf(correct, predicted, gold).items()}
+
+
+def sentence_counts(gold_tags: Sequence[str], pred_tags: Sequence[str]) -> tuple[Counter, Counter, Counter]:
+    """The entities of one sentence per type: ``(correct, predicted, gold)`` counts."""
+    gold_spans, pred_spans = extract_spans(gold_tags), extract_spans(pred_tags)
+    return (
+        Counter(kind for kind, _, _ in gold_spans & pred_spans),
+        Counter(kind for kind, _, _ in pred_spans),
+        Counter(kind for kind, _, _ in gold_spans),
+    )
 
 
 def span_f1(gold_sequences: Sequence[Sequence[str]], pred_sequences: Sequence[Sequence[str]]) -> dict:
@@ -44,10 +64,10 @@ def span_f1(gold_sequences: Sequence[Sequence[str]], pred_sequences: Sequence[Se
     for i, (gold_tags, pred_tags) in enumerate(zip(gold_sequences, pred_sequences)):
         if len(gold_tags) != len(pred_tags):
             raise ValueError(f"sentence {i}: {len(gold_tags)} gold tags but {len(pred_tags)} predicted")
-        gold_spans, pred_spans = extract_spans(gold_tags), extract_spans(pred_tags)
-        gold.update(kind for kind, _, _ in gold_spans)
-        predicted.update(kind for kind, _, _ in pred_spans)
-        correct.update(kind for kind, _, _ in gold_spans & pred_spans)
+        sentence_correct, sentence_predicted, sentence_gold = sentence_counts(gold_tags, pred_tags)
+        correct.update(sentence_correct)
+        predicted.update(sentence_predicted)
+        gold.update(sentence_gold)
     scores = _prf(sum(correct.values()), sum(predicted.values()), sum(gold.values()))
     scores["per_type"] = {
         kind: {**_prf(correct[kind], predicted[kind], gold[kind]), "support": gold[kind]}

@@ -33,8 +33,6 @@ def build_report(
     column, rankings side by side, one column of figure panels each)."""
     from rnnbench.report import collect as collect_mod
     from rnnbench.report import figures as figures_mod
-    from rnnbench.report import notebook as notebook_mod
-    from rnnbench.report import tables as tables_mod
 
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
     title = " vs ".join(experiments)
@@ -48,8 +46,35 @@ def build_report(
     if not importance.empty:
         importance.to_parquet(out / collect_mod.IMPORTANCE_FILE, index=False)
         files["data"].append(out / collect_mod.IMPORTANCE_FILE)
+    return _render(data, experiments, importance, notes, files, out, fmt, journal, say)
+
+
+def rebuild_report(out: Path, *, fmt: str = "all", progress: Callable[[str], None] | None = None) -> Report:
+    """Render a saved report again from its own tidy tables (runs, histories, importances,
+    items), with this rnnbench's tables, verdicts and figures; no MLflow store needed."""
+    import pandas as pd
+
+    from rnnbench.report import collect as collect_mod
+
+    data = collect_mod.load_saved(out)
+    experiments = list(data.runs["experiment"].dropna().unique())
+    saved = out / collect_mod.IMPORTANCE_FILE
+    importance = pd.read_parquet(saved) if saved.is_file() else pd.DataFrame()
+    files = {"data": [p for p in (out / collect_mod.RUNS_FILE, out / "runs.csv", out / collect_mod.HISTORIES_FILE,
+                                  saved, out / collect_mod.ITEMS_FILE) if p.is_file()]}  # fmt: skip
+    return _render(data, experiments, importance, [], files, out, fmt, None, progress or (lambda m: None))
+
+
+def _render(data, experiments, importance, notes, files, out: Path, fmt: str, journal, say) -> Report:
+    """Tables, figures, report.html, the executed notebook and index.html from collected data."""
+    from rnnbench.report import figures as figures_mod
+    from rnnbench.report import notebook as notebook_mod
+    from rnnbench.report import tables as tables_mod
+
+    title = " vs ".join(experiments)
+    tracking_uri = data.tracking_uri
     say(f"{len(data.runs)} runs; writing tables")
-    task_tables = tables_mod.ranking_tables(data.runs, data.benchmarks)
+    task_tables = tables_mod.ranking_tables(data.runs, data.benchmarks, data.items)
     sums = tables_mod.summaries(task_tables)
     written = tables_mod.write(task_tables, sums, out / "tables")
     files["tables"] = [out / "tables" / "tables.html"] + [p for ps in written.values() for p in ps]

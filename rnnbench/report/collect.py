@@ -11,14 +11,15 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError, first_line
-from rnnbench.plugins import metric_bounds
+from rnnbench.experiment import parse_margin
+from rnnbench.plugins import declared_metric, metric_bounds
 
 TAG = "rnnbench."
 # Params every child run carries that are not hyperparameters (they are tags too).
@@ -30,6 +31,7 @@ _ID_COLUMNS = [
 ]  # fmt: skip
 HISTORY_METRICS = ("grad_norm", "grad_norm_max")
 RUNS_FILE, HISTORIES_FILE, IMPORTANCE_FILE = "runs.parquet", "histories.parquet", "importance.parquet"
+ITEMS_FILE = "items.parquet"  # per-item outcomes of the final seeds (collect_items), when any
 # Run summaries that older stores logged under their per-epoch series' own name
 _SUMMARIES_BEFORE_RENAME = {
     "train_tokens_per_s_median": "train_tokens_per_s",
@@ -47,6 +49,9 @@ class TaskInfo:
     metric: str
     direction: str  # "minimize" | "maximize"
     bounds: tuple[float, float] = (-math.inf, math.inf)  # what the metric can take (Metric.bounds)
+    margin: float | None = None  # of practical equivalence (Metric.margin, or the experiment's own)
+    margin_relative: bool = False
+    margin_source: str = "task"  # "task" (the metric's default) or "experiment" (the file's margin:)
 
     @property
     def better(self) -> str:
@@ -62,6 +67,7 @@ class Collected:
     tasks: dict[str, TaskInfo]
     notes: list[str] = field(default_factory=list)
     benchmarks: dict[str, TaskInfo] = field(default_factory=dict)  # benchmark → its task's metric
+    items: pd.DataFrame = field(default_factory=pd.DataFrame)  # collect_items: run_id, split, item, ...
 
 
 def resolve_tracking_uri(home: str | Path | None, tracking_uri: str | None) -> str:
@@ -140,7 +146,9 @@ def task_info(task: str, columns: list[str]) -> tuple[TaskInfo, str | None]:
         from rnnbench.plugins import get_task
 
         metric = get_task(task).metrics[0]
-        return TaskInfo(task, metric.name, metric.direction, metric.bounds), None
+        return TaskInfo(
+            task, metric.name, metric.direction, metric.bounds, metric.margin, metric.margin_relative
+        ), None
     except Exception:
         guesses = sorted(c.removeprefix("best_valid_") for c in columns if c.startswith("best_valid_"))
         name = guesses[0] if guesses else "loss"
@@ -187,9 +195,11 @@ def run_row(run, experiment: str) -> dict[str, Any]:
         "best_trial": _number(own.get("best_trial")),
         "primary_metric": own.get("metric"),  # on study runs: the task instance's own primary metric
         "direction": own.get("direction"),
+        "margin": own.get("margin"),  # the experiment's margin of practical equivalence, if it set one
         "run_id": info.run_id,
         "run_name": tags.get("mlflow.runName"),
         "parent_run_id": tags.get("mlflow.parentRunId"),
+        "artifact_uri": info.artifact_uri,  # where its files are (collect_items reads from there)
         "mlflow_status": info.status,
         "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True) if info.start_time else pd.NaT,
         "end_time": pd.to_datetime(info.end_time, unit="ms", utc=True) if info.end_time else pd.NaT,
@@ -266,7 +276,8 @@ def collect(
     notes += status_notes(df)
     histories = collect_histories(client, df, benchmarks, progress)
     histories.insert(0, "experiment", experiment)
-    return Collected(experiment, tracking_uri, df, histories, tasks, notes, benchmarks)
+    items = collect_items(client, df, progress)
+    return Collected(experiment, tracking_uri, df, histories, tasks, notes, benchmarks, items)
 
 
 def collect_many(
@@ -286,7 +297,9 @@ def collect_many(
     for p in parts:
         notes += [f"{p.experiment}: {n}" for n in status_notes(p.runs)]
     tasks = {info.name: info for info in benchmarks.values()}
-    return Collected(" vs ".join(experiments), tracking_uri, runs, histories, tasks, notes, benchmarks)
+    items = pd.concat([p.items for p in parts if len(p.items)] or [empty_items()], ignore_index=True)
+    items.attrs["missing"] = [run_id for p in parts for run_id in p.items.attrs.get("missing", [])]
+    return Collected(" vs ".join(experiments), tracking_uri, runs, histories, tasks, notes, benchmarks, items)
 
 
 def natural_key(label: str) -> list:
@@ -311,8 +324,19 @@ def benchmark_infos(runs: pd.DataFrame) -> tuple[dict[str, TaskInfo], list[str]]
         tagged = group.dropna(subset=["primary_metric", "direction"]) if "direction" in group else group[:0]
         if len(tagged):  # the study run says which metric it optimised (options can change it)
             metric = tagged["primary_metric"].iloc[0]
-            bounds = metric_bounds(info.name, metric)
-            info = TaskInfo(info.name, metric, tagged["direction"].iloc[0], bounds)
+            declared = declared_metric(info.name, metric)
+            info = TaskInfo(
+                info.name,
+                metric,
+                tagged["direction"].iloc[0],
+                metric_bounds(info.name, metric),
+                declared.margin if declared else None,
+                declared.margin_relative if declared else False,
+            )
+        override = group["margin"].dropna() if "margin" in group else group[:0]
+        if len(override):  # the experiment file's margin: of this task entry
+            size, relative = parse_margin(str(override.iloc[0]))
+            info = replace(info, margin=size, margin_relative=relative, margin_source="experiment")
         benchmarks[bench] = info
     return benchmarks, notes
 
@@ -395,11 +419,85 @@ def collect_histories(client, df, benchmarks, progress=None) -> pd.DataFrame:
     return hist
 
 
+def empty_items() -> pd.DataFrame:
+    return pd.DataFrame(
+        {"run_id": pd.Series(dtype=str), "split": pd.Series(dtype=str), "item": pd.Series(dtype="int32")}
+    )
+
+
+def collect_items(client, runs: pd.DataFrame, progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Per-item outcomes of every complete final seed (the artifact rnnbench.items logs): one long
+    frame of ``run_id``, ``split``, ``item`` and the union of the tasks' columns (NaN where a task
+    lacks one). Runs without the artifact (stores older than it, tasks that declare no items) are
+    absent; ``attrs["missing"]`` lists their run ids."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from rnnbench.items import ARTIFACT_PATH
+
+    wanted = runs[(runs["stage"] == "final") & (runs["status"] == "complete")] if len(runs) else runs
+    uris = wanted["artifact_uri"] if "artifact_uri" in wanted else pd.Series(None, index=wanted.index)
+    frames, missing = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (run_id, uri) in enumerate(zip(wanted.get("run_id", ()), uris, strict=True)):
+            try:
+                # from the run's artifact URI: a tenth of the time of asking the store for the run
+                uri = uri if isinstance(uri, str) else client.get_run(run_id).info.artifact_uri
+                path = download_artifacts(
+                    artifact_uri=f"{uri}/{ARTIFACT_PATH}", dst_path=tmp, tracking_uri=client.tracking_uri
+                )
+            except (MlflowException, OSError):
+                missing.append(run_id)
+                continue
+            frame = pd.read_parquet(path)
+            frame.insert(0, "run_id", run_id)
+            frames.append(frame)
+            if progress and i and i % 100 == 0:
+                progress(f"collected items of {i}/{len(wanted)} final runs...")
+    items = pd.concat(frames, ignore_index=True) if frames else empty_items()
+    items.attrs["missing"] = missing
+    return items
+
+
 def save(collected: Collected, out: Path) -> list[Path]:
-    """The tidy tables the notebook reads: runs (Parquet and CSV) and per-epoch histories."""
+    """The tidy tables the notebook reads: runs (Parquet and CSV), per-epoch histories and, when
+    any final seed logged them, per-item outcomes."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / RUNS_FILE, out / "runs.csv", out / HISTORIES_FILE]
-    collected.runs.to_parquet(paths[0], index=False)
-    collected.runs.to_csv(paths[1], index=False)
+    shared = collected.runs.drop(columns=["artifact_uri"], errors="ignore")  # a path of this machine
+    shared.to_parquet(paths[0], index=False)
+    shared.to_csv(paths[1], index=False)
     collected.histories.to_parquet(paths[2], index=False)
+    if len(collected.items):
+        paths.append(out / ITEMS_FILE)
+        collected.items.to_parquet(paths[-1], index=False, compression="zstd")
     return paths
+
+
+def load_saved(folder: Path) -> Collected:
+    """A saved report's tidy tables as collected, without MLflow: an archived report (its
+    ``runs.parquet`` and the files beside it) can be rendered again by a newer rnnbench."""
+    folder = Path(folder)
+    if not (folder / RUNS_FILE).is_file():
+        raise RnnbenchError(f"{folder} holds no saved report ({RUNS_FILE} is missing)")
+    runs = pd.read_parquet(folder / RUNS_FILE)
+    histories = (
+        pd.read_parquet(folder / HISTORIES_FILE) if (folder / HISTORIES_FILE).is_file() else pd.DataFrame()
+    )
+    experiments = list(runs["experiment"].dropna().unique())
+    benchmarks, notes = benchmark_infos(runs)
+    for e in experiments:
+        prefix = f"{e}: " if len(experiments) > 1 else ""
+        notes += [prefix + n for n in status_notes(runs[runs["experiment"] == e])]
+    tasks = {info.name: info for info in benchmarks.values()}
+    return Collected(
+        " vs ".join(experiments), "", runs, histories, tasks, notes, benchmarks, load_saved_items(folder)
+    )
+
+
+def load_saved_items(folder: Path = Path(".")) -> pd.DataFrame:
+    """A saved report's per-item outcomes; an empty frame when it has none (older stores)."""
+    path = Path(folder) / ITEMS_FILE
+    return pd.read_parquet(path) if path.is_file() else empty_items()

@@ -40,6 +40,10 @@ CAPTIONS = {
     f"per study with {MIN_TRIALS_FOR_IMPORTANCE} or more completed trials (seed 0).",
     "memory_vs_length": f"Memory task: test metric against sequence length T, one line per architecture; "
     f"dashed: the trivial baseline. {_POINTS}",
+    "critical_difference": "Architectures over all benchmarks: mean rank of the mean test score (1 = best) on "
+    "the benchmarks every shown architecture was ranked on; Friedman test, and Nemenyi's critical "
+    "difference (CD, α = 0.05): architectures joined by a thick line are not told apart (Demšar 2006). "
+    "Ranks only: a benchmark's margin of victory does not count.",
     "compare_experiments": "The same architectures in each experiment: mean test metric, with its 95% "
     f"interval from {MIN_SEEDS} seeds (each seed as a dot below that), one colour per experiment.",
 }
@@ -655,10 +659,28 @@ def compare_experiments(tables: list[TaskTable], style: Style):
     return fig
 
 
+def critical_difference(tables: list[TaskTable], style: Style):
+    """Friedman/Nemenyi over benchmarks (rnnbench.report.ranking), for one experiment."""
+    from rnnbench.report import ranking
+
+    experiments = list(dict.fromkeys(t.experiment for t in tables))
+    if len(experiments) > 1:
+        return "critical_difference: one experiment at a time (run the report on each)"
+    result = ranking.rank_over_benchmarks(*ranking.scores_of(tables))
+    if result is None:
+        return "critical_difference: needs 2 benchmarks and 3 architectures ranked on all of them"
+    fig = ranking.critical_difference_diagram(result, style)
+    if result.left_out:
+        text = "; ".join(f"{name}: {why}" for name, why in result.left_out.items())
+        fig.text(0.01, 0.0, "left out: " + text, fontsize=7, color="0.35", wrap=True, va="top")
+    return fig
+
+
 def draw_all(runs, histories, tables, infos, importance_df, style) -> dict[str, object]:
     """Every figure, by name, in report order: a matplotlib Figure or why there is none."""
     drawn = {
         "compare_experiments": compare_experiments(tables, style),
+        "critical_difference": critical_difference(tables, style),
         "metric_vs_params": metric_vs_params(tables, style),
         "metric_vs_throughput": metric_vs_throughput(tables, style),
         "valid_curves": valid_curves(runs, histories, infos, style),

@@ -15,6 +15,7 @@ NOTEBOOK_HTML = "report_notebook.html"
 # The figures, in report order, as the notebook calls them (figures.draw_all makes the same calls).
 FIGURE_CALLS = {
     "compare_experiments": "figures.compare_experiments(ranked, style)",
+    "critical_difference": "figures.critical_difference(ranked, style)",
     "metric_vs_params": "figures.metric_vs_params(ranked, style)",
     "metric_vs_throughput": "figures.metric_vs_throughput(ranked, style)",
     "valid_curves": "figures.valid_curves(runs, histories, infos, style)",
@@ -49,14 +50,15 @@ def build(experiments: list[str], tracking_uri: str, journal: Path | None = None
             f"journal = {str(journal) if journal else None!r}  # the Optuna ledger, for importances on refresh\n"
             "refresh = False  # True: collect the runs again from tracking_uri\n"
             "cells = None  # e.g. ['lstm', 'gru']: keep only these cells\n"
-            "benchmarks = None  # e.g. ['memory-T12']: keep only these benchmarks",
+            "benchmarks = None  # e.g. ['memory-T12']: keep only these benchmarks\n"
+            "family = 'best_vs_rest'  # or 'all_pairs': which comparisons are Holm-adjusted together",
             metadata={"tags": ["parameters"]},
         ),
         code(
             "from pathlib import Path\n\n"
             "import pandas as pd\n"
             "from IPython.display import HTML, Markdown, display\n\n"
-            "from rnnbench.report import collect, figures, tables\n\n"
+            "from rnnbench.report import collect, figures, tables, verdicts\n\n"
             "if refresh:\n"
             "    data = collect.collect_many(collect.open_client(tracking_uri), experiments)\n"
             "    runs, histories = data.runs, data.histories\n"
@@ -65,7 +67,11 @@ def build(experiments: list[str], tracking_uri: str, journal: Path | None = None
             "    runs = pd.read_parquet(collect.RUNS_FILE)\n"
             "    histories = pd.read_parquet(collect.HISTORIES_FILE)\n"
             "    has_importance = Path(collect.IMPORTANCE_FILE).is_file()\n"
-            "    importance = pd.read_parquet(collect.IMPORTANCE_FILE) if has_importance else pd.DataFrame()"
+            "    importance = pd.read_parquet(collect.IMPORTANCE_FILE) if has_importance else pd.DataFrame()\n"
+            "# per-item outcomes of the final seeds (paired verdicts); None for stores from before them\n"
+            "items = data.items if refresh else (\n"
+            "    pd.read_parquet(collect.ITEMS_FILE) if Path(collect.ITEMS_FILE).is_file() else None\n"
+            ")"
         ),
         md("## Select the runs\n\nAny pandas filter works here; everything below follows it."),
         code(
@@ -90,7 +96,7 @@ def build(experiments: list[str], tracking_uri: str, journal: Path | None = None
         ),
         code(
             "infos, notes = collect.benchmark_infos(runs)  # benchmark → primary metric and direction\n"
-            "ranked = tables.ranking_tables(runs, infos)\n"
+            "ranked = tables.ranking_tables(runs, infos, items)\n"
             "summaries = tables.summaries(ranked)\n"
             "notes += [n for e in runs['experiment'].unique() for n in collect.status_notes(runs[runs['experiment'] == e])]\n"
             "if notes:\n"
@@ -98,6 +104,28 @@ def build(experiments: list[str], tracking_uri: str, journal: Path | None = None
             "display(HTML(tables.summary_html(summaries)))"
         ),
         code("for benchmark in infos:\n    display(HTML(tables.benchmark_html(ranked, benchmark)))"),
+        md(
+            "## Verdicts\n\n"
+            "Winners are chosen on validation; every comparison is paired on the same test items "
+            "(bootstrap over seeds and items) and says **better**, **worse**, **equivalent** (within "
+            "the metric's margin) or **inconclusive**. `family` (parameters cell) decides which "
+            "comparisons are Holm-adjusted together. One pair alone: "
+            "`verdicts.compare(runs, 'lstm-1L-uni', 'gru-1L-uni', benchmark='sentiment-sst2', items=items)`."
+        ),
+        code(
+            "verdict_table = pd.concat(\n"
+            "    [\n"
+            "        verdicts.family(runs[runs['experiment'] == e], items, infos[b], b, family)\n"
+            "        .assign(experiment=e)\n"
+            "        for e in runs['experiment'].unique()\n"
+            "        for b in infos\n"
+            "        if (runs[runs['experiment'] == e]['benchmark'] == b).any()\n"
+            "    ],\n"
+            "    ignore_index=True,\n"
+            ")\n"
+            "verdict_table[['family', 'architecture', 'versus', 'verdict', 'difference', 'ci95_low', "
+            "'ci95_high', 'p_holm', 'margin', 'detectable', 'method']]"
+        ),
         md("## Figures"),
         code(
             "%matplotlib inline\n"

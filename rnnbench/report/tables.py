@@ -1,4 +1,4 @@
-"""Per-task ranking tables (test metric over final seeds, mean ± Student-t 95% CI) and a cross-task summary."""
+"""Per-benchmark ranking tables (chosen on validation, verdicts on test) and a cross-benchmark summary."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pandas as pd
 
+from rnnbench.report import verdicts
 from rnnbench.report.collect import TaskInfo
-from rnnbench.stats import MIN_SEEDS, WHY_MIN_SEEDS, finite, mean_ci, welch_p_value
+from rnnbench.stats import MIN_SEEDS, WHY_MIN_SEEDS, finite, mean_ci
 
-ALPHA = 0.05
 TEST_NOTE = (
-    f"Mean and 95% confidence interval over final seeds (Student t, n−1 degrees of freedom) from "
-    f"{MIN_SEEDS} seeds up; with fewer, the seeds' own values. “≈ best”: a two-sided Welch t-test over "
-    f"seeds does not reject equality with the best architecture at α = {ALPHA} (p shown); it needs "
-    f"{MIN_SEEDS} seeds on both sides."
+    "Rank and selection by the mean validation score of the final seeds (the test split chooses "
+    "nothing). Test: mean and 95% confidence interval over final seeds (Student t) from "
+    f"{MIN_SEEDS} seeds up; with fewer, the seeds' own values. vs selected: each architecture minus the "
+    "selected one on the same test items (paired bootstrap over seeds and items; seed-level Welch "
+    "where items are missing), Holm-adjusted over the benchmark's comparisons: better / worse (the "
+    "difference is not zero), equivalent (it lies within the margin, two one-sided tests), "
+    "inconclusive (neither); detectable: the smallest difference the design finds with 80% power."
 )
 MEMORY_NOTE = (
     "train memory: MiB the model needs to train (CPU: parameters, gradients, optimiser state and the "
@@ -36,39 +39,57 @@ class TaskTable:
     caption: str
     notes: list[str] = field(default_factory=list)
     experiment: str | None = None  # which experiment's runs it ranks (a report may compare several)
+    comparisons: pd.DataFrame = field(default_factory=pd.DataFrame)  # the best_vs_rest family, tidy
 
 
 def _fmt(x: float, digits: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
-def ranking_tables(runs: pd.DataFrame, benchmarks: dict[str, TaskInfo]) -> list[TaskTable]:
-    """One ranking per experiment and benchmark (benchmarks in the order given: natural order)."""
+def ranking_tables(
+    runs: pd.DataFrame, benchmarks: dict[str, TaskInfo], items: pd.DataFrame | None = None
+) -> list[TaskTable]:
+    """One ranking per experiment and benchmark (benchmarks in the order given: natural order);
+    ``items``: the final seeds' per-item outcomes, for paired verdicts."""
     experiments = list(runs["experiment"].dropna().unique()) if "experiment" in runs else [None]
     out = []
     for bench, info in benchmarks.items():
         for experiment in experiments:
             mine = runs if experiment is None else runs[runs["experiment"] == experiment]
             if (mine["benchmark"] == bench).any():
-                out.append(rank_task(mine, info, bench, experiment=experiment))
+                out.append(rank_task(mine, info, bench, experiment=experiment, items=items))
     return out
 
 
 def rank_task(
-    runs: pd.DataFrame, info: TaskInfo, benchmark: str | None = None, *, experiment: str | None = None
+    runs: pd.DataFrame,
+    info: TaskInfo,
+    benchmark: str | None = None,
+    *,
+    experiment: str | None = None,
+    items: pd.DataFrame | None = None,
 ) -> TaskTable:
-    """Architectures of one benchmark (task entry; default: the whole task) ranked by the mean final
-    test metric; unranked ones listed last."""
+    """Architectures of one benchmark ranked by their final seeds' mean validation score, each
+    compared on test with the one selected that way; unranked ones listed last."""
     col = f"test_{info.metric}"
+    bench = benchmark or info.name
     task_runs = runs[runs["benchmark"] == benchmark] if benchmark else runs[runs["task"] == info.name]
+    if not benchmark:
+        task_runs = task_runs.assign(benchmark=bench)
     studies = task_runs[task_runs["stage"] == "study"].set_index("study")
     finals = task_runs[(task_runs["stage"] == "final") & (task_runs["status"] == "complete")]
     hp_cols = sorted(c for c in runs.columns if c.startswith("hp_"))
+    baseline = baseline_of(task_runs, info)
+    valid_means = verdicts.validation_means(task_runs, info, bench)
     rows = []
     for study, group in task_runs.groupby("study"):
         seeds = finals[finals["study"] == study]
         values = finite(seeds[col]) if col in seeds else []
-        mean, low, high = mean_ci(values, min_n=MIN_SEEDS, bounds=info.bounds)
+        split = verdicts.seed_split(values, baseline, info)
+        # no t-interval through seeds that split into solved and unsolved: the count says it
+        mean, low, high = mean_ci(
+            values, min_n=MIN_SEEDS if split is None else len(values) + 1, bounds=info.bounds
+        )
         first = group.iloc[0]
         parent = studies.loc[study] if study in studies.index else None
         if isinstance(parent, pd.DataFrame):
@@ -88,11 +109,12 @@ def rank_task(
                 "cell": first["cell"],
                 "variant": first["variant"],
                 "seeds": len(values),
+                "valid_mean": valid_means.get(first["architecture"], math.nan),
                 "mean": mean,
                 "ci95_low": low,
                 "ci95_high": high,
                 "seed_values": values,
-                "best_valid": parent.get("best_valid") if parent is not None else math.nan,
+                "split": verdicts.split_text(split, info) if split else "",
                 "params": _median(source, "params_total"),
                 "train_tokens_per_s": _median(source, "train_tokens_per_s_median"),
                 "train_memory_mib": _max(source, "train_memory_mib_peak"),
@@ -105,33 +127,37 @@ def rank_task(
     df = pd.DataFrame(rows)
     notes = []
     if df.empty:
-        return TaskTable(benchmark or info.name, info, df, "no runs", ["no runs"], experiment)
-    ranked = df[df["seeds"] > 0].sort_values("mean", ascending=info.direction == "minimize")
-    unranked = df[df["seeds"] == 0]
+        return TaskTable(bench, info, df, "no runs", ["no runs"], experiment)
+    by_valid = df["valid_mean"].notna() & (df["seeds"] > 0)
+    ranked = df[by_valid].sort_values("valid_mean", ascending=info.direction == "minimize")
+    unranked = df[~by_valid]
     ranked = ranked.assign(rank=range(1, len(ranked) + 1))
-    best_values = ranked["seed_values"].iloc[0] if len(ranked) else []
-    p_values, marks = [], []
-    for i, values in enumerate(ranked["seed_values"]):
-        if i == 0:
-            p_values.append(math.nan)
-            marks.append("best")
-            continue
-        p = welch_p_value(best_values, values, min_n=MIN_SEEDS)
-        p_values.append(p)
-        marks.append(f"n/a (<{MIN_SEEDS} seeds)" if math.isnan(p) else ("≈ best" if p >= ALPHA else "worse"))
-    ranked = ranked.assign(p_vs_best=p_values, vs_best=marks)
+    evidence = verdicts.Evidence.of(task_runs, items, info, bench)
+    family = verdicts.family(task_runs, items, info, bench, "best_vs_rest", baseline, evidence)
+    ranked = _with_verdicts(ranked, family)
+    notes += [*evidence.notes, verdicts.margin_text(info)]
+    tied = verdicts.tied_with_selected(valid_means)
+    if len(tied) > 1:
+        notes.append(
+            f"tie on validation between {', '.join(tied)}: the first by name is selected; the "
+            "others are compared with it like the rest"
+        )
+    if len(family):
+        notes.append(
+            f"family {bench}: best_vs_rest ({len(family)} comparisons, Holm-adjusted); "
+            f"{_verdict_counts(family)}"
+        )
     few = ranked[ranked["seeds"] < MIN_SEEDS]
     if len(few):
         named = ", ".join(f"{a} ({n})" for a, n in zip(few["architecture"], few["seeds"]))
         notes.append(
             f"fewer than {MIN_SEEDS} final seeds: {named}. Their seed values are shown instead of an "
-            f"interval, and no “≈ best” or “worse” verdict is drawn where one side has them: {WHY_MIN_SEEDS}."
+            f"interval, and no verdict is drawn where one side has them: {WHY_MIN_SEEDS}."
         )
     if len(unranked):
-        unranked = unranked.assign(rank=pd.NA, p_vs_best=math.nan, vs_best="no final seeds")
+        unranked = unranked.assign(rank=pd.NA, vs_selected="no final seeds")
         notes.append("not ranked (no completed final seed yet): " + ", ".join(unranked["architecture"]))
     table = pd.concat([ranked, unranked], ignore_index=True) if len(unranked) else ranked
-    baseline = _baseline(task_runs, info)
     if baseline is None:
         notes.append("trivial baseline: not logged yet (it is logged when a study finishes)")
     else:
@@ -140,19 +166,45 @@ def rank_task(
             ignore_index=True,
         )
     order = [
-        "rank", "architecture", "cell", "variant", "mean", "ci95_low", "ci95_high", "seeds", "seed_values",
-        "vs_best", "p_vs_best", "best_valid", "params", "train_tokens_per_s", "train_memory_mib",
-        "trials_ok/pruned/failed", "best_hparams",
+        "rank", "architecture", "cell", "variant", "valid_mean", "mean", "ci95_low", "ci95_high", "seeds",
+        "seed_values", "split", "vs_selected", "difference", "diff_ci95_low", "diff_ci95_high", "p_holm",
+        "detectable", "params", "train_tokens_per_s", "train_memory_mib", "trials_ok/pruned/failed",
+        "best_hparams",
     ]  # fmt: skip
     table = table[[c for c in order if c in table.columns]]
     caption = (
-        f"{benchmark or info.name}: architectures ranked by test {info.metric} ({info.better}). {TEST_NOTE} "
+        f"{bench}: architectures ranked by validation {info.metric} ({info.better}). {TEST_NOTE} "
         f"params: total trainable parameters; train tokens/s: median over epochs, rounded; {MEMORY_NOTE}"
     )
-    return TaskTable(benchmark or info.name, info, table.reset_index(drop=True), caption, notes, experiment)
+    return TaskTable(bench, info, table.reset_index(drop=True), caption, notes, experiment, family)
 
 
-def _baseline(task_runs: pd.DataFrame, info: TaskInfo) -> float | None:
+def _with_verdicts(ranked: pd.DataFrame, family: pd.DataFrame) -> pd.DataFrame:
+    """The family's verdict, difference and adjusted p beside each architecture; the first is the
+    selected one."""
+    by_arch = family.set_index("architecture") if len(family) else pd.DataFrame()
+    columns = {"vs_selected": [], "difference": [], "diff_ci95_low": [], "diff_ci95_high": [], "p_holm": [],
+               "detectable": []}  # fmt: skip
+    for i, arch in enumerate(ranked["architecture"]):
+        row = by_arch.loc[arch] if arch in by_arch.index else None
+        columns["vs_selected"].append(
+            "selected (best validation)" if i == 0 else (row["verdict"] if row is not None else "no verdict")
+        )
+        for key, source in (("difference", "difference"), ("diff_ci95_low", "ci95_low"),
+                            ("diff_ci95_high", "ci95_high"), ("p_holm", "p_holm"), ("detectable", "detectable")):  # fmt: skip
+            columns[key].append(row[source] if row is not None else math.nan)
+    return ranked.assign(**columns)
+
+
+def _verdict_counts(family: pd.DataFrame) -> str:
+    counts = family["verdict"].value_counts()
+    return ", ".join(f"{counts[v]} {v}" for v in (*VERDICT_ORDER, "no verdict") if v in counts)
+
+
+VERDICT_ORDER = ("better", "worse", "equivalent", "inconclusive")
+
+
+def baseline_of(task_runs: pd.DataFrame, info: TaskInfo) -> float | None:
     """A trivial baseline the runs logged (``baseline_test_<metric>`` or ``baseline_<metric>``), if any."""
     for col in (f"baseline_test_{info.metric}", f"baseline_{info.metric}"):
         if col in task_runs and task_runs[col].notna().any():
@@ -220,17 +272,30 @@ def summary(tables: list[TaskTable]) -> pd.DataFrame:
 
 
 def display_frame(t: TaskTable) -> pd.DataFrame:
-    """The table as shown: the metric as ``mean [low, high]``, numbers rounded."""
+    """The table as shown: the metric as ``mean [low, high]``, the verdict's difference likewise,
+    numbers rounded."""
     df = t.table.copy()
     if df.empty:
         return df
+    metric = t.info.metric
     df.insert(
         df.columns.get_loc("mean"),
-        f"test {t.info.metric} (95% CI; seed values below {MIN_SEEDS} seeds)",
+        f"test {metric} (95% CI; seed values below {MIN_SEEDS} seeds)",
         [_shown_metric(row) for _, row in df.iterrows()],
     )
-    df = df.drop(columns=[c for c in ("mean", "ci95_low", "ci95_high", "seed_values") if c in df])
-    for c in ("p_vs_best", "best_valid", "train_memory_mib"):
+    if "difference" in df:
+        df.insert(
+            df.columns.get_loc("difference"),
+            f"Δ test {metric} vs selected (95% CI)",
+            [_shown_difference(row) for _, row in df.iterrows()],
+        )
+    if "valid_mean" in df:
+        df["valid_mean"] = df["valid_mean"].map(lambda v: _fmt(float(v)) if pd.notna(v) else "–")
+        df = df.rename(columns={"valid_mean": f"valid {metric} (mean)"})
+    dropped = ("mean", "ci95_low", "ci95_high", "seed_values", "split", "difference", "diff_ci95_low",
+               "diff_ci95_high")  # fmt: skip
+    df = df.drop(columns=[c for c in dropped if c in df])
+    for c in ("p_holm", "detectable", "train_memory_mib"):
         if c in df:
             df[c] = df[c].map(lambda v: _fmt(float(v), 3) if pd.notna(v) else "–")
     for c in ("params", "train_tokens_per_s"):  # counts: whole numbers, thousands separated
@@ -238,11 +303,21 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
             df[c] = df[c].map(lambda v: f"{round(float(v)):,}" if pd.notna(v) else "–")
     if "rank" in df:
         df["rank"] = df["rank"].map(lambda v: str(int(v)) if pd.notna(v) else "–")
+    df = df.rename(
+        columns={
+            "vs_selected": "verdict vs selected",
+            "p_holm": "p (Holm)",
+            "detectable": "smallest detectable Δ",
+        }
+    )
     return df.fillna("–")
 
 
 def _shown_metric(row: pd.Series) -> str:
-    """``mean [low, high]`` with an interval; ``mean (seeds: a, b)`` below MIN_SEEDS seeds."""
+    """``mean [low, high]`` with an interval; the count where seeds split into solved and not;
+    ``mean (seeds: a, b)`` below MIN_SEEDS seeds."""
+    if isinstance(row.get("split"), str) and row["split"]:
+        return f"{_fmt(row['mean'])} ({row['split']})"
     if pd.notna(row.get("ci95_low")):
         return f"{_fmt(row['mean'])} [{_fmt(row['ci95_low'])}, {_fmt(row['ci95_high'])}]"
     values = row.get("seed_values")
@@ -251,6 +326,12 @@ def _shown_metric(row: pd.Series) -> str:
     if isinstance(values, list) and len(values) == 1:
         return f"{_fmt(row['mean'])} (1 seed)"
     return _fmt(row.get("mean"))
+
+
+def _shown_difference(row: pd.Series) -> str:
+    if pd.isna(row.get("difference")):
+        return "–"
+    return f"{row['difference']:+.3g} [{row['diff_ci95_low']:+.3g}, {row['diff_ci95_high']:+.3g}]"
 
 
 def summaries(tables: list[TaskTable]) -> dict[str | None, pd.DataFrame]:
@@ -276,7 +357,7 @@ def benchmarks_of(tables: list[TaskTable]) -> list[str]:
 
 
 # What a side-by-side comparison keeps of each experiment's ranking (the rest is in its own CSV).
-_COMPARED = ("rank", "seeds", "vs_best", "params", "train_tokens_per_s")
+_COMPARED = ("rank", "seeds", "verdict vs selected", "params", "train_tokens_per_s")
 
 
 def benchmark_frame(tables: list[TaskTable], benchmark: str) -> pd.DataFrame:

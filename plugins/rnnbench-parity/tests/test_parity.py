@@ -103,6 +103,16 @@ def test_meets_the_task_contract():
     check_task(Registered("parity", ParityTask, "rnnbench-parity 0.1.0"))
 
 
+def test_items_add_up_to_the_metrics_at_any_batch_size():
+    from rnnbench.testing import check_item_outcomes
+
+    task = small()
+    torch.manual_seed(0)
+    model = task.build_model(lambda n: Encoder("gru", n, 8), {})
+    items = check_item_outcomes(task, model, batch_sizes=(1, 7))
+    assert list(items.columns) == ["correct", "nll", "n"] and len(items) == 100
+
+
 def test_the_served_model_is_the_trained_model_on_whole_sequences():
     from rnnbench.models import serve
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -146,13 +147,36 @@ class ParityTask(Task):
         # Sums over sequences, divided once at the end: the same number whatever the batch size.
         sums = torch.zeros(2, dtype=torch.float64, device=device)
         count = 0
-        for batch in self.batches(split, batch_size, device=device):
-            logits = model(batch.inputs, batch.lengths)
-            sums[0] += (logits.argmax(-1) == batch.targets).sum()
-            sums[1] += F.cross_entropy(logits.float(), batch.targets, reduction="sum").double()
-            count += len(batch.targets)
+        for correct, nll in self._outcomes(model, split, batch_size, device):
+            sums[0] += correct.sum()
+            sums[1] += nll.double().sum()
+            count += len(correct)
         correct, nll = (sums / count).tolist()
         return {"accuracy": correct, "cross_entropy": nll}
+
+    @torch.no_grad()
+    def evaluate_items(
+        self, model: nn.Module, split: str, batch_size: int, *, device: torch.device
+    ) -> pd.DataFrame:
+        """One row per sequence, in the split's order: ``correct`` (int32), ``nll`` (float32) and
+        ``n`` = 1, whose sums give both metrics (the report resamples rows to bootstrap them)."""
+        outcomes = list(self._outcomes(model, split, batch_size, device))
+        correct = torch.cat([right for right, _ in outcomes]).cpu().numpy().astype(np.int32)
+        nll = torch.cat([cost for _, cost in outcomes]).cpu().numpy()
+        return pd.DataFrame({"correct": correct, "nll": nll, "n": np.ones(len(nll), np.int32)})
+
+    def metrics_from_sums(self, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # each value is one sum or an array of them (one per bootstrap replicate): plain array arithmetic
+        return {"accuracy": sums["correct"] / sums["n"], "cross_entropy": sums["nll"] / sums["n"]}
+
+    def _outcomes(self, model: nn.Module, split: str, batch_size: int, device: torch.device):
+        """Per batch, in the split's order: whether each sequence is right, and its cross-entropy."""
+        for batch in self.batches(split, batch_size, device=device):
+            logits = model(batch.inputs, batch.lengths)
+            yield (
+                logits.argmax(-1) == batch.targets,
+                F.cross_entropy(logits.float(), batch.targets, reduction="none"),
+            )
 
     def baseline(self, split: str) -> dict[str, float]:
         """Always answer the commoner training parity, with the training share as its probability."""
