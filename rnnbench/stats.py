@@ -218,14 +218,17 @@ def _satterthwaite(parts: list[tuple[float, float]]) -> float:
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-adjusted p-values of one family (statsmodels); NaN entries stay NaN and are not counted."""
-    from statsmodels.stats.multitest import multipletests
+    """Holm-adjusted p-values of one family; NaN entries stay NaN and are not counted.
 
+    The same numbers as statsmodels' ``multipletests(method="holm")`` (tests/test_stats.py checks
+    it), written out because statsmodels runs a full ``gc.collect()`` in its Holm branch on every
+    call: 0.12 s each with MLflow and pandas loaded, 1.5 of the 2.5 s a six-benchmark ranking took."""
     values = np.asarray(p_values, dtype=float)
     adjusted = np.full(values.shape, np.nan)
-    tested = ~np.isnan(values)
-    if tested.any():
-        adjusted[tested] = multipletests(values[tested], method="holm")[1]
+    tested = np.flatnonzero(~np.isnan(values))
+    order = tested[np.argsort(values[tested], kind="stable")]
+    scaled = values[order] * np.arange(len(order), 0, -1)  # the k-th smallest times (m - k + 1)
+    adjusted[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
     return adjusted.tolist()
 
 

@@ -39,7 +39,7 @@ def _crossed(rng, delta, n=200, seeds=5, item=0.5, own=0.5, seed_sd=0.05, intera
     return out
 
 
-def _simulate(delta, sims=1000, replicates=400, seed=1, **design):
+def _simulate(delta, sims=1000, replicates=200, seed=1, **design):
     rng = np.random.default_rng(seed)
     covered = rejected = 0
     for _ in range(sims):
@@ -133,9 +133,17 @@ def test_no_margin_means_no_equivalence():
     assert verdict(c, "maximize", c.p_value, c.p_equivalence) == "inconclusive"
 
 
-def test_holm_matches_the_textbook_and_skips_nan():
+def test_holm_matches_the_textbook_and_statsmodels_and_skips_nan():
+    from statsmodels.stats.multitest import multipletests
+
     # Holm: sorted p (0.01, 0.02, 0.04) times (3, 2, 1), running maximum
     assert holm([0.04, math.nan, 0.01, 0.02]) == pytest.approx([0.04, math.nan, 0.03, 0.04], nan_ok=True)
+    rng = np.random.default_rng(7)
+    for size in (1, 2, 7, 50):
+        p = rng.uniform(0, 0.2, size) ** 2
+        p[rng.integers(0, size)] = p[0]  # ties
+        assert holm(p) == pytest.approx(multipletests(p, method="holm")[1].tolist())
+    assert holm([]) == []
 
 
 def test_detectable_difference_has_the_stated_power():
