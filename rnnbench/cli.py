@@ -401,11 +401,10 @@ def check_command(experiment_file, device) -> None:
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes it to the network."
 )
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 def ui_command(home, tracking_uri, host, port) -> None:
-    """Open the MLflow UI on the run home's store (bound to localhost by default)."""
-    import subprocess
-
+    """Open the MLflow UI on the run home's store (bound to localhost by default). The server stops
+    with this command: Ctrl-C, a closed terminal (SIGHUP) or SIGTERM."""
     from rnnbench.errors import ConfigError
     from rnnbench.runner import run_home
     from rnnbench.tracking import tracking_uri_for
@@ -415,6 +414,7 @@ def ui_command(home, tracking_uri, host, port) -> None:
         if not (path / "mlflow.db").is_file():
             raise ConfigError(f"no runs in {path} yet: run `rnnbench run experiments/smoke.yaml` first")
         tracking_uri = tracking_uri_for(path)
+    _check_port_free(host, port)  # else the printed address would lead to whatever holds the port
     # MLflow 3 opens in its GenAI view unless asked; runs, metrics and models are the other one
     click.echo(
         f"MLflow UI for {tracking_uri} at http://{host}:{port}/#/experiments?workflowType=machine_learning"
@@ -432,10 +432,53 @@ def ui_command(home, tracking_uri, host, port) -> None:
         "--port",
         str(port),
     ]
+    sys.exit(_serve_until_stopped(command))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line and exit 2 when ``host:port`` cannot be served (taken, or not this machine's)."""
+    import socket
+
+    from rnnbench.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port"
+            ) from None
+
+
+def _serve_until_stopped(command: list[str]) -> int:
+    """Run a server in its own process group and end the whole group when this process is told
+    to stop (Ctrl-C, SIGTERM, or SIGHUP from a closed terminal): mlflow's server forks workers
+    that would otherwise outlive us with parent pid 1."""
+    import signal
+    import subprocess
+
+    server = subprocess.Popen(command, start_new_session=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     try:
-        sys.exit(subprocess.call(command))
+        return server.wait()
     except KeyboardInterrupt:
-        sys.exit(0)
+        return 0
+    finally:
+        if server.poll() is None:
+            try:
+                os.killpg(server.pid, signal.SIGTERM)
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @app.command("dashboard")
