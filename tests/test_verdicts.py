@@ -158,3 +158,14 @@ def test_a_saved_report_is_rendered_again_without_mlflow(tmp_path):
     table = (tmp_path / "again" / "tables" / "b.md").read_text()
     assert "selected (best validation)" in table and "| worse |" in table
     assert "seed-level Welch only" not in (tmp_path / "again" / "report.html").read_text()  # items used
+
+
+def test_an_interval_cut_at_the_metric_bound_is_marked_and_explained():
+    runs = _runs({"a-1L-uni": ([0.99, 0.999, 0.95],) * 2, "b-1L-uni": ([0.8, 0.81, 0.8],) * 2})
+    t = tables.rank_task(runs, ACCURACY, "b")
+    shown = tables.display_frame(t).set_index("architecture")
+    metric = next(c for c in shown.columns if c.startswith("test accuracy"))
+    assert shown.loc["a-1L-uni", metric].endswith(", 1*]")  # the t-interval reached 1.044
+    assert "[" in shown.loc["b-1L-uni", metric] and "*" not in shown.loc["b-1L-uni", metric]
+    (note,) = [n for n in t.notes if n.startswith("* interval cut")]
+    assert "a-1L-uni (1.044)" in note and "b-1L-uni" not in note

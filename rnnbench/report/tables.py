@@ -87,9 +87,10 @@ def rank_task(
         values = finite(seeds[col]) if col in seeds else []
         split = verdicts.seed_split(values, baseline, info)
         # no t-interval through seeds that split into solved and unsolved: the count says it
-        mean, low, high = mean_ci(
-            values, min_n=MIN_SEEDS if split is None else len(values) + 1, bounds=info.bounds
-        )
+        min_n = MIN_SEEDS if split is None else len(values) + 1
+        mean, low, high = mean_ci(values, min_n=min_n, bounds=info.bounds)
+        _, raw_low, raw_high = mean_ci(values, min_n=min_n)  # where the t-interval itself ends
+        cut = [v for v, kept in ((raw_low, low), (raw_high, high)) if not math.isnan(v) and v != kept]
         first = group.iloc[0]
         parent = studies.loc[study] if study in studies.index else None
         if isinstance(parent, pd.DataFrame):
@@ -115,6 +116,7 @@ def rank_task(
                 "ci95_high": high,
                 "seed_values": values,
                 "split": verdicts.split_text(split, info) if split else "",
+                "cut_from": cut[0] if cut else math.nan,  # the t-interval's end past the metric's bound
                 "params": _median(source, "params_total"),
                 "train_tokens_per_s": _median(source, "train_tokens_per_s_median"),
                 "train_memory_mib": _max(source, "train_memory_mib_peak"),
@@ -147,6 +149,13 @@ def rank_task(
             f"family {bench}: best_vs_rest ({len(family)} comparisons, Holm-adjusted); "
             f"{_verdict_counts(family)}"
         )
+    cut = ranked[ranked["cut_from"].notna()]
+    if len(cut):
+        named = ", ".join(f"{a} ({_fmt(v)})" for a, v in zip(cut["architecture"], cut["cut_from"]))
+        notes.append(
+            f"* interval cut at what {info.metric} can take; the Student-t interval reached past it "
+            f"({named}): its seeds are too few or too skewed for a t-interval, so read it as a rough range"
+        )
     few = ranked[ranked["seeds"] < MIN_SEEDS]
     if len(few):
         named = ", ".join(f"{a} ({n})" for a, n in zip(few["architecture"], few["seeds"]))
@@ -167,7 +176,7 @@ def rank_task(
         )
     order = [
         "rank", "architecture", "cell", "variant", "valid_mean", "mean", "ci95_low", "ci95_high", "seeds",
-        "seed_values", "split", "vs_selected", "difference", "diff_ci95_low", "diff_ci95_high", "p_holm",
+        "seed_values", "split", "cut_from", "vs_selected", "difference", "diff_ci95_low", "diff_ci95_high", "p_holm",
         "detectable", "params", "train_tokens_per_s", "train_memory_mib", "trials_ok/pruned/failed",
         "best_hparams",
     ]  # fmt: skip
@@ -292,7 +301,7 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
     if "valid_mean" in df:
         df["valid_mean"] = df["valid_mean"].map(lambda v: _fmt(float(v)) if pd.notna(v) else "–")
         df = df.rename(columns={"valid_mean": f"valid {metric} (mean)"})
-    dropped = ("mean", "ci95_low", "ci95_high", "seed_values", "split", "difference", "diff_ci95_low",
+    dropped = ("mean", "ci95_low", "ci95_high", "seed_values", "split", "cut_from", "difference", "diff_ci95_low",
                "diff_ci95_high")  # fmt: skip
     df = df.drop(columns=[c for c in dropped if c in df])
     for c in ("p_holm", "detectable", "train_memory_mib"):
@@ -319,7 +328,10 @@ def _shown_metric(row: pd.Series) -> str:
     if isinstance(row.get("split"), str) and row["split"]:
         return f"{_fmt(row['mean'])} ({row['split']})"
     if pd.notna(row.get("ci95_low")):
-        return f"{_fmt(row['mean'])} [{_fmt(row['ci95_low'])}, {_fmt(row['ci95_high'])}]"
+        low, high = _fmt(row["ci95_low"]), _fmt(row["ci95_high"])
+        if pd.notna(row.get("cut_from")):  # marked: the bound, not the interval, ends it there
+            low, high = (f"{low}*", high) if row["cut_from"] < row["ci95_low"] else (low, f"{high}*")
+        return f"{_fmt(row['mean'])} [{low}, {high}]"
     values = row.get("seed_values")
     if isinstance(values, list) and len(values) > 1:
         return f"{_fmt(row['mean'])} (seeds: {', '.join(_fmt(v) for v in values)})"
