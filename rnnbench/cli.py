@@ -169,8 +169,11 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     type=click.IntRange(min=1),
     help="torch CPU threads per worker (default: the cores divided among the workers).",
 )
+@click.option(
+    "--verbose", is_flag=True, help="Also name the studies skip_invalid skipped (--dry-run always does)."
+)
 def run_command(
-    experiment_file, dry_run, workers, home, tracking_uri, storage, device, max_retries, threads
+    experiment_file, dry_run, workers, home, tracking_uri, storage, device, max_retries, threads, verbose
 ) -> None:
     """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test."""
     from rnnbench import experiment as experiment_mod
@@ -200,7 +203,7 @@ def run_command(
             click.echo(line)
         return
     try:
-        result = runner.start(plan, workers=workers)
+        result = runner.start(plan, workers=workers, verbose=verbose)
     except KeyboardInterrupt:
         click.echo(
             f"interrupted: finished trials are kept; run `rnnbench run {experiment_file}` again to resume",

@@ -16,6 +16,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,8 +249,10 @@ def open_stores(plan: Plan, *, create: bool = True):
     return tracker, storage, lock
 
 
-def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
-    """Prepare the stores in this process, then run the studies with ``workers`` processes."""
+def start(plan: Plan, *, workers: int = 1, verbose: bool = False) -> dict[str, Any]:
+    """Prepare the stores in this process, then run the studies with ``workers`` processes;
+    ``verbose``: also name the studies the experiment's ``skip_invalid`` skipped (asked for, so
+    not news on every run)."""
     from filelock import FileLock, Timeout
 
     from rnnbench.projection import Projection
@@ -271,7 +274,7 @@ def start(plan: Plan, *, workers: int = 1) -> dict[str, Any]:
                 s, f = create_study(plan, storage, study)
                 requeued += recover(storage, s, plan.max_retries) + recover(storage, f, plan.max_retries)
         repaired = projection.sync(e.name)
-        for line in skipped_lines(plan.skipped):
+        for line in skipped_lines(plan.skipped) if verbose else ():
             print(line, flush=True)
         if requeued:
             print(f"resuming: {requeued} interrupted or lost trial(s) queued again", flush=True)
@@ -358,6 +361,12 @@ def create_study(plan: Plan, storage, study: Study):
         direction=direction,
         load_if_exists=True,
     )
+    metric = _primary(study).name
+    for ledger, name in ((s, f"valid {metric}"), (f, f"test {metric}")):  # the dashboard's axis labels
+        if ledger.metric_names != [name]:
+            with warnings.catch_warnings():  # set_metric_names is marked experimental
+                warnings.simplefilter("ignore")
+                ledger.set_metric_names([name])
     attrs = s.user_attrs
     parts = fingerprint_parts(plan, study)
     _check_fingerprint(study, attrs, parts)

@@ -33,3 +33,28 @@ def test_mlflow_prints_no_run_urls_for_an_http_store(monkeypatch, capsys):
     client = MlflowClient("http://127.0.0.1:9")  # nothing listens: a print would have to ask it first
     client._tracking_client._log_url("0" * 32)
     assert capsys.readouterr().out == ""
+
+
+def test_skipped_studies_are_named_only_when_asked_and_the_ledger_names_its_objectives(tmp_path):
+    """skip_invalid is the user's own choice: a run does not repeat it unless --verbose. The Optuna
+    dashboard labels each study's objective with its metric (not "Objective 0")."""
+    import optuna
+
+    from rnnbench.sweep import FINAL_SUFFIX, open_storage
+
+    (tmp_path / "skip.yaml").write_text(
+        "name: skip\ncells: [{name: gru, bidirectional: [false, true]}]\ntasks: [memory]\n"
+        "fixed: {hidden_size: 8}\nbudget: {trials: 1, epochs: 1, steps_per_epoch: 2}\nfinal: {seeds: 1}\n"
+        "skip_invalid: true\n"
+    )
+    env = {"RNNBENCH_HOME": str(tmp_path / "home")}
+    quiet = CliRunner(env=env).invoke(app, ["run", str(tmp_path / "skip.yaml")])
+    assert quiet.exit_code == 0, quiet.output
+    assert not [line for line in quiet.output.splitlines() if line.startswith("skipped ")]
+    again = CliRunner(env=env).invoke(app, ["run", str(tmp_path / "skip.yaml"), "--verbose"])
+    assert again.exit_code == 0, again.output
+    assert "skipped skip/memory-synthetic/gru-1L-bi: task 'memory' is causal" in again.output
+    storage = open_storage(None, tmp_path / "home")
+    search = optuna.load_study(study_name="skip/memory-synthetic/gru-1L-uni", storage=storage)
+    final = optuna.load_study(study_name="skip/memory-synthetic/gru-1L-uni" + FINAL_SUFFIX, storage=storage)
+    assert (search.metric_names, final.metric_names) == (["valid mse"], ["test mse"])
