@@ -23,9 +23,16 @@ import torch
 from rnnbench.errors import DataError, first_line
 
 MODELS_DIR = "models"  # under the run home
-MODEL_NAME = "model"  # the logged model's name in its run
+MODEL_NAME = "model"  # what logged models were named before they were named after their seed
 CARD = "rnnbench_model.json"  # task, architecture, hyperparameters, metrics, preprocessing
 WEIGHTS = "state_dict.pt"  # the same weights, loadable with torch.load(..., weights_only=True)
+
+
+def logged_model_name(study_name: str, seed: Any) -> str:
+    """``<task-label>_<architecture>_seed-<s>``: a logged model a person can tell apart in MLflow's
+    Models list (MLflow's model names allow no ``/``, ``.`` or ``:``)."""
+    label = study_name.split("/", 1)[-1].replace("/", "_")
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{label}_seed-{seed}")
 
 
 def weights_path(home: Path, study_name: str, seed: int) -> Path:
@@ -188,7 +195,8 @@ def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str
     mlflow.set_experiment(experiment_id=tracker.experiment_id)  # logged models go to the active one
     with tempfile.TemporaryDirectory() as tmp:
         args, serving = _flavor_args(task, model, card, Path(tmp))
-        info = mlflow.pytorch.log_model(serving, name=MODEL_NAME, run_id=run_id, step=SUMMARY_STEP, **args)
+        name = logged_model_name(card["study"], card["seed"])
+        info = mlflow.pytorch.log_model(serving, name=name, run_id=run_id, step=SUMMARY_STEP, **args)
     return info.model_id
 
 
@@ -207,9 +215,8 @@ def runs_with_models(tracker) -> set[str]:
     import mlflow
 
     mlflow.set_tracking_uri(tracker.uri)
-    models = mlflow.search_logged_models(
-        experiment_ids=[tracker.experiment_id], filter_string=f"name = '{MODEL_NAME}'", output_format="list"
-    )
+    # every logged model of the experiment is a final seed's (named after it, or MODEL_NAME before)
+    models = mlflow.search_logged_models(experiment_ids=[tracker.experiment_id], output_format="list")
     return {m.source_run_id for m in models if m.source_run_id}
 
 
@@ -325,7 +332,7 @@ def register(tracker, storage, study_name: str, home: Path) -> tuple[str, str]:
     mlflow.set_tracking_uri(tracker.uri)
     models = mlflow.search_logged_models(
         experiment_ids=[tracker.experiment_id],
-        filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{run[0].info.run_id}'",
+        filter_string=f"source_run_id = '{run[0].info.run_id}'",
         output_format="list",
     )
     if not models:

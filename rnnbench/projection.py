@@ -143,6 +143,21 @@ class StudyLedger:
         }
 
 
+def parent_name(study_name: str) -> str:
+    """A study's MLflow run name: ``<task-label>/<architecture>`` (the experiment is the MLflow
+    experiment already; the architecture alone repeats once per task)."""
+    return study_name.split("/", 1)[-1]
+
+
+def child_name(study_name: str, stage: str, number: int, seed: Any) -> str:
+    """``<task-label>/<architecture>/trial-<n>`` for a search trial, ``…/seed-<s>`` for a final seed."""
+    return f"{parent_name(study_name)}/" + (f"trial-{number}" if stage == "search" else f"seed-{seed}")
+
+
+def _child_name_of(led: StudyLedger, stage: str, t: FrozenTrial) -> str:
+    return child_name(led.name, stage, t.number, (record_of(t) or {}).get("seed", t.user_attrs.get("seed")))
+
+
 class Projection:
     """Writes the ledger's state into MLflow, idempotently."""
 
@@ -169,10 +184,9 @@ class Projection:
             if found:
                 run_id = found[0].info.run_id
             else:
-                arch = led.name.rsplit("/", 1)[-1]
                 tags = {**led.tags, "stage": "study", "status": "running"}
                 # the study's run starts with its first trial (now, or in the ledger on a rebuild)
-                run_id = self.tracker.start_run(arch, tags, start_time=_first_start(led))
+                run_id = self.tracker.start_run(parent_name(led.name), tags, start_time=_first_start(led))
             if led.attrs.get(YAML_ATTR):  # reproducible from MLflow alone
                 self.tracker.log_text(run_id, led.attrs[YAML_ATTR], "experiment.yaml")
             led.search.set_user_attr(PARENT_ATTR, run_id)
@@ -226,7 +240,11 @@ class Projection:
         run = self.tracker.get_run(run_id)
         logged = run.data.metrics if run is not None else {}
         # only what changed: a refresh that finds nothing new adds no point to any chart
-        self.tracker.log_batch(run_id, {k: v for k, v in metrics.items() if logged.get(k) != v}, tags)
+        name = parent_name(led.name)
+        renamed = name if run is not None and run.data.tags.get("mlflow.runName") != name else None
+        self.tracker.log_batch(
+            run_id, {k: v for k, v in metrics.items() if logged.get(k) != v}, tags, run_name=renamed
+        )
         if done and run is not None and run.info.status == "RUNNING":
             self.tracker.end_run(run_id, "FINISHED", end_time=_last_end(led))
         elif not done and run is not None and run.info.status != "RUNNING":
@@ -236,10 +254,8 @@ class Projection:
 
     def open_child(self, led: StudyLedger, stage: str, trial, tags: dict, params: dict) -> str:
         """The MLflow run of a trial that starts now; its id goes into the ledger at once."""
-        arch = led.name.rsplit("/", 1)[-1]
-        name = f"{arch}/trial-{trial.number}" if stage == "search" else f"{arch}/seed-{tags.get('seed')}"
         run_id = self.tracker.start_run(
-            name,
+            child_name(led.name, stage, trial.number, tags.get("seed")),
             {**led.tags, **tags, "stage": stage, "trial": trial.number, "status": "running"},
             self.parent_id(led, verify=False),
         )
@@ -300,7 +316,10 @@ class Projection:
         # one batch, tags included: "projected" lands with the metrics or not at all. Step 0, beside
         # the parameter counts: one value per run (a bar in MLflow's charts, not a one-dot line);
         # the per-epoch series start at step 1.
-        self.tracker.log_batch(run_id, final_metrics, tags, timestamp=finished, step=SUMMARY_STEP)
+        self.tracker.log_batch(
+            run_id, final_metrics, tags, timestamp=finished, step=SUMMARY_STEP,
+            run_name=child_name(led.name, stage, t.number, seed),  # stores named before the task label
+        )  # fmt: skip
         self.tracker.end_run(run_id, _MLFLOW_STATUS[status], end_time=finished)
         return run_id
 
@@ -322,11 +341,8 @@ class Projection:
         )
         if found:  # the worker died after creating the run, before the ledger learnt its id
             return found[0].info.run_id
-        arch = led.name.rsplit("/", 1)[-1]
-        seed = (record_of(t) or {}).get("seed", t.user_attrs.get("seed"))
-        name = f"{arch}/trial-{t.number}" if stage == "search" else f"{arch}/seed-{seed}"
         return self.tracker.start_run(
-            name,
+            _child_name_of(led, stage, t),
             {**led.tags, "stage": stage, "trial": t.number, "status": "running"},
             self.parent_id(led, index),
             start_time=_ms(t.datetime_start),
@@ -366,6 +382,8 @@ class Projection:
                     if not fresh:
                         self.project_trial(led, stage, t, index)
                         done["projected"] += 1
+                    elif runs[0].info.run_name != (named := _child_name_of(led, stage, t)):
+                        self.tracker.rename(runs[0].info.run_id, named)  # a store named before
             self.refresh_parent(led, index)
             done["parents"] += 1
         return done

@@ -368,16 +368,23 @@ class Tracker:
         tags: dict[str, Any] | None = None,
         timestamp: int | None = None,
         step: int = 0,
+        run_name: str | None = None,
     ) -> None:
-        """Metrics and tags in one call (one transaction on a SQL store)."""
+        """Metrics and tags in one call (one transaction on a SQL store); ``run_name`` renames the
+        run (MLflow keeps the name in its ``mlflow.runName`` tag)."""
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000) if timestamp is None else int(timestamp)
         items = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
         run_tags = [RunTag(f"{TAG}{k}", str(v)) for k, v in (tags or {}).items()]
+        if run_name is not None:
+            run_tags.append(RunTag("mlflow.runName", run_name))
         self.client.log_batch(run_id, metrics=items[:1000], tags=run_tags)
         if len(items) > 1000:
             self.log_metrics(run_id, {m.key: m.value for m in items[1000:]}, step, now)
+
+    def rename(self, run_id: str, name: str) -> None:
+        self.client.set_tag(run_id, "mlflow.runName", name)  # MLflow keeps a run's name there
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag

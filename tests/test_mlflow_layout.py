@@ -79,6 +79,21 @@ def test_mlflow_shows_experiment_datasets_source_and_system_metrics(tmp_path: Pa
     linked = {m.key for m in model.metrics or []}
     assert {"test_mse", "best_valid_mse", "params_total"} <= linked, sorted(linked)
 
+    # names a person tells apart: the task entry before the architecture, the seed after it
+    assert parent.info.run_name == "memory-synthetic/gru-1L-uni"
+    assert child.info.run_name == "memory-synthetic/gru-1L-uni/seed-10000"
+    assert model.name == "memory-synthetic_gru-1L-uni_seed-10000"
+    # a store written before these names: `rnnbench sync` renames (the names are a projection)
+    client.set_tag(parent.info.run_id, "mlflow.runName", "gru-1L-uni")
+    client.set_tag(child.info.run_id, "mlflow.runName", "gru-1L-uni/seed-10000")
+    synced = subprocess.run(
+        [sys.executable, "-m", "rnnbench.cli", "sync", "layout"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert synced.returncode == 0, synced.stderr
+    assert client.get_run(parent.info.run_id).info.run_name == "memory-synthetic/gru-1L-uni"
+    assert client.get_run(child.info.run_id).info.run_name == "memory-synthetic/gru-1L-uni/seed-10000"
+
 
 def test_a_trial_shorter_than_the_sampling_interval_still_has_system_metrics(tmp_path: Path):
     """MLflow publishes system metrics once per interval (1 s) and drops an unfinished one: every
