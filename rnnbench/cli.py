@@ -197,7 +197,8 @@ def run_command(
     if dry_run:
         _print_table(
             f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget for every architecture",
-            runner.dry_run(plan),
+            # the experiment is in the title: each row names its benchmark and architecture
+            [{**row, "study": row["study"].split("/", 1)[-1]} for row in runner.dry_run(plan)],
         )
         for line in runner.skipped_lines(plan.skipped):
             click.echo(line)
@@ -210,18 +211,44 @@ def run_command(
             err=True,
         )
         sys.exit(130)
-    rows = [
-        {
-            "study": r["study"],
-            "trials (ok/pruned/failed)": f"{r['complete']}/{r['pruned']}/{r['failed']}"
-            + (f" +{r['lost'] + r['interrupted']} retried" if r["lost"] + r["interrupted"] else ""),
-            "best valid": f"{r['best_valid']:.4g}",
-            "test (mean, 95% CI, seeds)": _format_ci(r),
-        }
-        for r in result["studies"]
-    ]
-    _print_table(f"{exp.name}: results", rows)
+    from rnnbench.console import table_console
+
+    table_console().print(results_table(exp.name, result["studies"]))
     click.echo(f"runs: {result['home']}  |  browse: rnnbench ui" + (f" --home {home}" if home else ""))
+
+
+def results_table(experiment: str, studies: list[dict]):
+    """The run's summary, narrow enough for 80 columns: the experiment in the title, each
+    benchmark once as a group heading with its metric and the way it is better, then one row per
+    architecture (names never broken)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title=f"{experiment}: results",
+        caption="trials: complete/pruned/failed (+retried); valid: the best search trial's validation "
+        "score; test: mean [95% CI] over the n final seeds (their values below 3)",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+    )
+    for name in ("study", "trials", "valid", "test", "n"):
+        table.add_column(name, no_wrap=name != "test", overflow="fold")
+    shown = None
+    for r in studies:
+        benchmark, architecture = r["study"].split("/")[-2:]
+        if benchmark != shown:
+            arrow = "↓ lower is better" if r.get("direction") == "minimize" else "↑ higher is better"
+            table.add_row(f"[bold]{benchmark}[/]", "", "", f"{r['metric']} {arrow}", "")
+            shown = benchmark
+        retried = r["lost"] + r["interrupted"]
+        table.add_row(
+            f"  {architecture}",
+            f"{r['complete']}/{r['pruned']}/{r['failed']}" + (f" +{retried}" if retried else ""),
+            f"{r['best_valid']:.4g}",
+            _format_ci(r),
+            str(r["seeds"]),
+        )
+    return table
 
 
 def _format_ci(row: dict) -> str:
@@ -233,9 +260,9 @@ def _format_ci(row: dict) -> str:
         return "-"
     low, high = row["test_ci95"]
     if math.isnan(low):
-        values = ", ".join(f"{v:.4g}" for v in row.get("seed_values", []))
-        return f"{row['metric']} {row['test_mean']:.4g} (seeds: {values})"
-    return f"{row['metric']} {row['test_mean']:.4g} [{low:.4g}, {high:.4g}] (n={row['seeds']})"
+        values = ", ".join(f"{v:.3g}" for v in row.get("seed_values", []))
+        return f"{row['test_mean']:.3g} (seeds: {values})"
+    return f"{row['test_mean']:.3g} [{low:.3g}, {high:.3g}]"
 
 
 def _print_table(title: str, rows: list[dict]) -> None:

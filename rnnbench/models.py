@@ -23,7 +23,6 @@ import torch
 from rnnbench.errors import DataError, first_line
 
 MODELS_DIR = "models"  # under the run home
-MODEL_NAME = "model"  # what logged models were named before they were named after their seed
 CARD = "rnnbench_model.json"  # task, architecture, hyperparameters, metrics, preprocessing
 WEIGHTS = "state_dict.pt"  # the same weights, loadable with torch.load(..., weights_only=True)
 
@@ -215,7 +214,7 @@ def runs_with_models(tracker) -> set[str]:
     import mlflow
 
     mlflow.set_tracking_uri(tracker.uri)
-    # every logged model of the experiment is a final seed's (named after it, or MODEL_NAME before)
+    # every logged model of the experiment is a final seed's (named after it, or "model" before)
     models = mlflow.search_logged_models(experiment_ids=[tracker.experiment_id], output_format="list")
     return {m.source_run_id for m in models if m.source_run_id}
 

@@ -1055,6 +1055,7 @@ def summarize(plan: Plan, storage) -> dict[str, Any]:
                 "test_ci95": (low, high),
                 "seed_values": s["seed_values"],
                 "metric": led.tags.get("metric", _primary(study).name),
+                "direction": led.tags.get("direction", _direction(study)),
             }
         )
     return {"studies": rows, "home": str(plan.home), "tracking_uri": plan.tracking_uri}

@@ -58,3 +58,30 @@ def test_skipped_studies_are_named_only_when_asked_and_the_ledger_names_its_obje
     search = optuna.load_study(study_name="skip/memory-synthetic/gru-1L-uni", storage=storage)
     final = optuna.load_study(study_name="skip/memory-synthetic/gru-1L-uni" + FINAL_SUFFIX, storage=storage)
     assert (search.metric_names, final.metric_names) == (["valid mse"], ["test mse"])
+
+
+def test_the_results_table_fits_80_columns_without_breaking_a_name():
+    """The smoke run's summary at 80 columns: every benchmark and architecture whole on its line,
+    the experiment named once (title), which way each metric is better."""
+    from rich.console import Console
+
+    from rnnbench.cli import results_table
+
+    row = {"complete": 2, "pruned": 0, "failed": 0, "lost": 0, "interrupted": 0, "best_valid": 0.1303,
+           "seeds": 3, "test_mean": 0.2158, "test_ci95": (0.07912, 0.3525), "metric": "mse",
+           "direction": "minimize", "seed_values": [0.1, 0.2, 0.3]}  # fmt: skip
+    studies = [
+        {**row, "study": f"smoke/{bench}/{arch}"}
+        for bench in ("forecast-synthetic", "sentiment-synthetic", "memory-T40")
+        for arch in ("peephole-1L-uni", "lstm-2L-uni", "gru-1L-bi")
+    ]
+    console = Console(width=80, record=True)
+    console.print(results_table("smoke", studies))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert "smoke/" not in text
+    for name in ("forecast-synthetic", "sentiment-synthetic", "memory-T40", "peephole-1L-uni", "gru-1L-bi"):
+        assert any(name in line for line in lines), name  # whole on one line
+    assert sum("forecast-synthetic" in line for line in lines) == 1  # named once for its group
+    assert "mse ↓ lower is better" in text and "0.216 [0.0791, 0.352]" in text
