@@ -321,6 +321,23 @@ def smoke_report(tmp_path_factory) -> Path:
     return out
 
 
+def test_a_generated_report_names_no_path_of_this_machine(smoke_report: Path):
+    """What a report writes is shared (committed, mailed): its notebook reaches the run home by a
+    path relative to itself, and no table, page or notebook holds an absolute path of ours."""
+    import nbformat
+
+    root = str(smoke_report.parents[1])  # the test's own folder: home, reports, the experiment file
+    written = [p for p in smoke_report.rglob("*") if p.suffix in {".ipynb", ".html", ".md", ".csv", ".json"}]
+    assert len(written) > 10
+    for path in written:
+        assert root not in path.read_text(errors="replace"), path
+    runs = pd.read_parquet(smoke_report / "runs.parquet")
+    assert not any(root in str(v) for column in runs.columns for v in runs[column].dropna().unique())
+    parameters = nbformat.read(smoke_report / "report.ipynb", as_version=4).cells[1].source
+    assert "tracking_uri = 'sqlite:///../../home/mlflow.db'" in parameters
+    assert "journal = '../../home/optuna.journal'" in parameters
+
+
 def test_end_to_end_report_with_executed_notebook(smoke_report: Path):
     out = smoke_report
     for name in ("index.html", "report.html", "report.ipynb", "report_notebook.html", "runs.csv",

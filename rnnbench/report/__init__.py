@@ -57,6 +57,7 @@ def rebuild_report(out: Path, *, fmt: str = "all", progress: Callable[[str], Non
     from rnnbench.report import collect as collect_mod
 
     data = collect_mod.load_saved(out)
+    collect_mod.save(data, out)  # again, as reports are saved now (no machine paths, for one)
     experiments = list(data.runs["experiment"].dropna().unique())
     saved = out / collect_mod.IMPORTANCE_FILE
     importance = pd.read_parquet(saved) if saved.is_file() else pd.DataFrame()
@@ -92,7 +93,7 @@ def _render(data, experiments, importance, notes, files, out: Path, fmt: str, jo
         files["html"] = [_static_html(title, out, task_tables, sums, figs.paths, notes)]
     if fmt in ("notebook", "all"):
         say("executing the notebook")
-        nb = notebook_mod.build(experiments, tracking_uri, journal)
+        nb = notebook_mod.build(experiments, tracking_uri, journal, out)
         report.notebook_errors = notebook_mod.execute(nb, out)
         files["notebook"] = list(notebook_mod.write(nb, out))
     order = ["html", "notebook", "tables", "figures", "data"]

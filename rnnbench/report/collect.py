@@ -466,7 +466,7 @@ def save(collected: Collected, out: Path) -> list[Path]:
     any final seed logged them, per-item outcomes."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / RUNS_FILE, out / "runs.csv", out / HISTORIES_FILE]
-    shared = collected.runs.drop(columns=["artifact_uri"], errors="ignore")  # a path of this machine
+    shared = shareable_runs(collected.runs)
     shared.to_parquet(paths[0], index=False)
     shared.to_csv(paths[1], index=False)
     collected.histories.to_parquet(paths[2], index=False)
@@ -474,6 +474,29 @@ def save(collected: Collected, out: Path) -> list[Path]:
         paths.append(out / ITEMS_FILE)
         collected.items.to_parquet(paths[-1], index=False, compression="zstd")
     return paths
+
+
+def shareable_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs table as it is saved for others: no path of this machine in it. Artifact locations
+    go; a dataset file the profile names becomes its path under ``$RNNBENCH_DATA`` (the manifest's
+    relative path) or, elsewhere, its file name."""
+    from rnnbench.data.resolve import DATA_ENV
+
+    data_root = Path(os.environ[DATA_ENV]).resolve() if os.environ.get(DATA_ENV) else None
+
+    def shared(value: Any) -> Any:
+        if not isinstance(value, str) or not Path(value).is_absolute():
+            return value
+        path = Path(value)
+        if data_root is not None and path.resolve().is_relative_to(data_root):
+            return path.resolve().relative_to(data_root).as_posix()
+        return path.name
+
+    out = runs.drop(columns=["artifact_uri"], errors="ignore")
+    for column in [c for c in out.columns if c.startswith("data_")]:
+        if not pd.api.types.is_numeric_dtype(out[column]):
+            out[column] = out[column].map(shared)
+    return out
 
 
 def load_saved(folder: Path) -> Collected:

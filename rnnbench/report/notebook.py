@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import os
 import subprocess
 from pathlib import Path
 
@@ -26,7 +27,22 @@ FIGURE_CALLS = {
 }
 
 
-def build(experiments: list[str], tracking_uri: str, journal: Path | None = None):
+def shareable(location: str | Path | None, out: Path) -> str | None:
+    """A local path or sqlite URI as seen from the report folder ``out`` (where the notebook runs),
+    so a committed or shared notebook names no machine's paths; other URIs as they are."""
+    if location is None or str(location) == "":
+        return None if location is None else ""
+    text = str(location)
+    prefix = "sqlite:///" if text.startswith("sqlite:///") else ""
+    path = text.removeprefix(prefix)
+    if prefix or "://" not in text:
+        if Path(path).is_absolute():
+            path = os.path.relpath(path, Path(out).resolve())
+        return prefix + path
+    return text
+
+
+def build(experiments: list[str], tracking_uri: str, journal: Path | None = None, out: Path | None = None):
     """The analysis as cells a user edits and re-runs: load the tidy tables, filter, rank, draw."""
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -34,6 +50,8 @@ def build(experiments: list[str], tracking_uri: str, journal: Path | None = None
     from rnnbench.report.figures import CAPTIONS
 
     md, code = new_markdown_cell, new_code_cell
+    if out is not None:  # paths relative to the notebook's folder: nothing of this machine's
+        tracking_uri, journal = shareable(tracking_uri, out), shareable(journal, out)
     several = len(experiments) > 1
     title = " vs ".join(f"`{e}`" for e in experiments)
     cells = [
