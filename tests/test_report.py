@@ -195,7 +195,7 @@ def test_written_tables_carry_values_notes_and_memory(tmp_path: Path):
     write([t], summary([t]), tmp_path)
     md = (tmp_path / "sentiment.md").read_text()
     assert "0.71 (seeds: 0.7, 0.72)" in md and "- fewer than 3 final seeds: gru-1L-uni (2)" in md
-    assert "train_memory_mib" in md and "| 1.5 |" in md
+    assert "train memory (MiB)" in md and "| 1.5 |" in md
     csv = pd.read_csv(tmp_path / "sentiment.csv").set_index("architecture")
     assert csv.loc["gru-1L-uni", "seed_values"] == "0.7;0.72"
     assert "mean_rank" in (tmp_path / "summary.md").read_text()
@@ -206,7 +206,7 @@ def test_old_stores_with_the_rss_column_still_report():
     runs["peak_memory_mb"] = 570.0
     t = rank_task(runs, ACC)
     assert "peak_memory_mb" not in t.table and math.isnan(t.table["train_memory_mib"].iloc[0])
-    assert display_frame(t)["train_memory_mib"].iloc[0] == "–"
+    assert display_frame(t)["train memory (MiB)"].iloc[0] == "–"
     (note,) = [n for n in status_notes(runs) if "peak_memory_mb" in n]
     assert note.startswith("4 run(s) were logged by an older rnnbench")
 

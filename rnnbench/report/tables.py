@@ -286,7 +286,7 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
     df = t.table.copy()
     if df.empty:
         return df
-    metric = t.info.metric
+    metric = f"{t.info.metric} {'↓' if t.info.direction == 'minimize' else '↑'}"  # which way is better
     df.insert(
         df.columns.get_loc("mean"),
         f"test {metric} (95% CI; seed values below {MIN_SEEDS} seeds)",
@@ -312,14 +312,20 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
             df[c] = df[c].map(lambda v: f"{round(float(v)):,}" if pd.notna(v) else "–")
     if "rank" in df:
         df["rank"] = df["rank"].map(lambda v: str(int(v)) if pd.notna(v) else "–")
-    df = df.rename(
-        columns={
-            "vs_selected": "verdict vs selected",
-            "p_holm": "p (Holm)",
-            "detectable": "smallest detectable Δ",
-        }
-    )
-    return df.fillna("–")
+    return df.rename(columns=SHOWN_NAMES).fillna("–")
+
+
+# the shown tables' column names: for a reader, not for code (the CSV keeps the raw ones)
+SHOWN_NAMES = {
+    "vs_selected": "verdict vs selected",
+    "p_holm": "p (Holm)",
+    "detectable": "smallest detectable Δ",
+    "params": "parameters",
+    "train_tokens_per_s": "train tokens/s",
+    "train_memory_mib": "train memory (MiB)",
+    "trials_ok/pruned/failed": "trials ok/pruned/failed",
+    "best_hparams": "best hyperparameters",
+}
 
 
 def _shown_metric(row: pd.Series) -> str:
@@ -369,7 +375,7 @@ def benchmarks_of(tables: list[TaskTable]) -> list[str]:
 
 
 # What a side-by-side comparison keeps of each experiment's ranking (the rest is in its own CSV).
-_COMPARED = ("rank", "seeds", "verdict vs selected", "params", "train_tokens_per_s")
+_COMPARED = ("rank", "seeds", "verdict vs selected", "parameters", "train tokens/s")
 
 
 def benchmark_frame(tables: list[TaskTable], benchmark: str) -> pd.DataFrame:
@@ -532,6 +538,8 @@ def write(
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}
 td:nth-child(2),th:nth-child(2){text-align:left}caption{caption-side:top;text-align:left;max-width:1000px;color:#333;padding-bottom:.5em}
+th{vertical-align:bottom;max-width:9em;white-space:normal}td{white-space:nowrap}
+td:last-child{white-space:normal;min-width:16em;max-width:24em;text-align:left}
 img{max-width:100%}.notes{color:#8a4b00}"""
 
 
