@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rnnbench.errors import DataError
-from rnnbench.models import weights_path, write_atomically
+from rnnbench.models import read_recorded, weights_path, write_atomically
 
 ARTIFACT_DIR = "items"  # in the final seed's MLflow run
 ARTIFACT_FILE = "items.parquet"
@@ -63,14 +62,7 @@ def save_items(home: Path, study_name: str, seed: int, frame: pd.DataFrame) -> d
 
 def read_items_bytes(home: Path, ref: Mapping[str, Any]) -> bytes:
     """The file a record names, checked against its sha256 (DataError when missing or changed)."""
-    path = Path(home) / ref["path"]
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"items {path} cannot be read ({exc.strerror or exc})") from None
-    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-        raise DataError(f"items {path} changed since the ledger recorded them (sha256 differs)")
-    return data
+    return read_recorded(home, dict(ref), "items")
 
 
 def load_items(home: Path, ref: Mapping[str, Any]) -> pd.DataFrame:

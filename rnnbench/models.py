@@ -76,14 +76,21 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def load_weights(home: Path, weights: dict[str, str]) -> dict[str, torch.Tensor]:
-    path = Path(home) / weights["path"]
+def read_recorded(home: Path, ref: dict[str, Any], what: str) -> bytes:
+    """The run-home file a ledger record names (``path``, ``sha256``), checked: DataError when it
+    is missing or changed since the record was written."""
+    path = Path(home) / ref["path"]
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"weights {path} cannot be read ({exc.strerror or exc})") from None
-    if hashlib.sha256(data).hexdigest() != weights["sha256"]:
-        raise DataError(f"weights {path} changed since the ledger recorded them (sha256 differs)")
+        raise DataError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise DataError(f"{what} {path} changed since the ledger recorded them (sha256 differs)")
+    return data
+
+
+def load_weights(home: Path, weights: dict[str, str]) -> dict[str, torch.Tensor]:
+    data = read_recorded(home, weights, "weights")
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
