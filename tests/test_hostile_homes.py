@@ -272,6 +272,7 @@ def finished_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.mark.slow  # a finished run, then SIGKILLed syncs: about 15 s
 def test_killed_sync_leaves_no_temporary_store_behind(finished_home: Path, tmp_path: Path):
     home = tmp_path / "home"
     shutil.copytree(finished_home, home)
@@ -301,6 +302,7 @@ def read_only(home: Path, *command: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a finished run reported read-only: about 20 s
 def test_finished_home_on_read_only_storage_can_be_reported(finished_home: Path, tmp_path: Path):
     home = tmp_path / "home"
     shutil.copytree(finished_home, home)
@@ -319,6 +321,7 @@ def test_finished_home_on_read_only_storage_can_be_reported(finished_home: Path,
 
 
 # -- 13: the ledger database goes away mid-run ---------------------------------------------------
+@pytest.mark.slow  # a PostgreSQL cluster stopped mid-run: about 10 s
 def test_ledger_database_down_mid_run_is_named_not_reported_as_a_bug(tmp_path: Path):
     from tests.services import Postgres, postgres_bin
 

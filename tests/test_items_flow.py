@@ -100,6 +100,7 @@ def test_collected_items_are_aligned_across_seeds_and_give_back_the_test_metrics
     assert len(load_saved_items(out)) == len(items)
 
 
+@pytest.mark.slow  # two more syncs of the finished run: about 10 s
 def test_sync_restores_a_deleted_artifact_and_warns_once_for_a_missing_file(finished: Path, tmp_path: Path):
     client = _client(finished)
     (_, restored), (_, lost) = _final_seeds(finished)[:2]
