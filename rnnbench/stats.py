@@ -235,13 +235,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
 VERDICTS = ("better", "worse", "equivalent", "inconclusive")
 
 
-def verdict(c: Comparison, direction: str, p_adjusted: float, p_equivalence_adjusted: float) -> str:
-    """``a`` against ``b``: better or worse when the (family-adjusted) test rejects no difference;
-    equivalent when the (family-adjusted) two one-sided tests place it within ±margin; else
-    inconclusive. A rejected difference inside the margin stays better/worse (it is real, if small)."""
+def verdict(difference: float, direction: str, p_adjusted: float, p_equivalence_adjusted: float) -> str:
+    """``a`` against ``b`` (``difference`` = a − b): better or worse when the (family-adjusted)
+    test rejects no difference; equivalent when the (family-adjusted) two one-sided tests place it
+    within ±margin (their p-value is NaN without a margin, so never); else inconclusive. A rejected
+    difference inside the margin stays better/worse (it is real, if small)."""
     if p_adjusted < ALPHA:
-        a_higher = c.difference > 0
+        a_higher = difference > 0
         return "better" if a_higher == (direction == "maximize") else "worse"
-    if c.margin is not None and p_equivalence_adjusted < ALPHA:
+    if p_equivalence_adjusted < ALPHA:
         return "equivalent"
     return "inconclusive"

@@ -124,13 +124,13 @@ def _comparison(difference, se, margin):
 )
 def test_three_verdicts(difference, se, direction, expected):
     c = _comparison(difference, se, margin=0.005)
-    assert verdict(c, direction, c.p_value, c.p_equivalence) == expected
+    assert verdict(c.difference, direction, c.p_value, c.p_equivalence) == expected
 
 
 def test_no_margin_means_no_equivalence():
     c = compare_seeds([0.5, 0.5001, 0.4999], [0.5, 0.5002, 0.4998], margin=None)
     assert math.isnan(c.p_equivalence)
-    assert verdict(c, "maximize", c.p_value, c.p_equivalence) == "inconclusive"
+    assert verdict(c.difference, "maximize", c.p_value, c.p_equivalence) == "inconclusive"
 
 
 def test_holm_matches_the_textbook_and_statsmodels_and_skips_nan():

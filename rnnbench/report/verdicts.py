@@ -293,13 +293,7 @@ def _row(evidence: Evidence, a: str, b: str, baseline: float | None) -> dict:
 def _verdict(row, direction: str) -> str:
     if row.note:
         return "no verdict"
-    c = Comparison(
-        row.difference, row.ci95_low, row.ci95_high, row.p_value, 0.0, 1.0, row.detectable,
-        None if math.isnan(row.margin) else row.margin, row.p_equivalence, row.seeds_a, row.seeds_b, row.items,
-        row.method,
-    )  # fmt: skip
-    p_eq = row.p_equivalence_holm if not math.isnan(row.p_equivalence_holm) else math.nan
-    return verdict(c, direction, row.p_holm, p_eq)
+    return verdict(row.difference, direction, row.p_holm, row.p_equivalence_holm)
 
 
 def compare(
