@@ -214,6 +214,8 @@ def run_command(
     from rnnbench.console import table_console
 
     table_console().print(results_table(exp.name, result["studies"]))
+    for line in _edge_lines(plan):
+        click.echo(f"note: {line}")
     click.echo(f"runs: {result['home']}  |  browse: rnnbench ui" + (f" --home {home}" if home else ""))
 
 
@@ -227,7 +229,8 @@ def results_table(experiment: str, studies: list[dict]):
     table = Table(
         title=f"{experiment}: results",
         caption="trials: complete/pruned/failed (+retried); valid: the best search trial's validation "
-        "score; test: mean [95% CI] over the n final seeds (their values below 3)",
+        "score; test: mean [95% CI] over the n final seeds (their values below 3); † n: some final "
+        "seeds hit the step cap before patience stopped them (not converged)",
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
     )
@@ -246,9 +249,29 @@ def results_table(experiment: str, studies: list[dict]):
             f"{r['complete']}/{r['pruned']}/{r['failed']}" + (f" +{retried}" if retried else ""),
             f"{r['best_valid']:.4g}",
             _format_ci(r),
-            str(r["seeds"]),
+            f"{r['seeds']}†" if r.get("at_cap") else str(r["seeds"]),
         )
     return table
+
+
+def _edge_lines(plan) -> list[str]:
+    """Best configurations in the outer tenth of a searched range, from the ledger: the same
+    lines the report's notes give (rnnbench.report.search)."""
+    from rnnbench.projection import StudyLedger
+    from rnnbench.report.search import best_values_of, edge_notes
+    from rnnbench.sweep import best_trial, open_storage
+
+    e = plan.experiment
+    if not e.search:
+        return []
+    storage = open_storage(plan.storage_url, plan.home)
+    best = {}
+    for study in plan.studies:
+        led = StudyLedger.load(storage, study.name)
+        trial = best_trial(led.search_trials, led.direction) if led else None
+        if trial is not None:
+            best[study.name] = trial.params
+    return edge_notes(best_values_of(e.name, best, {k: p.model_dump() for k, p in e.search.items()}))
 
 
 def _format_ci(row: dict) -> str:

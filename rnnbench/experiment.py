@@ -162,7 +162,54 @@ class BudgetSpec(_Strict):
     eval_every: int | None = Field(None, ge=1, le=10**12)  # steps between validations (default: every epoch)
     steps_per_epoch: int | None = Field(None, ge=1, le=10**9)
     max_minutes_per_trial: float | None = Field(None, gt=0, le=7 * 24 * 60)
-    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)  # validations without improvement before stopping
+    # early stopping: a trial (search or final) stops once `patience` validations in a row fail to
+    # beat the best so far by min_improvement (a number in the metric's units, or "1%" of it);
+    # it then counts as converged, else as having hit the cap
+    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    min_improvement: float | str = 0.0
+
+    @field_validator("patience", mode="before")
+    @classmethod
+    def _positive_patience(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"patience counts validations without improvement: at least 1, not {value}")
+        return value
+
+    @field_validator("min_improvement")
+    @classmethod
+    def _improvement(cls, value: float | str) -> float | str:
+        if value != 0:
+            parse_margin(value)  # the same spelling as a margin: 0.001 or "0.5%"
+        return value
+
+    @model_validator(mode="after")
+    def _validations_fit_the_cap(self):
+        if self.max_steps and self.eval_every and self.max_steps < self.eval_every:
+            raise ValueError(
+                f"max_steps ({self.max_steps}) is below one validation (eval_every {self.eval_every}): "
+                "a trial would validate only at its cap"
+            )
+        if (
+            self.max_steps
+            and self.steps_per_epoch
+            and not self.eval_every
+            and self.max_steps < self.steps_per_epoch
+        ):
+            raise ValueError(
+                f"max_steps ({self.max_steps}) is below one validation (steps_per_epoch "
+                f"{self.steps_per_epoch}): a trial would validate only at its cap"
+            )
+        rounds = self.validations()
+        if self.patience and rounds is not None and self.patience >= rounds:
+            raise ValueError(
+                f"patience {self.patience} can never stop a trial that validates at most {rounds} times: "
+                "lower patience, or raise max_steps / epochs"
+            )
+        return self
+
+    def improvement(self) -> tuple[float, bool]:
+        """``(size, relative)`` of the minimum improvement."""
+        return (0.0, False) if self.min_improvement == 0 else parse_margin(self.min_improvement)
 
     def epochs_limit(self) -> int:
         """Passes over the data a trial may make: ``epochs`` if given, unlimited under max_steps."""
@@ -184,13 +231,67 @@ class FinalSpec(_Strict):
 
 
 class SamplerSpec(_Strict):
-    name: Literal["tpe", "random", "grid"] = "tpe"
+    """How a study proposes configurations. ``tpe`` draws its first ``startup_trials`` from
+    ``startup`` (``qmc``: one scrambled Sobol sequence shared by every architecture, so a small
+    budget covers each range and comparisons stay paired), then models what it has seen; ``qmc``
+    is the sequence alone. A QMC sequence stratifies numeric ranges only, so a categorical
+    parameter under it is refused; under the default start-up it falls back to ``random``, written
+    into the experiment as run (see :meth:`fit_space`)."""
+
+    name: Literal["tpe", "qmc", "random", "grid"] = "tpe"
+    startup: Literal["qmc", "random"] | None = None  # tpe only; default qmc (random with a categorical)
+    startup_trials: int = Field(10, ge=0, le=MAX_TRIALS)  # tpe only: trials before TPE takes over
     seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range
+
+    @model_validator(mode="after")
+    def _startup_is_tpe_only(self):
+        # by value, not by key: the experiment as run (every default written out) parses again
+        fields = type(self).model_fields
+        given = [k for k in ("startup", "startup_trials") if getattr(self, k) != fields[k].default]
+        if given and self.name != "tpe":
+            verb = "apply" if len(given) > 1 else "applies"
+            raise ValueError(f"{' and '.join(given)} {verb} to the tpe sampler only")
+        return self
+
+    def fit_space(self, search: dict[str, Any]) -> None:
+        """Refuse a QMC sequence asked to cover a categorical parameter (it stratifies numbers,
+        not choices); resolve the default start-up: qmc, or random where the space has one."""
+        categorical = [k for k, p in search.items() if isinstance(p, CategoricalParam) and len(p.choices) > 1]
+        if self.name == "tpe" and self.startup is None:
+            self.startup = "random" if categorical else "qmc"
+        qmc = self.name == "qmc" or (self.name == "tpe" and self.startup == "qmc" and self.startup_trials)
+        if qmc and categorical:
+            hint = "startup: random" if self.name == "tpe" else "name: tpe, random or grid"
+            raise ValueError(
+                f"search.{categorical[0]}: the qmc {'start-up' if self.name == 'tpe' else 'sampler'} cannot "
+                f"cover a categorical parameter (it stratifies numeric ranges only): use sampler {hint}"
+            )
 
 
 class PrunerSpec(_Strict):
+    """When a trial may be stopped early. By default never before ``min_fraction`` of the
+    validations its budget allows (a slow starter, e.g. the lowest learning rate, gets a fair
+    look); ``warmup_epochs: N`` instead protects the first N validations whatever the budget."""
+
     name: Literal["median", "hyperband", "none"] = "median"
-    warmup_epochs: int = Field(1, ge=0, le=MAX_EPOCHS)
+    min_fraction: float | None = Field(None, gt=0, lt=1)  # default 1/3 (unless warmup_epochs is given)
+    warmup_epochs: int | None = Field(None, ge=0, le=MAX_EPOCHS)
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.min_fraction is not None and self.warmup_epochs is not None:
+            raise ValueError("give min_fraction or warmup_epochs, not both")
+        if self.min_fraction is None and self.warmup_epochs is None:
+            self.min_fraction = 1 / 3
+        return self
+
+    def check_budget(self, budget: BudgetSpec) -> None:
+        """min_fraction is a share of the validations a trial makes at most: they must be known."""
+        if self.name != "none" and self.min_fraction is not None and budget.validations() is None:
+            raise ValueError(
+                "pruner min_fraction is a share of a trial's validations, unknown under eval_every "
+                "without max_steps: give the budget max_steps, or the pruner warmup_epochs"
+            )
 
 
 def check_device(name: Any) -> str:
@@ -256,6 +357,19 @@ class Experiment(_Strict):
             not isinstance(p, CategoricalParam) for p in self.search.values()
         ):
             raise ValueError("the grid sampler needs every search parameter to be categorical")
+        self.sampler.fit_space(self.search)
+        for budget in {id(b): b for b in (t.budget or self.budget for t in self.tasks)}.values():
+            self.pruner.check_budget(budget)
+        schedule = self.search.get("lr_schedule") or self.fixed.get("lr_schedule", "constant")
+        decays = schedule != "constant" and not (
+            isinstance(schedule, CategoricalParam) and set(schedule.choices) <= {"constant"}
+        )
+        for budget in {id(b): b for b in (t.budget or self.budget for t in self.tasks)}.values():
+            if decays and not (budget.max_steps or budget.steps_per_epoch):
+                raise ValueError(
+                    "lr_schedule cosine/linear decays to the step cap: give the budget max_steps "
+                    "(or steps_per_epoch)"
+                )
         studies = len(self.tasks) * sum(len(c.layers) * len(c.bidirectional) for c in self.cells)
         if studies > MAX_STUDIES:
             raise ValueError(

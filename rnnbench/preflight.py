@@ -7,7 +7,10 @@ the MLflow store, the Optuna journal or the run lock are created. It
   a CSV or a missing column is one line with exit code 2, and nothing is written;
 - builds every (cell, task, variant) with hidden size 4 and runs one forward and backward pass on a
   batch of 2, checking the Cell and Task contracts on the way: shapes, dtypes and devices of
-  outputs and states, a finite scalar loss, and gradients reaching every parameter of the cell.
+  outputs and states, a finite scalar loss, and gradients reaching every parameter of the cell;
+- moves every searched hyperparameter across its search range in every study, tiny, and refuses a
+  knob that changes neither the model's training loss nor the optimizer (:func:`inert_knobs`):
+  a sweep would spend its trials on it and the importance table would credit it with noise.
 
 A plugin that breaks a rule is refused with a :class:`ContractError` naming its distribution, entry
 point, class and the rule, in seconds instead of failing every trial of its budget. ``rnnbench
@@ -355,12 +358,15 @@ class Summary:
     models: int
     seconds: float
     tasks: dict[str, Any] = field(default_factory=dict, repr=False)  # set-up tasks, by task entry
+    warnings: list[str] = field(default_factory=list)  # refusals that skip_invalid let through
 
     def line(self) -> str:
-        return (
+        """The summary line, then one ``warning:`` line for each refusal skip_invalid let through."""
+        summary = (
             f"pre-flight: {self.datasets} dataset(s) loaded and checked, {self.models} model(s) built and "
             f"trained one step ({self.seconds:.1f} s)"
         )
+        return "\n".join([summary, *(f"warning: {w}" for w in self.warnings)])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -377,12 +383,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _tiny_hparams(study) -> dict[str, Any]:
-    """The study's fixed values, the low end (or first choice) of each searched one, hidden size 4."""
+    """The study's fixed values, the low end (or first choice) of each searched one, hidden size 4.
+    A searched value overrides a cell's or task's fixed one, as in the trials (runner._hparams)."""
     searched = {
         k: spec.choices[0] if spec.type == "categorical" else spec.low
         for k, spec in study.experiment.search.items()
     }
-    return {**searched, **study.fixed_hparams, "hidden_size": TINY_HIDDEN}
+    return {**study.fixed_hparams, **searched, "hidden_size": TINY_HIDDEN}
 
 
 @contextmanager
@@ -413,6 +420,7 @@ def _check_experiment(experiment, studies, device: str | None) -> Summary:
     tasks: dict[str, Any] = {}
     checked_cells: set[str] = set()
     first: dict[str, Any] = {}
+    inert: list[tuple[str, str, str, str]] = []  # (knob, architecture, task, reason) skip_invalid lets by
     for study in studies:
         entry = study.task_entry
         key = json.dumps(entry.model_dump(), sort_keys=True, default=str)
@@ -453,6 +461,8 @@ def _check_experiment(experiment, studies, device: str | None) -> Summary:
             task.check_architecture(bidirectional=arch.bidirectional)
             model = _build(task, arch.cell, arch.layers, arch.bidirectional, hp, cell_hp, task_hp)
             _train_step(task, model, target, first[key])
+            # without a search (trials: 0) nothing searched is ever drawn
+            found = inert_knobs(study, task, first[key], target) if study.budget.trials else []
         except _Broken as rule:
             # The cell passed its own checks above, so what breaks here is the task's (or ours).
             if task_entry.source != "builtin":
@@ -461,7 +471,121 @@ def _check_experiment(experiment, studies, device: str | None) -> Summary:
                 raise _contract("cell", cell_entry, f"{study.name}: {rule}") from None
             raise (rule.__cause__ or rule) from None
         models += 1
-    return Summary(len(tasks), models, time.perf_counter() - started, tasks)
+        task_label = study.task_entry.label or f"{study.task_entry.name}-{study.task_entry.dataset}"
+        for knob, reason in found:
+            if not experiment.skip_invalid:
+                line = _inert_lines([(knob, arch.label, task_label, reason)])[0]
+                raise ConfigError(f"{line} (or set skip_invalid: true to run it anyway)")
+            inert.append((knob, arch.label, task_label, reason))
+    return Summary(len(tasks), models, time.perf_counter() - started, tasks, _inert_lines(inert))
+
+
+# -- searched knobs that act ----------------------------------------------------------------------
+# Trainer hyperparameters by how a change of them shows. The model's: its training loss changes.
+MODEL_KNOBS = ("dropout",)
+# make_optimizer's: the optimizer it builds changes (its class or a param group's settings).
+OPTIMIZER_KNOBS = ("optimizer", "lr", "weight_decay", "momentum")
+# Acting by construction, with the reason: the tiny model and one loss cannot show them.
+ACTING_KNOBS = {
+    "batch_size": "the trainer cuts the training data into batches of it",
+    "clip_norm": "the trainer clips the gradient norm to it",
+    "lr_schedule": "the trainer changes the learning rate over the steps by it",
+    "warmup_steps": "the trainer warms the learning rate up over them",
+    "hidden_size": "it sets the encoder's width (the pre-flight builds width 4)",
+}
+MAX_ALTERNATIVES = 4  # values of a categorical knob tried against its first choice
+# How to make an inert knob act, where we know a way.
+KNOB_FIXES = {
+    "momentum": "search it with optimizer sgd or rmsprop (adam and adamw do not read it)",
+    "dropout": "search it with layers >= 2 (the encoder drops only between layers; this task's model "
+    "applies none of its own)",
+}
+
+
+def _range_ends(spec) -> list[Any]:
+    """The values a knob moves to from its low end (or first choice), as a trial could draw them."""
+    if spec.type == "categorical":
+        first = spec.choices[0]
+        return [c for c in spec.choices[1:] if c != first][:MAX_ALTERNATIVES]
+    high = spec.high
+    if spec.type == "int" and not spec.log:
+        high = spec.low + (spec.high - spec.low) // spec.step * spec.step  # the step grid's top
+    return [high] if high != spec.low else []
+
+
+def inert_knobs(study, task, batch, device) -> list[tuple[str, str]]:
+    """(knob, reason) for each searched hyperparameter that changes nothing in ``study``'s model.
+
+    Each knob moves from its low end to its high end (a categorical one from its first choice to
+    the others) with everything else at the low end; a knob that still changes nothing there gets
+    a second chance with each other searched knob moved (momentum acts when optimizer sgd is one
+    of the choices). Acting means a different optimizer for make_optimizer's knobs, and for every
+    other knob a different training loss on one batch: the model rebuilt from the same init seed
+    and its dropout masks drawn from the same seed, so only the knob differs."""
+    from rnnbench.plugins import get_cell
+    from rnnbench.trainer import make_optimizer, seed_everything, split_hparams
+
+    search = {k: spec for k, spec in study.experiment.search.items() if k not in ACTING_KNOBS}
+    base = _tiny_hparams(study)
+    cell = get_cell(study.arch.cell)
+    arch = study.arch
+    seen: dict[str, Any] = {}
+
+    def effect(name: str, hparams: dict[str, Any]) -> Any:
+        key = json.dumps([name in OPTIMIZER_KNOBS, hparams], sort_keys=True, default=str)
+        if key in seen:
+            return seen[key]
+        hp, cell_hp, task_hp = split_hparams(hparams, cell, task)
+        if name in OPTIMIZER_KNOBS:  # what the optimizer does, without the parameters it updates
+            optimizer = make_optimizer([nn.Parameter(torch.zeros(1))], hp)
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            seen[key] = (type(optimizer).__name__, groups)
+        else:
+            seed_everything(0)
+            model = _build(task, arch.cell, arch.layers, arch.bidirectional, hp, cell_hp, task_hp)
+            model.to(device).train()
+            torch.manual_seed(1)
+            with torch.no_grad(), _step(f"training_loss(model, batch, None) at {shorten(hparams, 200)}"):
+                seen[key] = float(task.training_loss(model, batch, None)[0])
+        return seen[key]
+
+    def acts(name: str, context: dict[str, Any]) -> bool:
+        return any(
+            effect(name, {**context, name: value}) != effect(name, context)
+            for value in _range_ends(search[name])
+        )
+
+    inert = []
+    for name, spec in search.items():
+        if not _range_ends(spec):
+            continue  # one value: nothing to move
+        contexts = [base] + [
+            {**base, other: value}
+            for other, other_spec in search.items()
+            if other != name
+            for value in _range_ends(other_spec)
+        ]
+        if any(acts(name, context) for context in contexts):
+            continue
+        low = spec.choices[0] if spec.type == "categorical" else spec.low
+        ends = ", ".join(repr(v) for v in _range_ends(spec))
+        what = "optimizer" if name in OPTIMIZER_KNOBS else "training loss"
+        fix = KNOB_FIXES.get(name, "remove it from search")
+        if name == "dropout" and arch.layers > 1:
+            fix = "remove it from search"  # between-layer dropout would act: something else is wrong
+        inert.append((name, f"{name} {low!r} and {ends} give the same {what}; {fix}, or fix it"))
+    return inert
+
+
+def _inert_lines(found: list[tuple[str, str, str, str]]) -> list[str]:
+    """One line per (knob, task, reason), naming every architecture it holds for."""
+    by_reason: dict[tuple[str, str, str], list[str]] = {}
+    for knob, arch, task, reason in found:
+        by_reason.setdefault((knob, task, reason), []).append(arch)
+    return [
+        f"searched {knob!r} changes nothing in {', '.join(archs)} on {task}: {reason}"
+        for (knob, task, reason), archs in by_reason.items()
+    ]
 
 
 # -- every installed plugin -----------------------------------------------------------------------

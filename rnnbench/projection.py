@@ -41,6 +41,8 @@ SEEDS_ATTR = "final_seeds"  # the final seeds this study must end with
 BUDGET_ATTR = "trials"  # counted search trials this study must end with
 RETRIES_ATTR = "max_retries"
 BASELINE_ATTR = "baseline"  # the task's trivial baseline on test
+BASELINES_ATTR = "baselines"  # every named baseline of the task on test (Task.baselines)
+TRIVIAL = "trivial"  # the one name Task.baselines gives by default: the trivial baseline again
 PARENT_ATTR = "mlflow_parent_run_id"
 YAML_ATTR = "experiment_yaml"  # the experiment file as run (defaults filled in)
 SUMMARY_STEP = 0  # a run's one-off values (counts, summary, best valid, test) and its model's link
@@ -120,6 +122,7 @@ class StudyLedger:
             (t for t in self.final_trials if t.state == TrialState.COMPLETE), key=lambda t: t.number
         )
         tests: dict[str, list[float]] = {}
+        stops = [(record_of(t) or {}).get("stop_reason") for t in seeds]
         for t in seeds:
             for k, v in ((record_of(t) or {}).get("test") or t.user_attrs.get("test", {})).items():
                 tests.setdefault(k, []).append(v)
@@ -140,6 +143,9 @@ class StudyLedger:
             "seeds": [(record_of(t) or {}).get("seed", t.user_attrs.get("seed")) for t in seeds],
             "seed_values": [t.value for t in seeds],
             "tests": tests,
+            # final seeds stopped by patience, and those that reached the cap first
+            "converged": sum(r in ("converged", "early_stopping") for r in stops),
+            "at_cap": sum(r in ("max_steps", "epochs") for r in stops),
         }
 
 
@@ -205,6 +211,8 @@ class Projection:
             "trials_interrupted": s["search"]["interrupted"],
             "final_seeds": len(s["seeds"]),
             "final_failed": s["final"]["failed"],
+            "final_converged": s["converged"],
+            "final_at_cap": s["at_cap"],
         }
         tags: dict[str, Any] = {}
         best = s["best"]
@@ -226,6 +234,12 @@ class Projection:
                 f"test_{name}_ci95_high": high,
             }
         metrics |= {f"baseline_test_{k}": v for k, v in led.attrs.get(BASELINE_ATTR, {}).items()}
+        metrics |= {
+            f"baseline_{name}_test_{k}": v
+            for name, scores in led.attrs.get(BASELINES_ATTR, {}).items()
+            if name != TRIVIAL  # the default's one name: already logged just above
+            for k, v in scores.items()
+        }
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
         runnable = best is not None or led.no_search
         done = search_done and (

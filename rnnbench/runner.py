@@ -762,12 +762,15 @@ class Worker:
         recover_study(self.storage, self.lock, study.name, self.plan.max_retries)
 
     def _refresh_parent(self, study: Study, led=None) -> None:
-        from rnnbench.projection import BASELINE_ATTR, StudyLedger
+        from rnnbench.projection import BASELINE_ATTR, BASELINES_ATTR, StudyLedger
 
         led = led or StudyLedger.load(self.storage, study.name)
-        if BASELINE_ATTR not in led.attrs:
-            led.search.set_user_attr(BASELINE_ATTR, self._baseline(study))
-            led.attrs[BASELINE_ATTR] = led.search.user_attrs[BASELINE_ATTR]
+        missing = [attr for attr in (BASELINE_ATTR, BASELINES_ATTR) if attr not in led.attrs]
+        if missing:  # a ledger from before named baselines has the first only: add the second
+            values = dict(zip((BASELINE_ATTR, BASELINES_ATTR), self._baseline(study)))
+            for attr in missing:
+                led.search.set_user_attr(attr, values[attr])
+                led.attrs[attr] = led.search.user_attrs[attr]
         try:
             self.projection.refresh_parent(led, verify=False)
         except Exception as exc:  # the ledger has it; the next start or `rnnbench sync` projects it
@@ -821,6 +824,8 @@ class Worker:
             steps_per_epoch=budget_spec.steps_per_epoch,
             max_minutes=budget_spec.max_minutes_per_trial,
             patience=budget_spec.patience,
+            min_improvement=budget_spec.improvement()[0],
+            min_improvement_relative=budget_spec.improvement()[1],
         )
         tags: dict[str, Any] = {"worker": self.worker}
         if stage == "final":
@@ -986,13 +991,21 @@ class Worker:
             )
         self._refresh_parent(study, led)
 
-    def _baseline(self, study: Study) -> dict[str, float]:
-        """The task's trivial baseline on test, for the report to show beside the architectures."""
+    def _baseline(self, study: Study) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """The task's trivial baseline and its named baselines (``Task.baselines``) on test, for
+        the report to show beside the architectures; each is ``{}`` where it failed."""
+        trivial: dict[str, float] = {}
+        named: dict[str, dict[str, float]] = {}
         try:
-            return {k: float(v) for k, v in self._task(study).baseline("test").items()}
+            task = self._task(study)
+            trivial = {k: float(v) for k, v in task.baseline("test").items()}
+            named = {
+                name: {k: float(v) for k, v in scores.items()}
+                for name, scores in task.baselines("test").items()
+            }
         except Exception as exc:  # a plugin's baseline must not cost the finished study
             self.progress.log(f"warning: baseline of {study.task_entry.name} failed: {exc}")
-            return {}
+        return trivial, named
 
 
 def _json_safe(value: Any) -> Any:
@@ -1051,6 +1064,8 @@ def summarize(plan: Plan, storage) -> dict[str, Any]:
                 **{k: s["search"][k] for k in ("complete", "pruned", "failed", "lost", "interrupted")},
                 "best_valid": s["best_valid"] if s["best_valid"] is not None else math.nan,
                 "seeds": len(s["seeds"]),
+                "converged": s["converged"],
+                "at_cap": s["at_cap"],
                 "test_mean": mean,
                 "test_ci95": (low, high),
                 "seed_values": s["seed_values"],

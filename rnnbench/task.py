@@ -136,7 +136,7 @@ class Task(abc.ABC):
     - ``batches`` may be iterated twice or more (each validation pass calls it again): return a fresh
       iterator every call, never a one-shot generator over an open file;
     - ``baseline`` keys must equal metric names (``{"accuracy": 0.5}`` for a metric named
-      ``accuracy``); extra keys are reported as they are;
+      ``accuracy``); extra keys are reported as they are; so must each of ``baselines``' entries;
     - ``setup`` raises :class:`rnnbench.errors.DataError` naming the file and line of bad data: the
       pre-flight runs it before any store exists, so the user gets one line and nothing written;
     - ``evaluate_items`` (optional, with ``metrics_from_sums``) gives one row per item of a split
@@ -276,6 +276,14 @@ class Task(abc.ABC):
     def baseline(self, split: str) -> dict[str, float]:
         """The trivial baseline's metrics on ``split`` (majority class, persistence, uniform...)."""
         return {}
+
+    def baselines(self, split: str) -> dict[str, dict[str, float]]:
+        """Every baseline worth showing beside the architectures: name -> its metrics on ``split``
+        (keys as in :meth:`baseline`). Override it where the field compares with more than the
+        trivial baseline (forecast: persistence, seasonal naive, a fitted linear map). Default: the
+        trivial baseline alone, named ``trivial`` (nothing when there is none)."""
+        trivial = self.baseline(split)
+        return {"trivial": trivial} if trivial else {}
 
     def artifacts(self, model: nn.Module, *, device: torch.device) -> dict[str, str]:
         """Text artifacts worth keeping with a run (file name -> content), e.g. generated samples."""

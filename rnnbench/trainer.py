@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 # Hyperparameters the trainer or the encoder read; cells and tasks declare their own.
 TRAINER_HPARAMS = {
     "optimizer": "adam",
@@ -43,6 +44,8 @@ TRAINER_HPARAMS = {
     "batch_size": 32,
     "hidden_size": 64,
     "dropout": 0.0,
+    "lr_schedule": "constant",  # after warm-up: constant, or cosine/linear decay to 0 at the step cap
+    "warmup_steps": 0,  # linear warm-up from lr/warmup_steps to lr
 }
 # Their domains, checked against every fixed value and search range before a run starts.
 TRAINER_HPARAM_DOMAINS = {
@@ -54,7 +57,12 @@ TRAINER_HPARAM_DOMAINS = {
     "batch_size": Domain("int", 1, 65536),
     "hidden_size": Domain("int", 1, MAX_WIDTH),
     "dropout": Domain("float", 0.0, 1.0, high_open=True),
+    "lr_schedule": Domain("choice", choices=LR_SCHEDULES),
+    "warmup_steps": Domain("int", 0, 10**9),
 }
+# Stop reasons: ``converged`` (patience ran out: no longer improving), else the cap that was
+# reached first, ``max_steps`` or ``epochs``.
+CONVERGED = "converged"
 
 
 class Budget(BaseModel):
@@ -68,7 +76,25 @@ class Budget(BaseModel):
     )
     steps_per_epoch: int | None = Field(None, ge=1, description="cap an epoch (large datasets)")
     max_minutes: float | None = Field(None, gt=0)
-    patience: int | None = Field(None, ge=1, description="early stopping: epochs without improvement")
+    patience: int | None = Field(None, ge=1, description="early stopping: validations without improvement")
+    min_improvement: float = Field(0.0, ge=0.0, description="what counts as an improvement for patience")
+    min_improvement_relative: bool = False  # min_improvement is a share of the best value so far
+
+    def step_cap(self, steps_per_epoch: int | None = None) -> int | None:
+        """The most optimizer steps a run may take, where the budget says (a schedule decays to it)."""
+        per_epoch = self.steps_per_epoch or steps_per_epoch
+        by_epochs = self.epochs * per_epoch if per_epoch else None
+        return min((c for c in (self.max_steps, by_epochs) if c), default=None)
+
+    def improves(self, value: float, reference: float | None, better) -> bool:
+        """Whether ``value`` beats ``reference`` by the minimum improvement (patience's test; the
+        best checkpoint takes any strict improvement)."""
+        if reference is None:
+            return True
+        if not better(value, reference):
+            return False
+        delta = self.min_improvement * (abs(reference) if self.min_improvement_relative else 1.0)
+        return abs(value - reference) >= delta
 
 
 class RunSettings(BaseModel):
@@ -205,6 +231,33 @@ def make_optimizer(params, hp: dict[str, Any], device=None) -> torch.optim.Optim
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(hp["momentum"]), **fused)
     return torch.optim.RMSprop(params, lr=lr, weight_decay=wd, momentum=float(hp["momentum"]))
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, hp: dict[str, Any], cap: int | None):
+    """Linear warm-up over ``warmup_steps``, then the rate held (``constant``) or decayed to 0 at
+    the step cap (``cosine``, ``linear``); None when the rate never changes. Stepped once per
+    optimizer step, so the decay ends exactly at the cap whatever the validation cadence."""
+    kind, warmup = hp.get("lr_schedule", "constant"), int(hp.get("warmup_steps", 0))
+    if kind not in LR_SCHEDULES:
+        raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {kind!r}")
+    if kind == "constant" and warmup == 0:
+        return None
+    if kind != "constant" and cap is None:
+        raise ConfigError(
+            f"lr_schedule {kind!r} decays to the step cap: give the budget max_steps (or steps_per_epoch)"
+        )
+    if cap is not None and warmup >= cap:
+        raise ConfigError(f"warmup_steps ({warmup}) must be below the step cap ({cap})")
+
+    def factor(step: int) -> float:  # `step` optimizer steps done; the next one uses this factor
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, cap - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def precision_tools(precision: str, device: torch.device):
@@ -377,6 +430,7 @@ class Trainer:
             "encoder": parameter_counts(encoders[0]) if encoders else None,
         }
         optimizer = make_optimizer(model.parameters(), hp, device)
+        schedule = make_lr_schedule(optimizer, hp, budget.step_cap())
         batch_size, eval_bs = int(hp["batch_size"]), settings.eval_batch_size or int(hp["batch_size"])
         autocast, scaler = precision_tools(self.settings.precision, device)
         generator = torch.Generator().manual_seed(seed)
@@ -392,8 +446,11 @@ class Trainer:
 
         primary = task.primary_metric
         history: list[EpochRecord] = []
-        best_state, best_epoch, best_valid, bad_epochs = None, -1, None, 0
+        best_state, best_epoch, best_valid = None, -1, None
+        # patience counts validations since the last one that beat `reference` by min_improvement
+        reference, bad_rounds = None, 0
         steps, start, stop_reason = 0, time.perf_counter(), "epochs"
+        eval_total = 0.0  # validation time, reported beside training time (a fine cadence costs)
         deadline = TimeLimit(budget.max_minutes)
         eval_tokens: dict[str, int] = {}
         # A round ends in a validation: an epoch (capped at steps_per_epoch), or eval_every
@@ -429,6 +486,8 @@ class Trainer:
                     loss, norm, carry = train_step(
                         task, model, batch, carry, optimizer, autocast, scaler, hp["clip_norm"]
                     )
+                if schedule is not None:
+                    schedule.step()
                 loss_sum += loss.detach().float()
                 norm_sum += norm.float()
                 norm_max = torch.maximum(norm_max, norm.float())
@@ -461,6 +520,7 @@ class Trainer:
             with torch.no_grad(), autocast, deadline.covering(task):
                 valid = task.evaluate(model, "valid", eval_bs, device=device)
                 eval_time = time.perf_counter() - t1
+                eval_total += eval_time
                 if "valid" not in eval_tokens:
                     eval_tokens["valid"] = sum(
                         b.tokens for b in task.batches("valid", eval_bs, device=device)
@@ -478,21 +538,23 @@ class Trainer:
                 "epoch_time_s": train_time + eval_time,
                 "train_memory_mib": train_memory,
                 "steps": float(steps),
+                "lr": float(optimizer.param_groups[0]["lr"]),  # where a schedule has brought it
             }
             history.append(EpochRecord(epoch, metrics))
-            improved = best_valid is None or primary.better(value, best_valid[primary.name])
-            if improved:
+            if best_valid is None or primary.better(value, best_valid[primary.name]):
                 best_state = copy.deepcopy(model.state_dict())
-                best_epoch, best_valid, bad_epochs = epoch, dict(valid), 0
+                best_epoch, best_valid = epoch, dict(valid)
+            if budget.improves(value, reference, primary.better):
+                reference, bad_rounds = value, 0
             else:
-                bad_epochs += 1
+                bad_rounds += 1
             for cb in callbacks:
                 cb.on_epoch_end(epoch, metrics)
             if budget.max_steps and steps >= budget.max_steps:
                 stop_reason = "max_steps"
                 break
-            if budget.patience and bad_epochs >= budget.patience:
-                stop_reason = "early_stopping"
+            if budget.patience and bad_rounds >= budget.patience:
+                stop_reason = CONVERGED
                 break
 
         model.load_state_dict(best_state)
@@ -524,6 +586,8 @@ class Trainer:
             "eval_tokens_per_s_median": float(np.median([r.metrics["eval_tokens_per_s"] for r in history])),
             "train_memory_mib_peak": max(r.metrics["train_memory_mib"] for r in history),
             "wall_time_s": time.perf_counter() - start,
+            "eval_time_s": eval_total,
+            "validations": float(len(history)),
             "epochs": float(len(history)),
             "steps": float(steps),
         }

@@ -344,8 +344,11 @@ def test_end_to_end_report_with_executed_notebook(smoke_report: Path):
                  "tables/memory-synthetic.md", "tables/memory-T12.md", "tables/summary.csv", "figures/memory_vs_length.svg"):  # fmt: skip
         assert (out / name).is_file(), name
     for name in ("metric_vs_params", "metric_vs_throughput", "valid_curves", "optimisation_history", "grad_norm",
-                 "memory_vs_length", "importance"):  # fmt: skip
+                 "memory_vs_length", "importance", "budget_sensitivity"):  # fmt: skip
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000, name
+    page = (out / "report.html").read_text()  # issue 22: the budget-sensitivity table and figure
+    assert "<h2>budget sensitivity</h2>" in page and "figures/budget_sensitivity.png" in page
+    assert (out / "tables" / "budget_sensitivity.csv").is_file()
     nb = json.loads((out / "report.ipynb").read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
     assert outputs and not [o for o in outputs if o["output_type"] == "error"]

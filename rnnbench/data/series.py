@@ -227,11 +227,16 @@ def split_rows(n_rows: int, split: str | Sequence[float], source: str = "series"
 def column_statistics(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and (population) std, as sklearn's StandardScaler fits them for Informer.
 
-    A constant column gets std 1, so it normalises to zeros instead of dividing by zero.
+    A constant column gets its value as mean and std 1, so it normalises to exact zeros instead of
+    dividing by zero. Constant is tested on the values themselves (max == min), not on ``std > 0``:
+    the std of a constant 0.1 comes out near 1e-17 in floating point (and its mean 1e-17 off), and
+    dividing by that would blow the column up to ~1e15 wherever it moves later.
     """
-    mean = values.mean(axis=0)
+    low, high = values.min(axis=0), values.max(axis=0)
+    constant = low == high
+    mean = np.where(constant, low, values.mean(axis=0))
     std = values.std(axis=0)
-    return mean, np.where(std > 0, std, 1.0)
+    return mean, np.where(constant | (std <= 0), 1.0, std)
 
 
 # -- windows -----------------------------------------------------------------------------------

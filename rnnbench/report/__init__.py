@@ -33,6 +33,7 @@ def build_report(
     column, rankings side by side, one column of figure panels each)."""
     from rnnbench.report import collect as collect_mod
     from rnnbench.report import figures as figures_mod
+    from rnnbench.report import search as search_mod
 
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
     title = " vs ".join(experiments)
@@ -40,6 +41,8 @@ def build_report(
     client = collect_mod.open_client(tracking_uri)
     say(f"collecting runs of {title!r} from {tracking_uri}")
     data = collect_mod.collect_many(client, experiments, tracking_uri=tracking_uri, progress=say)
+    # the searched ranges, saved with the runs: a rebuilt report flags range edges without MLflow
+    data.runs = search_mod.with_search_space(data.runs, search_mod.search_spaces(client, experiments))
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[Path]] = {"data": collect_mod.save(data, out)}
     importance, notes = figures_mod.importance_table(data.runs, journal)
@@ -68,8 +71,10 @@ def rebuild_report(out: Path, *, fmt: str = "all", progress: Callable[[str], Non
 
 def _render(data, experiments, importance, notes, files, out: Path, fmt: str, journal, say) -> Report:
     """Tables, figures, report.html, the executed notebook and index.html from collected data."""
+    from rnnbench.report import budget as budget_mod
     from rnnbench.report import figures as figures_mod
     from rnnbench.report import notebook as notebook_mod
+    from rnnbench.report import search as search_mod
     from rnnbench.report import tables as tables_mod
 
     title = " vs ".join(experiments)
@@ -79,8 +84,11 @@ def _render(data, experiments, importance, notes, files, out: Path, fmt: str, jo
     sums = tables_mod.summaries(task_tables)
     written = tables_mod.write(task_tables, sums, out / "tables")
     files["tables"] = [out / "tables" / "tables.html"] + [p for ps in written.values() for p in ps]
+    sensitivity = budget_mod.budget_sensitivity(data.runs, data.histories, data.benchmarks)
+    files["tables"] += budget_mod.write(sensitivity, out / "tables")
+    files["tables"] += search_mod.write(data.runs, out / "tables")
     several = len(experiments) > 1
-    notes = list(data.notes) + notes
+    notes = list(data.notes) + notes + search_mod.edge_notes(search_mod.best_values(data.runs))
     notes += [f"{t.task}{f' ({t.experiment})' if several else ''}: {n}" for t in task_tables for n in t.notes]
     say("drawing figures")
     figs = figures_mod.make_all(
@@ -90,7 +98,8 @@ def _render(data, experiments, importance, notes, files, out: Path, fmt: str, jo
     files["figures"] = list(figs.paths.values())
     report = Report(out, out / "index.html", files, notes)
     if fmt in ("html", "all"):
-        files["html"] = [_static_html(title, out, task_tables, sums, figs.paths, notes)]
+        extra = [budget_mod.html_section(sensitivity), search_mod.search_html(data.runs)]
+        files["html"] = [_static_html(title, out, task_tables, sums, figs.paths, notes, extra)]
     if fmt in ("notebook", "all"):
         say("executing the notebook")
         nb = notebook_mod.build(experiments, tracking_uri, journal, out)
@@ -102,7 +111,7 @@ def _render(data, experiments, importance, notes, files, out: Path, fmt: str, jo
     return report
 
 
-def _static_html(title: str, out: Path, task_tables, sums, figure_paths, notes) -> Path:
+def _static_html(title: str, out: Path, task_tables, sums, figure_paths, notes, extra=()) -> Path:
     """report.html: the tables and figures on one page, no kernel needed; the same functions
     render them in the notebook."""
     from rnnbench.report.figures import CAPTIONS
@@ -113,6 +122,7 @@ def _static_html(title: str, out: Path, task_tables, sums, figure_paths, notes) 
         body.append("<ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     body.append(summary_html(sums))
     body += [benchmark_html(task_tables, b) for b in benchmarks_of(task_tables)]
+    body += list(extra)  # sections computed beside the rankings (budget sensitivity, search coverage)
     for name, path in figure_paths.items():
         body.append(
             f"<h2>{html.escape(name)}</h2><figure><img src='{path.relative_to(out).as_posix()}' alt='{name}'>"

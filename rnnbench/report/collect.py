@@ -29,7 +29,8 @@ _ID_COLUMNS = [
     "experiment", "study", "architecture", "cell", "layers", "bidirectional", "variant", "task",
     "benchmark", "dataset", "stage", "trial", "seed", "status", "failure_reason", "failure_message",
 ]  # fmt: skip
-HISTORY_METRICS = ("grad_norm", "grad_norm_max")
+# steps: the optimiser steps done at each validation (budget sensitivity places validations by them)
+HISTORY_METRICS = ("grad_norm", "grad_norm_max", "steps")
 RUNS_FILE, HISTORIES_FILE, IMPORTANCE_FILE = "runs.parquet", "histories.parquet", "importance.parquet"
 ITEMS_FILE = "items.parquet"  # per-item outcomes of the final seeds (collect_items), when any
 # Run summaries that older stores logged under their per-epoch series' own name
@@ -193,6 +194,7 @@ def run_row(run, experiment: str) -> dict[str, Any]:
         "failure_reason": own.get("failure_reason"),
         "failure_message": own.get("failure_message"),
         "best_trial": _number(own.get("best_trial")),
+        "stop_reason": _stop_reason(own.get("stop_reason")),
         "primary_metric": own.get("metric"),  # on study runs: the task instance's own primary metric
         "direction": own.get("direction"),
         "margin": own.get("margin"),  # the experiment's margin of practical equivalence, if it set one
@@ -224,6 +226,15 @@ def run_row(run, experiment: str) -> dict[str, Any]:
     for name in _ENV_TAGS:
         row[f"env_{name}"] = own.get(name)
     return row
+
+
+CAP_REASONS = ("max_steps", "epochs")  # the trainer's stop reasons that are a cap, not convergence
+
+
+def _stop_reason(value: str | None) -> str | None:
+    """What ended a run: ``converged`` (patience ran out), a cap (``max_steps``, ``epochs``), or
+    ``pruned``; stores written before convergence was named say ``early_stopping``."""
+    return "converged" if value == "early_stopping" else value
 
 
 def variant_label(layers: Any, bidirectional: Any) -> str:

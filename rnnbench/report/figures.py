@@ -32,6 +32,11 @@ CAPTIONS = {
     "metric_vs_throughput": f"Test metric against training throughput; the black line joins the Pareto "
     f"front (no other architecture is both faster and better); dashed: the trivial baseline. {_POINTS}",
     "valid_curves": "Validation metric per epoch of each architecture's best search trial (one run each, no band).",
+    "budget_sensitivity": "Would a smaller training budget rank the architectures the same? First panel: "
+    "Kendall's τ-b between each benchmark's ranking had training stopped at 25/50/75% of its step budget and "
+    "the full-budget ranking (1 = same order, 0 = unrelated). Other panels: each architecture's rank (1 = best, "
+    "at the top) at each fraction. A ranking at x% averages each final seed's best validation score reached by "
+    "then (the best checkpoint is kept); a run that stopped sooner keeps its best.",
     "optimisation_history": "Every search trial's best validation score (points) and the study's running "
     "best (steps), by trial number.",
     "grad_norm": f"Global gradient L2 norm per epoch, before clipping: the mean over each architecture's "
@@ -425,6 +430,56 @@ def grad_norm(runs, histories, infos, style):
     )  # fmt: skip
 
 
+def budget_sensitivity(runs, histories, infos, style):
+    """τ against the budget fraction, one line per benchmark, then a bump chart of ranks per
+    benchmark (rnnbench.report.budget computes both)."""
+    from rnnbench.report import budget
+
+    result = budget.budget_sensitivity(runs, histories, infos)
+    if result.ranks.empty:
+        return "budget_sensitivity: no validation history of final seeds"
+    keys = list(dict.fromkeys(zip(result.ranks["benchmark"], result.ranks["experiment"])))
+    several = _several(keys)
+    fig, axes = _grid(len(keys) + 1, width=4.6, height=3.6)
+    ax = axes[0]
+    taus = result.taus.groupby(["benchmark", "experiment"], dropna=False, sort=False)
+    for (bench, experiment), group in taus:
+        ax.plot(100 * group["fraction"], group["tau"], marker="o", label=_title((bench, experiment), several))
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ticks = sorted(100 * result.taus["fraction"].unique())
+    ax.set_xlim(0, 105)
+    ax.set_xticks(ticks)
+    ax.set_xlabel("training budget used (% of steps)")
+    ax.set_ylabel("Kendall τ-b with the full-budget ranking")
+    ax.set_title("ranking agreement against budget", fontsize=11)
+    ax.legend(fontsize=7, loc="best", frameon=True)
+    ax.grid(alpha=0.3)
+    for panel, key in zip(axes[1:], keys):
+        ranks = result.ranks
+        mine = ranks[(ranks["benchmark"] == key[0]) & (ranks["experiment"].values == key[1])]
+        mine = mine.assign(percent=100 * mine["fraction"])
+        _rank_lines(mine, panel, style)
+        panel.set_ylim(mine["rank"].max() + 0.5, 0.5)  # rank 1 (best) at the top
+        panel.set_yticks(range(1, int(math.ceil(mine["rank"].max())) + 1))
+        panel.set_xlim(0, 105)
+        panel.set_xticks(ticks)
+        panel.set_xlabel("training budget used (% of steps)")
+        panel.set_ylabel("rank (1 = best)")
+        panel.set_title(_title(key, several), fontsize=11)
+        panel.grid(alpha=0.3)
+    _legend(fig, axes[1:])
+    return fig
+
+
+def _rank_lines(data: pd.DataFrame, ax, style: Style) -> None:
+    """One line per architecture through its ranks, in its cell's colour and variant's marker."""
+    import seaborn as sns
+
+    sns.lineplot(data=data, x="percent", y="rank", units="architecture", estimator=None, dashes=False,
+                 markersize=7, ax=ax, **style.kwargs(data))  # fmt: skip
+
+
 def optimisation_history(runs: pd.DataFrame, infos, style):
     """Every search trial's best validation score, and the running best, per study."""
     import seaborn as sns
@@ -684,6 +739,7 @@ def draw_all(runs, histories, tables, infos, importance_df, style) -> dict[str, 
         "metric_vs_params": metric_vs_params(tables, style),
         "metric_vs_throughput": metric_vs_throughput(tables, style),
         "valid_curves": valid_curves(runs, histories, infos, style),
+        "budget_sensitivity": budget_sensitivity(runs, histories, infos, style),
         "optimisation_history": optimisation_history(runs, infos, style),
         "grad_norm": grad_norm(runs, histories, infos, style),
         "importance": importance(importance_df, style),

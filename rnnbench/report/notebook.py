@@ -20,6 +20,7 @@ FIGURE_CALLS = {
     "metric_vs_params": "figures.metric_vs_params(ranked, style)",
     "metric_vs_throughput": "figures.metric_vs_throughput(ranked, style)",
     "valid_curves": "figures.valid_curves(runs, histories, infos, style)",
+    "budget_sensitivity": "figures.budget_sensitivity(runs, histories, infos, style)",
     "optimisation_history": "figures.optimisation_history(runs, infos, style)",
     "grad_norm": "figures.grad_norm(runs, histories, infos, style)",
     "importance": "figures.importance(importance, style)",
@@ -144,6 +145,25 @@ def build(experiments: list[str], tracking_uri: str, journal: Path | None = None
             "verdict_table[['family', 'architecture', 'versus', 'verdict', 'difference', 'ci95_low', "
             "'ci95_high', 'p_holm', 'margin', 'detectable', 'method']]"
         ),
+        md(
+            "## Budget sensitivity\n\n"
+            "Each benchmark's ranking had training stopped at 25/50/75% of its steps, against the full-budget "
+            "one (Kendall's τ-b). `budget_sensitivity(runs, histories, infos, fractions=(1/3, 2/3, 1))` "
+            "gives other fractions; `.taus` and `.ranks` hold the raw numbers, "
+            "`.rank_paths(benchmark)` one benchmark's ranks at each fraction."
+        ),
+        code(
+            "from rnnbench.report.budget import budget_sensitivity, html_table\n\n"
+            "sensitivity = budget_sensitivity(runs, histories, infos)\n"
+            "display(HTML(html_table(sensitivity)))"
+        ),
+        md(
+            "## Search coverage\n\n"
+            "Studies whose best configuration lies in the outer 10% of a searched range (widen it), and "
+            "search trials pruned per architecture. `search.best_values(runs)`: every study's best value "
+            "and its place in the range."
+        ),
+        code("from rnnbench.report import search\n\ndisplay(HTML(search.search_html(runs, heading=False)))"),
         md("## Figures"),
         code(
             "%matplotlib inline\n"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from rnnbench.report import verdicts
-from rnnbench.report.collect import TaskInfo
+from rnnbench.report.collect import CAP_REASONS, TaskInfo
 from rnnbench.stats import MIN_SEEDS, WHY_MIN_SEEDS, finite, mean_ci
 
 TEST_NOTE = (
@@ -29,6 +30,7 @@ MEMORY_NOTE = (
 
 
 BASELINE_ROW = "trivial baseline"  # the row a ranking table adds for the task's trivial baseline
+NAMED_BASELINE_ROW = "baseline: {}"  # a row per further named baseline (Task.baselines: forecast's)
 
 
 @dataclass
@@ -104,6 +106,7 @@ def rank_task(
         elif len(seeds):
             best_hp = {c[3:]: seeds.iloc[0][c] for c in hp_cols if pd.notna(seeds.iloc[0].get(c))}
         search = group[group["stage"] == "search"]
+        stops = seeds["stop_reason"] if "stop_reason" in seeds else pd.Series(dtype=object)
         rows.append(
             {
                 "architecture": first["architecture"],
@@ -116,6 +119,9 @@ def rank_task(
                 "ci95_high": high,
                 "seed_values": values,
                 "split": verdicts.split_text(split, info) if split else "",
+                # final seeds stopped by patience, and those that reached the step/epoch cap first
+                "converged": int((stops == "converged").sum()),
+                "at_cap": int(stops.isin(CAP_REASONS).sum()),
                 "cut_from": cut[0] if cut else math.nan,  # the t-interval's end past the metric's bound
                 "params": _median(source, "params_total"),
                 "train_tokens_per_s": _median(source, "train_tokens_per_s_median"),
@@ -149,6 +155,23 @@ def rank_task(
             f"family {bench}: best_vs_rest ({len(family)} comparisons, Holm-adjusted); "
             f"{_verdict_counts(family)}"
         )
+    if {"eval_time_s", "wall_time_s"} <= set(finals.columns) and finals["eval_time_s"].notna().any():
+        share = (finals["eval_time_s"] / finals["wall_time_s"]).median()
+        count = finals["validations"].median() if "validations" in finals else math.nan
+        notes.append(
+            f"validation cost: {share:.0%} of a final seed's wall time (median"
+            + (f"; {count:.0f} validations a seed)" if pd.notna(count) else ")")
+        )
+    capped = ranked[ranked["at_cap"] > 0]
+    if len(capped):
+        named = ", ".join(
+            f"{a} ({c} of {n})" for a, c, n in zip(capped["architecture"], capped["at_cap"], capped["seeds"])
+        )
+        notes.append(
+            f"† hit the cap: final seeds that reached the step budget before patience stopped them "
+            f"({named}); their scores may still improve with more steps, so a ranking among them is "
+            "a ranking at this budget"
+        )
     cut = ranked[ranked["cut_from"].notna()]
     if len(cut):
         named = ", ".join(f"{a} ({_fmt(v)})" for a, v in zip(cut["architecture"], cut["cut_from"]))
@@ -174,9 +197,18 @@ def rank_task(
             [table, pd.DataFrame([{"architecture": BASELINE_ROW, "mean": baseline, "seeds": 0}])],
             ignore_index=True,
         )
+    named = named_baselines_of(task_runs, info)
+    # the trivial baseline is usually one of the named ones (forecast: persistence): its row says it once
+    same = [name for name, value in named.items() if baseline is not None and math.isclose(value, baseline)]
+    if same:
+        notes.append(f"trivial baseline: {same[0]}")
+    rows = [{"architecture": NAMED_BASELINE_ROW.format(n), "mean": v, "seeds": 0} for n, v in named.items()
+            if n not in same[:1]]  # fmt: skip
+    if rows:
+        table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
     order = [
         "rank", "architecture", "cell", "variant", "valid_mean", "mean", "ci95_low", "ci95_high", "seeds",
-        "seed_values", "split", "cut_from", "vs_selected", "difference", "diff_ci95_low", "diff_ci95_high", "p_holm",
+        "seed_values", "split", "cut_from", "converged", "at_cap", "vs_selected", "difference", "diff_ci95_low", "diff_ci95_high", "p_holm",
         "detectable", "params", "train_tokens_per_s", "train_memory_mib", "trials_ok/pruned/failed",
         "best_hparams",
     ]  # fmt: skip
@@ -219,6 +251,18 @@ def baseline_of(task_runs: pd.DataFrame, info: TaskInfo) -> float | None:
         if col in task_runs and task_runs[col].notna().any():
             return float(task_runs[col].dropna().mean())
     return None
+
+
+def named_baselines_of(task_runs: pd.DataFrame, info: TaskInfo) -> dict[str, float]:
+    """The named baselines the runs logged (``baseline_<name>_test_<metric>``), name -> value, in
+    the order logged; none for tasks with the trivial baseline only."""
+    pattern = re.compile(rf"baseline_(.+)_test_{re.escape(info.metric)}")
+    found = {}
+    for col in task_runs.columns:
+        match = pattern.fullmatch(str(col))
+        if match and task_runs[col].notna().any():
+            found[match.group(1)] = float(task_runs[col].dropna().mean())
+    return found
 
 
 def _median(df: pd.DataFrame, col: str) -> float:
@@ -312,6 +356,9 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
             df[c] = df[c].map(lambda v: f"{round(float(v)):,}" if pd.notna(v) else "–")
     if "rank" in df:
         df["rank"] = df["rank"].map(lambda v: str(int(v)) if pd.notna(v) else "–")
+    if "at_cap" in df:
+        df.insert(df.columns.get_loc("converged"), "stopped", [_shown_stops(row) for _, row in df.iterrows()])
+        df = df.drop(columns=["converged", "at_cap"])
     return df.rename(columns=SHOWN_NAMES).fillna("–")
 
 
@@ -324,6 +371,7 @@ SHOWN_NAMES = {
     "train_tokens_per_s": "train tokens/s",
     "train_memory_mib": "train memory (MiB)",
     "trials_ok/pruned/failed": "trials ok/pruned/failed",
+    "stopped": "final seeds stopped",
     "best_hparams": "best hyperparameters",
 }
 
@@ -344,6 +392,15 @@ def _shown_metric(row: pd.Series) -> str:
     if isinstance(values, list) and len(values) == 1:
         return f"{_fmt(row['mean'])} (1 seed)"
     return _fmt(row.get("mean"))
+
+
+def _shown_stops(row: pd.Series) -> str:
+    """How the final seeds ended: ``3 converged``, ``† 2 at cap, 1 converged`` (marked: cap-limited)."""
+    converged, capped = row.get("converged"), row.get("at_cap")
+    if pd.isna(capped) or (not converged and not capped):
+        return "–"
+    parts = [f"{int(capped)} at cap"] * bool(capped) + [f"{int(converged)} converged"] * bool(converged)
+    return ("† " if capped else "") + ", ".join(parts)
 
 
 def _shown_difference(row: pd.Series) -> str:
@@ -422,10 +479,10 @@ def benchmark_html(tables: list[TaskTable], benchmark: str) -> str:
 
 def _html_table(df: pd.DataFrame, caption: str) -> str:
     text = df.to_html(index=False, classes="rank", border=0)
+    # the opening tag as written: pandas 3 leaves out border="0", and the caption went missing
+    opening = text[: text.index(">") + 1]
     return text.replace(
-        '<table border="0" class="dataframe rank">',
-        f'<table class="dataframe rank"><caption>{html.escape(caption)}</caption>',
-        1,
+        opening, f'<table class="dataframe rank"><caption>{html.escape(caption)}</caption>', 1
     )
 
 

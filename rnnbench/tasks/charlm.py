@@ -84,7 +84,10 @@ class CharLMOptions(TaskOptions):
 
 
 class CharLanguageModel(nn.Module):
-    """Embedding -> encoder -> dropout -> linear over the vocabulary."""
+    """Embedding -> dropout -> encoder -> dropout -> linear over the vocabulary.
+
+    Dropout on both sides of the encoder, because the encoder drops only between its layers: a
+    1-layer model would otherwise be regularised on its output alone."""
 
     def __init__(self, vocab_size: int, embedding_dim: int, make_encoder: EncoderFactory, dropout: float):
         super().__init__()
@@ -95,7 +98,7 @@ class CharLanguageModel(nn.Module):
 
     def forward(self, ids: Tensor, state: Any = None) -> tuple[Tensor, Any]:
         """``ids [B, T]`` -> logits ``[B, T, vocab]`` and the encoder's final state."""
-        out, state = self.encoder(self.embedding(ids), None, state)
+        out, state = self.encoder(self.dropout(self.embedding(ids)), None, state)
         return self.head(self.dropout(out)), state
 
 

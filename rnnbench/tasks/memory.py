@@ -113,6 +113,8 @@ class MemoryModel(nn.Module):
         self.problem = problem
         adding = problem == "adding"
         self.encoder = make_encoder(2 if adding else COPY_TOKENS)
+        # On the encoder's outputs only: the inputs are the task itself (the adding problem's two
+        # values and markers, copy memory's symbols), and dropping one makes the target unknowable.
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(self.encoder.output_size, 1 if adding else COPY_SYMBOLS)
 

@@ -1,0 +1,60 @@
+"""Budgets to convergence: a study records whether its final seeds stopped by patience
+(converged) or reached the cap, and the CLI table and the report mark the cap-limited rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+# Two benchmarks of one cell: one asks for an improvement no run can make, so patience runs out
+# two validations after the first (converged); the other has no patience and stops at its cap.
+EXPERIMENT = """\
+name: conv
+cells: [gru]
+tasks:
+  - name: memory
+    label: still
+    options: {problem: adding, seq_len: 6, train_size: 128, valid_size: 64, test_size: 64}
+    budget: {trials: 0, max_steps: 40, eval_every: 4, patience: 2, min_improvement: 1.0e+9}
+  - name: memory
+    label: capped
+    options: {problem: adding, seq_len: 6, train_size: 128, valid_size: 64, test_size: 64}
+    budget: {trials: 0, max_steps: 8, eval_every: 4}
+fixed: {hidden_size: 4, batch_size: 32}
+final: {seeds: 3}
+"""
+
+
+def _run(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+    return subprocess.run(
+        [sys.executable, "-m", "rnnbench.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_converged_and_capped_seeds_are_told_apart(tmp_path: Path):
+    (tmp_path / "conv.yaml").write_text(EXPERIMENT)
+    home = tmp_path / "home"
+    result = _run(["run", str(tmp_path / "conv.yaml")], home)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if "gru-1L-uni" in line}
+    lines = result.stdout.splitlines()
+    still = next(i for i, line in enumerate(lines) if line.strip().startswith("still"))
+    capped = next(i for i, line in enumerate(lines) if line.strip().startswith("capped"))
+    assert lines[still + 1].rstrip().endswith(" 3"), result.stdout  # converged: no mark
+    assert lines[capped + 1].rstrip().endswith(" 3†"), result.stdout
+    assert rows  # the architecture rows are printed
+
+    out = tmp_path / "report"
+    report = _run(["report", "conv", "--out", str(out), "--format", "html"], home)
+    assert report.returncode == 0, report.stderr
+    tables = {name: pd.read_csv(out / "tables" / f"{name}.csv") for name in ("still", "capped")}
+    assert tables["still"].loc[0, ["converged", "at_cap"]].tolist() == [3, 0]
+    assert tables["capped"].loc[0, ["converged", "at_cap"]].tolist() == [0, 3]
+    page = (out / "report.html").read_text()
+    assert "† 3 at cap" in page and "3 converged" in page and "† hit the cap" in page
+    assert "validation cost:" in page
