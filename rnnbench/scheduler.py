@@ -7,7 +7,8 @@
 - **Lease.** A worker holds a lease on the trial it runs and renews it from a thread. On
   PostgreSQL that is Optuna's own heartbeat (``record_heartbeat``, in the database's clock), judged
   by ``fail_stale_trials``; the journal has no heartbeat, so the lease is a trial system attribute
-  with an expiry in this machine's clock. The owner (machine, pid, process start time) is written
+  with an expiry in this machine's monotonic clock (judged by it on the same boot, so a wall-clock
+  step, a suspend or a VM pause expires no lease) and in the wall clock (for any other judge). The owner (machine, pid, process start time) is written
   too, so a dead worker *on this machine* is recognised at once, without waiting for expiry.
 - **Recovery** (under the lock, by any worker, at every claim and while waiting): fail the
   RUNNING trials whose lease expired or whose owner is dead, then queue a copy of every lost or
@@ -33,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rnnbench.errors import LedgerUnreachable, first_line
 from rnnbench.sweep import (
     DEFAULT_MAX_RETRIES,
+    LOST_DECISION,
     RETRIES,
     RETRY_OF,
     counted,
@@ -45,7 +47,8 @@ from rnnbench.sweep import (
     trial_status,
 )
 
-LEASE_ATTR = "rnnbench:lease"  # trial system attribute: {"owner": {...}, "expires": unix time}
+# trial system attribute: {"owner": {...}, "expires": unix time, "boot": boot id, "expires_mono": ...}
+LEASE_ATTR = "rnnbench:lease"
 
 
 # ---------------------------------------------------------------------------- identity
@@ -61,6 +64,16 @@ def _process_start() -> float:
     import psutil
 
     return psutil.Process().create_time()
+
+
+@lru_cache(maxsize=1)
+def boot_id() -> str | None:
+    """This boot of this machine (Linux): within it, ``time.monotonic`` is one clock for every
+    process, and no NTP step, suspend or VM pause moves it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def owner_identity(worker: int = 0) -> dict[str, Any]:
@@ -152,15 +165,23 @@ class Lease:
         if isinstance(self.storage, BaseHeartbeat) and is_heartbeat_enabled(self.storage):
             self.storage.record_heartbeat(self.trial_id)
         else:
-            value = {"owner": self.owner, "expires": time.time() + self.duration}
+            # the wall clock for other machines; the monotonic one where the judge shares this boot
+            value = {
+                "owner": self.owner,
+                "expires": time.time() + self.duration,
+                "boot": boot_id(),
+                "expires_mono": time.monotonic() + self.duration,
+            }
             self.storage.set_trial_system_attr(self.trial_id, LEASE_ATTR, value)
 
     def start(self) -> Lease:
         from optuna.storages._heartbeat import BaseHeartbeat
 
-        if isinstance(self.storage, BaseHeartbeat):  # the owner once; the heartbeat row renews
-            self.storage.set_trial_system_attr(self.trial_id, LEASE_ATTR, {"owner": self.owner})
         self.renew()
+        if isinstance(self.storage, BaseHeartbeat):  # the owner once; the heartbeat row renews
+            # after the first heartbeat: a trial with an owner but no heartbeat row is one that
+            # fail_stale_trials never sees (a worker killed between the two writes)
+            self.storage.set_trial_system_attr(self.trial_id, LEASE_ATTR, {"owner": self.owner})
         self._thread = threading.Thread(target=self._loop, name=f"lease-{self.trial_id}", daemon=True)
         self._thread.start()
         return self
@@ -181,7 +202,7 @@ class Lease:
             self._thread.join(timeout=10)
 
 
-def _lease_expired(storage, t: FrozenTrial, now: float) -> bool:
+def _lease_expired(storage, t: FrozenTrial, now: float, now_mono: float | None = None) -> bool:
     from optuna.storages._heartbeat import BaseHeartbeat
 
     lease = t.system_attrs.get(LEASE_ATTR)
@@ -189,6 +210,8 @@ def _lease_expired(storage, t: FrozenTrial, now: float) -> bool:
         if lease is not None:
             return False  # judged by fail_stale_trials in the database's clock
     elif lease is not None and "expires" in lease:
+        if now_mono is not None and lease.get("boot") and lease["boot"] == boot_id():
+            return lease["expires_mono"] < now_mono  # a wall-clock step expires nothing
         return lease["expires"] < now
     # No lease at all: the worker died between its claim and its first renewal.
     started = t.datetime_start.timestamp() if t.datetime_start else now
@@ -206,11 +229,14 @@ def recover(storage, s: optuna.Study, max_retries: int = DEFAULT_MAX_RETRIES) ->
 
     if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage):
         optuna.storages.fail_stale_trials(s)
-    now = time.time()
+    now, now_mono = time.time(), time.monotonic()
     for t in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         lease = t.system_attrs.get(LEASE_ATTR) or {}
-        if owner_is_dead(lease.get("owner")) or _lease_expired(storage, t, now):
+        if owner_is_dead(lease.get("owner")) or _lease_expired(storage, t, now, now_mono):
             try:
+                # the retry decision goes into the ledger now, with the limit in force now
+                spent = t.user_attrs.get(RETRIES, 0) >= max_retries
+                storage.set_trial_user_attr(t._trial_id, LOST_DECISION, "counted" if spent else "retry")
                 storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # its worker told it in the meantime, or another worker recovered it

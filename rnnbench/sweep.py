@@ -41,6 +41,10 @@ FINAL_SUFFIX = "::final"
 RECORD = "record"  # user attribute holding a finished trial's whole result
 RETRY_OF = "retry_of"  # user attribute of a queued copy: the number of the trial it replaces
 RETRIES = "retries"  # user attribute: how many lost workers this configuration has already cost
+# user attribute written by recovery before it fails a lost trial: "retry" (queued again, not
+# counted) or "counted" (its retries are spent: failed, worker_lost). Decided once, with the
+# --max-retries of that moment, so a later start with another limit never re-judges it.
+LOST_DECISION = "lost_decision"
 LEGACY_INTERRUPTED = "interrupted"  # ledgers written before the record existed
 COUNTED = ("complete", "pruned", "failed")
 DEFAULT_MAX_RETRIES = 3
@@ -250,14 +254,6 @@ def _cut_torn_tail(path: Path) -> int:
         size = f.seek(0, os.SEEK_END)
         if size == 0:
             return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            try:  # a complete last line can still be garbage (NUL bytes after a crash)
-                f.seek(max(0, size - 4096))
-                json.loads(f.read().rsplit(b"\n", 2)[-2])
-                return 0
-            except (ValueError, IndexError):
-                pass
         keep = _last_good_offset(f, size)
         if keep != size:
             f.truncate(keep)
@@ -288,22 +284,34 @@ def repair_journal(path: Path) -> str | None:
 
 
 def _last_good_offset(f, size: int) -> int:
-    """Offset after the last complete, parseable record; trailing partial or garbled lines go."""
-    chunk = min(size, 1 << 20)
-    f.seek(size - chunk)
-    tail = f.read(chunk)
-    end = len(tail) if tail.endswith(b"\n") else tail.rfind(b"\n") + 1
+    """Offset after the last complete, parseable record; trailing partial or garbled lines go
+    (e.g. NUL bytes after a crash). A record may be any size: lines are found by scanning back to
+    the previous newline, however far."""
+    f.seek(size - 1)
+    end = size if f.read(1) == b"\n" else _line_start(f, size)
     while end > 0:
-        start = tail.rfind(b"\n", 0, end - 1) + 1
-        if start == 0 and size > chunk:
-            break
+        start = _line_start(f, end - 1)
+        f.seek(start)
         try:
-            json.loads(tail[start:end])
-            return size - chunk + end
-        except ValueError:  # garbled (e.g. NUL bytes after a crash): cut it too
+            json.loads(f.read(end - start))
+            return end
+        except ValueError:
             end = start
-    if size > chunk:
-        raise ValueError("its last megabyte holds no complete record")
+    if size > 1 << 20:  # a large file with no record at all is not a journal torn at its end
+        raise ValueError("it holds no complete record")
+    return 0
+
+
+def _line_start(f, pos: int, block: int = 1 << 16) -> int:
+    """Offset just after the last newline before ``pos`` (0 if there is none), read backwards in
+    blocks."""
+    while pos > 0:
+        low = max(0, pos - block)
+        f.seek(low)
+        found = f.read(pos - low).rfind(b"\n")
+        if found >= 0:
+            return low + found + 1
+        pos = low
     return 0
 
 
@@ -529,7 +537,10 @@ def trial_status(t: FrozenTrial, max_retries: int = DEFAULT_MAX_RETRIES) -> str:
         return "interrupted"
     if record and record.get("status") == "failed":
         return "failed"
-    return "lost" if t.user_attrs.get(RETRIES, 0) < max_retries else "failed"
+    decision = t.user_attrs.get(LOST_DECISION)
+    if decision is not None:
+        return "lost" if decision == "retry" else "failed"
+    return "lost" if t.user_attrs.get(RETRIES, 0) < max_retries else "failed"  # ledgers from before
 
 
 def failure_of(t: FrozenTrial, status: str) -> tuple[str | None, str | None]:
