@@ -1,7 +1,8 @@
 """rnnbench: benchmark recurrent architectures honestly.
 
-Public API for plugin authors: ``hookimpl``, ``Cell``, ``Task`` and ``Metric``.
-``Cell``/``Task`` import torch, so they load lazily: ``rnnbench --help`` stays fast.
+Public API for plugin authors: ``hookimpl``, ``Cell``, ``Task`` and ``Metric``; for scripts and
+notebooks: ``run``, ``load_results`` and ``Results`` (see rnnbench.api).
+Everything but ``hookimpl`` loads lazily (torch, pandas, optuna): ``rnnbench --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ __version__ = "0.1.0"
 
 hookimpl = pluggy.HookimplMarker("rnnbench")
 
-__all__ = ["Cell", "Metric", "Task", "__version__", "hookimpl"]
+__all__ = ["Cell", "Metric", "Results", "Task", "__version__", "hookimpl", "load_results", "run"]
+_API = ("run", "load_results", "Results", "load_experiment")
 
 
 def __getattr__(name: str):
@@ -24,4 +26,8 @@ def __getattr__(name: str):
         from rnnbench import task
 
         return getattr(task, name)
+    if name in _API:
+        from rnnbench import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'rnnbench' has no attribute {name!r}")

@@ -151,6 +151,7 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
 
 @app.command("run")
 @click.argument("experiment_file", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--dry-run", is_flag=True, help="Validate and print the plan; run nothing, write nothing.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
@@ -173,14 +174,31 @@ def list_command(what: str, as_json: bool, refresh: bool) -> None:
     "--verbose", is_flag=True, help="Also name the studies skip_invalid skipped (--dry-run always does)."
 )
 def run_command(
-    experiment_file, dry_run, workers, home, tracking_uri, storage, device, max_retries, threads, verbose
+    experiment_file,
+    overrides,
+    dry_run,
+    workers,
+    home,
+    tracking_uri,
+    storage,
+    device,
+    max_retries,
+    threads,
+    verbose,
 ) -> None:
-    """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test."""
+    """Tune every architecture on every task of EXPERIMENT_FILE, then score the best on test.
+
+    KEY=VALUE overrides change the file's values before it is validated, e.g. `budget.trials=3
+    cells=[lstm,gru] tasks.0.options.seq_len=32` (values read as YAML; dots walk mappings and list
+    indices). The experiment as run, overrides included, is what the ledger and MLflow keep: a
+    resume needs the same overrides."""
+    import shlex
+
     from rnnbench import experiment as experiment_mod
     from rnnbench import preflight, runner
 
     click.get_current_context().obj["storage"] = storage  # to name the ledger if it goes away
-    exp = experiment_mod.load(experiment_file)
+    exp = experiment_mod.load(experiment_file, overrides)
     if device is not None:
         experiment_mod.check_device(device)
     plan = runner.prepare(
@@ -207,7 +225,8 @@ def run_command(
         result = runner.start(plan, workers=workers, verbose=verbose)
     except KeyboardInterrupt:
         click.echo(
-            f"interrupted: finished trials are kept; run `rnnbench run {experiment_file}` again to resume",
+            "interrupted: finished trials are kept; run "
+            f"`rnnbench run {shlex.join([experiment_file, *overrides])}` again to resume",
             err=True,
         )
         sys.exit(130)
@@ -391,7 +410,9 @@ def _study_name(ledger, experiment: str, study: str) -> str:
 def export_command(experiment, study, out, home, storage) -> None:
     """Write the best final seed of STUDY (chosen on validation) as a self-contained MLflow model
     folder: weights, signature, input example, and rnnbench_model.json with the vocabulary or
-    scaler, task, architecture and scores. Load it with mlflow.pytorch.load_model(OUT)."""
+    scaler, task, architecture and scores, and wheels of rnnbench and the plugins the model needs,
+    named by its requirements.txt: `mlflow models serve -m OUT` installs and serves it on any
+    machine with MLflow. Load it with mlflow.pytorch.load_model(OUT)."""
     from rnnbench.models import export
 
     name, path, ledger = _ledger(experiment, home, storage)
@@ -460,7 +481,7 @@ def ui_command(home, tracking_uri, host, port) -> None:
     with this command: Ctrl-C, a closed terminal (SIGHUP) or SIGTERM."""
     from rnnbench.errors import ConfigError
     from rnnbench.runner import run_home
-    from rnnbench.tracking import tracking_uri_for
+    from rnnbench.tracking import MLFLOW_APP, mlflow_app_registered, tracking_uri_for
 
     path = run_home(home)
     if tracking_uri is None:
@@ -468,11 +489,6 @@ def ui_command(home, tracking_uri, host, port) -> None:
             raise ConfigError(f"no runs in {path} yet: run `rnnbench run experiments/smoke.yaml` first")
         tracking_uri = tracking_uri_for(path)
     _check_port_free(host, port)  # else the printed address would lead to whatever holds the port
-    # MLflow 3 opens in its GenAI view unless asked; runs, metrics and models are the other one
-    click.echo(
-        f"MLflow UI for {tracking_uri} at http://{host}:{port}/#/experiments?workflowType=machine_learning"
-        "  (Ctrl-C to stop)"
-    )
     command = [
         sys.executable,
         "-m",
@@ -485,6 +501,18 @@ def ui_command(home, tracking_uri, host, port) -> None:
         "--port",
         str(port),
     ]
+    # MLflow 3's UI opens every experiment in its GenAI view (traces, judges, "Agent versions") unless
+    # the browser remembers the other one: rnnbench's app makes "Model training" the one remembered
+    if mlflow_app_registered():
+        command += ["--app-name", MLFLOW_APP]
+    else:
+        click.echo(
+            "warning: MLflow will open experiments in its GenAI view: reinstall rnnbench "
+            "(pip install -e .) to register its MLflow app",
+            err=True,
+        )
+    host_in_url = f"[{host}]" if ":" in host else host
+    click.echo(f"MLflow UI for {tracking_uri} at http://{host_in_url}:{port}/#/experiments  (Ctrl-C to stop)")
     sys.exit(_serve_until_stopped(command))
 
 
@@ -534,6 +562,24 @@ def _serve_until_stopped(command: list[str]) -> int:
                 pass
 
 
+class _Port(click.ParamType):
+    """A TCP port; a bad one is one error line and exit 2 (ConfigError), not click's usage block."""
+
+    name = "port"
+
+    def convert(self, value, param, ctx):
+        from rnnbench.errors import ConfigError, shorten
+
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value).strip()
+            number = int(text) if text.isdigit() else 0
+        if not 1 <= number <= 65535:
+            raise ConfigError(f"--port {shorten(str(value))[1:-1]}: a port is a number from 1 to 65535")
+        return number
+
+
 @app.command("dashboard")
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
 @click.option(
@@ -542,7 +588,7 @@ def _serve_until_stopped(command: list[str]) -> int:
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes it to the network."
 )
-@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8080, show_default=True, type=_Port())
 def dashboard_command(home, storage, host, port) -> None:
     """Browse the Optuna studies (the ledger) in optuna-dashboard, bound to localhost by default.
 
@@ -564,12 +610,13 @@ def dashboard_command(home, storage, host, port) -> None:
             f"no Optuna ledger at {journal_path(storage, path)}: run `rnnbench run EXPERIMENT.yaml` first, "
             "or pass --home or --storage"
         )
+    _check_port_free(host, port)  # before the address is printed: it would lead to whatever holds it
     ledger = open_storage(storage, path)
     where = journal_path(storage, path) if is_journal(storage) else storage.split("@")[-1]
     click.echo(f"optuna-dashboard for {where} at http://{host}:{port}  (Ctrl-C to stop)")
     try:
         optuna_dashboard.run_server(ledger, host=host, port=port)
-    except OSError as exc:  # the port is taken, or the host is not ours
+    except OSError as exc:  # taken between the check and the bind (a race), or the host is not ours
         raise ConfigError(
             f"cannot serve on {host}:{port}: {exc.strerror or exc}; pass another --port"
         ) from None

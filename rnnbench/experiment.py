@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -580,14 +582,15 @@ def _yaml_lines(root: yaml.Node | None, source: str = "<string>") -> dict[tuple,
     return lines
 
 
-def _locate(loc: tuple, lines: dict[tuple, int]) -> str:
+def _locate(loc: tuple, lines: dict[tuple, int | str]) -> str:
     # pydantic adds union-branch names (e.g. "str", "CellEntry") to paths; drop them for YAML lookup
     path = tuple(
         p for p in loc if isinstance(p, int) or not (p[:1].isupper() or p in ("str", "int", "float"))
     )
     for n in range(len(path), 0, -1):
         if path[:n] in lines:
-            return f" (line {lines[path[:n]]})"
+            where = lines[path[:n]]  # a YAML line, or the override that set this value
+            return f" (line {where})" if isinstance(where, int) else f" (from the override `{where}`)"
     return ""
 
 
@@ -603,8 +606,12 @@ def _format_loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def parse(text: str, source: str = "<string>") -> Experiment:
-    """Parse and validate an experiment (schema, bounds, registry names, hyperparameter domains)."""
+def parse(text: str, source: str = "<string>", overrides: Sequence[str] = ()) -> Experiment:
+    """Parse and validate an experiment (schema, bounds, registry names, hyperparameter domains).
+
+    ``overrides`` (``key=value`` strings, see :func:`apply_overrides`) change the document before
+    it is validated, so they are checked exactly as the file is, and an error in a value they
+    set names the override instead of a line."""
     if len(text) > MAX_FILE_BYTES:
         raise ConfigError(
             f"{source}: {len(text):,} characters; an experiment file is at most {MAX_FILE_BYTES:,}"
@@ -613,6 +620,30 @@ def parse(text: str, source: str = "<string>") -> Experiment:
     data = _load_yaml(text, source)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: an experiment file must be a mapping of keys (name, cells, tasks, ...)")
+    return _validate(apply_overrides(data, overrides, lines), source, lines)
+
+
+def parse_mapping(
+    data: dict[str, Any], source: str = "<mapping>", overrides: Sequence[str] = ()
+) -> Experiment:
+    """:func:`parse` for an experiment given as a mapping (the Python API): the same bounds and
+    checks; errors name the key path (there is no line to name)."""
+    import yaml
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: an experiment must be a mapping of keys (name, cells, tasks, ...)")
+    try:
+        text = yaml.safe_dump(data, sort_keys=False)  # plain YAML types only, as a file holds
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not plain data (numbers, text, lists, mappings): {exc}") from None
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigError(f"{source}: {len(text):,} characters as YAML; at most {MAX_FILE_BYTES:,}")
+    _yaml_lines(_compose(text, source), source)  # bounded as a file is
+    lines: dict[tuple, int | str] = {}
+    return _validate(apply_overrides(_load_yaml(text, source), overrides, lines), source, lines)
+
+
+def _validate(data: dict[str, Any], source: str, lines: dict[tuple, int | str]) -> Experiment:
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
@@ -695,7 +726,7 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
                 task.dataset, data_path=task.data_path, **task.options
             )  # validates dataset and options; no I/O
         except RnnbenchError as err:
-            fail(where, err)
+            fail(_overridden_option(lines, i, str(err)) or where, err)
         except Exception as exc:  # a plugin's constructor failing on its own options is its bug, not ours
             fail(
                 where,
@@ -722,6 +753,16 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
     _check_domains(e, reg, fail)
 
 
+def _overridden_option(lines: dict[tuple, int | str], task: int, message: str) -> tuple | None:
+    """The path of an option of task entry ``task`` that an override set and ``message`` names:
+    a task checks its options as a whole, so its error points at the entry, not the option."""
+    for path, where in lines.items():
+        if isinstance(where, str) and path[:3] == ("tasks", task, "options") and len(path) > 3:
+            if str(path[3]) in message:
+                return path
+    return None
+
+
 def _check_domains(e: Experiment, reg, fail) -> None:
     """Every fixed value and every search range inside the domain of each cell, task or the trainer
     that reads it. A numeric domain is an interval, so a range is checked at its two ends."""
@@ -745,7 +786,8 @@ def _check_domains(e: Experiment, reg, fail) -> None:
                     fail((section, key), ConfigError(f"{why}{by}"))
 
 
-def load(path: str | Path) -> Experiment:
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    """The experiment file at ``path``, with ``overrides`` (``key=value``) applied, validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"experiment file {path} does not exist")
@@ -766,4 +808,119 @@ def load(path: str | Path) -> Experiment:
             f"{path} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
             "save the experiment file as UTF-8"
         ) from None
-    return parse(text, str(path))
+    return parse(text, str(path), overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides: `rnnbench run FILE budget.trials=3 cells=[lstm,gru]` (Hydra's spelling, none of Hydra)
+
+MAX_OVERRIDES = 100
+_OVERRIDE_KEY = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+# entries that may be written as a bare name (`cells: [gru]`): a dotted key walks into one as
+# the mapping it stands for, {name: gru}
+_SHORT_FORM = ("cells", "tasks")
+
+
+def parse_override(text: str) -> tuple[tuple[str | int, ...], Any]:
+    """``"budget.trials=3"`` → ``(("budget", "trials"), 3)``: the key's path and the value as
+    YAML reads it (``[lstm,gru]`` a list, ``1.0e-3`` a float, ``null`` None, nothing after ``=``
+    None too). A digit segment is a list index where the value there is a list."""
+    source = f"override `{shorten(text, 60)[1:-1]}`"
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"{source}: an override is key=value (e.g. budget.trials=3), not {shorten(text)}")
+    if not _OVERRIDE_KEY.fullmatch(key):
+        raise ConfigError(
+            f"{source}: {shorten(key)} is not a key path: names and list indices joined by dots "
+            "(e.g. tasks.0.options.seq_len)"
+        )
+    if len(value) > MAX_STRING:
+        raise ConfigError(f"{source}: a value of {len(value):,} characters; at most {MAX_STRING:,}")
+    _yaml_lines(_compose(value, source), source)  # bounded (aliases, depth, strings) before loading
+    path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    return path, _load_yaml(value, source)
+
+
+def apply_overrides(
+    data: dict[str, Any], overrides: Sequence[str], lines: dict[tuple, int | str] | None = None
+) -> dict[str, Any]:
+    """A copy of the experiment mapping ``data`` with each ``key=value`` of ``overrides`` set, in
+    order (a later one wins). Missing mappings on the way are created (``budget.trials=3`` on a
+    file without ``budget:``); a bare cell or task name is walked into as ``{name: ...}``
+    (``tasks.0.options.seq_len=32`` on ``tasks: [memory]``). Whether a key exists in the schema is
+    left to the validation that follows, which then names the override (``lines`` maps each set
+    path to its override text, replacing the YAML lines of what it replaced)."""
+    if len(overrides) > MAX_OVERRIDES:
+        raise ConfigError(f"{len(overrides)} overrides; at most {MAX_OVERRIDES} are accepted")
+    data = _unshared(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        source = f"override `{shorten(text, 60)[1:-1]}`"
+        node: Any = data
+        for depth in range(len(path) - 1):
+            node = _step(node, path, depth, source)
+        last = path[-1]
+        if isinstance(node, list):
+            _check_index(node, path, len(path) - 1, source)
+            node[last] = value
+        else:
+            node[str(last)] = value
+        if lines is not None:
+            where = tuple(str(p) if isinstance(p, int) and not _is_list_step(data, path, i) else p
+                          for i, p in enumerate(path))  # fmt: skip
+            for known in [k for k in lines if k[: len(where)] == where]:
+                del lines[known]  # its YAML lines describe the value the override replaced
+            for n in range(1, len(where) + 1):  # and the mappings it created on the way
+                lines.setdefault(where[:n], shorten(text, 60)[1:-1])
+    return data
+
+
+def _unshared(value: Any) -> Any:
+    """A copy in which no two places share a mapping or list: a YAML alias (``*base``) is one
+    object in two places, and an override of one place must not change the other."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
+def _is_list_step(data: Any, path: tuple, index: int) -> bool:
+    node = data
+    for part in path[:index]:
+        node = node[part] if isinstance(node, list) else node.get(str(part))
+    return isinstance(node, list)
+
+
+def _check_index(node: list, path: tuple, depth: int, source: str) -> None:
+    part = path[depth]
+    where = ".".join(map(str, path[:depth])) or "(top level)"
+    if not isinstance(part, int):
+        raise ConfigError(f"{source}: {where} is a list: index it by number ({where}.0), not {part!r}")
+    if part >= len(node):
+        raise ConfigError(
+            f"{source}: {where} has {len(node)} entr{'y' if len(node) == 1 else 'ies'}; "
+            f"index {part} is out of range (indices start at 0)"
+        )
+
+
+def _step(node: Any, path: tuple, depth: int, source: str) -> Any:
+    """The value at ``path[depth]`` under ``node``, as a mapping or list to walk further into."""
+    part = path[depth]
+    where = ".".join(map(str, path[: depth + 1]))
+    if isinstance(node, list):
+        _check_index(node, path, depth, source)
+        child = node[part]
+        if isinstance(child, str) and depth == 1 and path[0] in _SHORT_FORM:
+            child = node[part] = {"name": child}  # `- gru` stands for `- {name: gru}`
+    else:
+        child = node.get(str(part))
+        if child is None:
+            child = node[str(part)] = {}
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(
+            f"{source}: {where} is {shorten(child)}, not a mapping: there is no "
+            f"{'.'.join(map(str, path))} to set"
+        )
+    return child

@@ -3,6 +3,8 @@
 The weights file is written before the trial's ledger record names it, so a record never points at
 a missing file. The MLflow model is a projection of that file: logged when the seed ends, and
 logged again by ``rnnbench sync`` wherever it is missing (a crash in between, a lost store).
+Logged or exported, a model carries wheels of the code its pickle needs (rnnbench, plugins) and
+pinned requirements that name them, so MLflow installs and serves it anywhere (rnnbench.portable).
 """
 
 from __future__ import annotations
@@ -121,11 +123,12 @@ def model_card(task, study, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _requirements() -> list[str]:
-    """Pinned here so MLflow need not infer them (a subprocess that reloads the model, seconds)."""
-    import rnnbench
+def _requirements(task, serving: torch.nn.Module, *, strict: bool):
+    """Pinned here so MLflow need not infer them (a subprocess that reloads the model, seconds),
+    with wheels of the packages no index has (rnnbench from a checkout, plugins): see portable."""
+    from rnnbench.portable import requirements_for
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"rnnbench=={rnnbench.__version__}"]
+    return requirements_for(serving, type(task), wheel_dir=Path("extra_files"), strict=strict)
 
 
 def _signature(example: torch.Tensor, output: torch.Tensor):
@@ -156,8 +159,17 @@ def serve(task, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor, 
     return serving, example, output
 
 
-def _flavor_args(task, model: torch.nn.Module, card: dict[str, Any], workdir: Path) -> dict[str, Any]:
+_NOTED: set[str] = set()
+
+
+def _flavor_args(
+    task, model: torch.nn.Module, card: dict[str, Any], workdir: Path, *, strict: bool = True
+) -> dict[str, Any]:
     serving, example, output = serve(task, model)
+    requirements = _requirements(task, serving, strict=strict)
+    for note in set(requirements.notes) - _NOTED:  # once per process, not once per seed
+        _NOTED.add(note)
+        logging.getLogger(__name__).warning("warning: logged models do not install elsewhere: %s", note)
     card_path = workdir / CARD
     card_path.write_text(json.dumps(card, indent=1, default=str))
     weights_file = workdir / WEIGHTS
@@ -165,8 +177,9 @@ def _flavor_args(task, model: torch.nn.Module, card: dict[str, Any], workdir: Pa
     return {
         "signature": _signature(example, output),
         "input_example": example.numpy(),
-        "extra_files": [str(card_path), str(weights_file)],
-        "pip_requirements": _requirements(),
+        # the wheels go in extra_files/ too: requirements.txt names them relative to the model
+        "extra_files": [str(card_path), str(weights_file), *map(str, requirements.wheels)],
+        "pip_requirements": requirements.lines,
         "metadata": {k: card[k] for k in ("study", "task", "dataset", "architecture", "seed")},
         # pickle: torch.export cannot trace packed variable-length batches (data-dependent shapes)
         "serialization_format": "pickle",
@@ -200,7 +213,8 @@ def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_experiment(experiment_id=tracker.experiment_id)  # logged models go to the active one
     with tempfile.TemporaryDirectory() as tmp:
-        args, serving = _flavor_args(task, model, card, Path(tmp))
+        # not strict: a wheel that cannot be built costs the model its portability, not its log
+        args, serving = _flavor_args(task, model, card, Path(tmp), strict=False)
         name = logged_model_name(card["study"], card["seed"])
         info = mlflow.pytorch.log_model(serving, name=name, run_id=run_id, step=SUMMARY_STEP, **args)
     return info.model_id

@@ -131,8 +131,10 @@ class Task(abc.ABC):
       problem replaces the class's default in ``__init__``): the instance's tuple is the one used;
     - ``build_model`` receives the trainer's hyperparameters (``hidden_size``, ``dropout``, ``lr``,
       ...) merged with the task's own ``hparam_defaults``; read what you need, ignore the rest;
-    - ``describe()`` values become MLflow params (``data.<key>``): keys of letters, digits and
-      ``_ - . /``, values short (MLflow keeps 6,000 characters) and plain (numbers, strings, lists);
+    - ``describe()`` becomes the profile of the run's MLflow dataset input (``<task>-<dataset>``,
+      the run's Datasets column), as JSON cut to 4,000 characters (past that only the short scalar
+      values are kept): keys of letters, digits and ``_ - . /``, values short (the pre-flight
+      refuses one over 6,000 characters) and plain (numbers, strings, lists);
     - ``batches`` may be iterated twice or more (each validation pass calls it again): return a fresh
       iterator every call, never a one-shot generator over an open file;
     - ``baseline`` keys must equal metric names (``{"accuracy": 0.5}`` for a metric named

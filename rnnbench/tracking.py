@@ -6,8 +6,10 @@ process or thread. Metrics go in one ``log_batch`` call per epoch.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import subprocess
 import time
 from functools import lru_cache
@@ -153,6 +155,57 @@ def _quiet_mlflow() -> None:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
+# The MLflow UI (3.x) keeps its view, "GenAI" or "Model training", in the browser: the page's
+# ?workflowType= if it has one, else this localStorage entry, else GenAI. Only its sidebar switch
+# writes the entry, and no server option or experiment tag sets it (mlflow.experimentKind is read
+# only by Databricks builds of the UI), so a fresh browser opens every experiment in the GenAI view
+# (traces, judges, "Agent versions") and drops back to it on every link without the parameter.
+MLFLOW_APP = "rnnbench"  # `mlflow server --app-name rnnbench` (entry point group "mlflow.app")
+WORKFLOW_STORAGE_KEY = "mlflow.workflowType_v1"
+TRAINING_VIEW = "machine_learning"
+_KEY, _VALUE = json.dumps(WORKFLOW_STORAGE_KEY), json.dumps(json.dumps(TRAINING_VIEW))  # the UI stores JSON
+_SEED_TRAINING_VIEW = (
+    f"<script>try{{if(localStorage.getItem({_KEY})===null)localStorage.setItem({_KEY},{_VALUE})}}"
+    "catch(e){}</script>"
+)
+
+
+def mlflow_ui_app():
+    """MLflow's own tracking server, whose UI opens in its "Model training" view: the one page it
+    serves (index.html) first sets the browser's remembered view to it, where the browser has none
+    yet. A view picked with the UI's GenAI / Model training switch is kept. Everything else is
+    MLflow's server unchanged. Run by ``mlflow server --app-name rnnbench`` (what ``rnnbench ui``
+    starts); MLflow imports it in each server worker."""
+    from flask import Response
+    from mlflow.environment_variables import _MLFLOW_SGI_NAME
+    from mlflow.server import app as flask_app
+
+    mlflow_serve = flask_app.view_functions["serve"]
+    index = Path(flask_app.static_folder) / "index.html"
+
+    def serve():
+        if not index.is_file():  # a source checkout without the built UI: MLflow's own message
+            return mlflow_serve()
+        html = index.read_text(encoding="utf-8")
+        # first thing in <head>: before the page's (deferred) bundle reads the entry
+        html = re.sub(r"<head\b[^>]*>", lambda m: m.group(0) + _SEED_TRAINING_VIEW, html, count=1)
+        return Response(html, mimetype="text/html", headers={"Cache-Control": "no-cache"})
+
+    flask_app.view_functions["serve"] = serve
+    if _MLFLOW_SGI_NAME.get() == "uvicorn":  # MLflow's default server: its FastAPI app wraps the Flask one
+        from mlflow.server.fastapi_app import app
+
+        return app
+    return flask_app
+
+
+def mlflow_app_registered() -> bool:
+    """Whether ``mlflow server --app-name rnnbench`` is known (rnnbench installed with its entry points)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == MLFLOW_APP for ep in entry_points(group="mlflow.app"))
+
+
 @lru_cache(maxsize=1)
 def environment_tags() -> dict[str, str]:
     """Where a run ran: recorded on every run so results are comparable across machines."""
@@ -233,8 +286,9 @@ class Tracker:
             else:
                 exp_id = exp.experiment_id
             if not exp or exp.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND:
-                # MLflow 3 opens other experiments in its GenAI view (traces, judges): this is model
-                # development, so runs, metrics and models come first.
+                # MLflow's record of what the experiment is (model development, not GenAI). Databricks'
+                # UI opens its view from it; the open-source UI does not read it: there the view
+                # comes from `rnnbench ui`'s app (mlflow_ui_app below).
                 self.client.set_experiment_tag(exp_id, "mlflow.experimentKind", EXPERIMENT_KIND)
         except RnnbenchError:
             raise

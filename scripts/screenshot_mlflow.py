@@ -1,27 +1,47 @@
-"""Open the MLflow UI of a run home in headless Chromium and screenshot what a user checks first:
-a final seed's run (Datasets, Logged models, parameters), its Model metrics and System metrics tabs, its logged
-model's page, and its study's parent run. Fails when one of those shows up empty.
+"""Open the MLflow UI of a run home the way a user does, in headless Chromium, and screenshot each step:
+`rnnbench ui`'s printed address → the experiment → a study's parent run → a final seed's run (Overview, then
+its Model metrics and System metrics tabs) → its logged model → the experiment's Models tab. Every step is a
+click, as a person would make it: no address is typed after the first, none carries ?workflowType=.
+Fails when a page shows MLflow's GenAI view (its "Training runs", "Evaluation runs", "Agent versions"...)
+or when a section a user checks first is empty.
 
     pip install -e ".[browser]" -c constraints.txt     # playwright (the Python package only)
     apt-get install chromium                            # or set CHROMIUM=/path/to/chrome
     python scripts/screenshot_mlflow.py runs smoke --out reports/smoke/mlflow
 
-Starts `mlflow server` on 127.0.0.1 (a free port) over the run home's store, and stops it after.
-Exit status 1 when an expected section is empty, 2 on bad arguments.
+Starts `rnnbench ui` on 127.0.0.1 (a free port) over the run home, in a fresh browser (nothing remembered
+from an earlier visit), and stops it after. Exit status 1 when a page is in the GenAI view or an expected
+section is empty, 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from screenshot_report import chromium, missing  # noqa: E402
+
+# Shown only in MLflow 3's GenAI view (sidebar, Overview page, the Models tab's title there): never in
+# its "Model training" view. ("Traces" is in both: a tab of the training view's run page and sidebar.)
+GENAI_MARKERS = (
+    "Training runs",
+    "Evaluation runs",
+    "Agent versions",
+    "Detect Issues",
+    "Observability",
+    "Judges",
+    "Prompts & versions",
+)
 
 
 def _free_port() -> int:
@@ -30,28 +50,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _server(home: Path, port: int) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{(home / 'mlflow.db').resolve()}",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+def start_ui(home: Path, port: int, log: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """`rnnbench ui --home HOME --port PORT` in its own session: (the process, the address it prints)
+    once the server answers. Its output goes to LOG."""
+    with open(log, "wb") as sink:
+        ui = subprocess.Popen(
+            [sys.executable, "-m", "rnnbench.cli", "ui", "--home", str(home), "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    address = None
     while time.monotonic() < deadline:
+        if address is None and (
+            found := re.search(r"MLflow UI for \S+ at (\S+)", log.read_text(errors="replace"))
+        ):
+            address = found.group(1)
+        if address is not None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    return ui, address
+            except OSError:
+                pass
+        if ui.poll() is not None:
+            raise SystemExit(
+                f"error: rnnbench ui exited at start:\n{log.read_text(errors='replace')[-2000:]}"
+            )
+        time.sleep(0.5)
+    stop_ui(ui)
+    raise SystemExit(f"error: the MLflow UI did not answer in {timeout:.0f} s")
+
+
+def stop_ui(ui: subprocess.Popen) -> None:
+    """SIGTERM, as a closed terminal would: `rnnbench ui` ends its server's whole process group."""
+    if ui.poll() is None:
+        ui.send_signal(signal.SIGTERM)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit("error: mlflow server exited at start") from None
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("error: mlflow server did not answer in 120 s")
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
 
 
 def pick(home: Path, experiment: str):
-    """(experiment id, a final seed's run, its logged model, its parent run id)."""
+    """(a final seed's run, its logged model, its parent run) of EXPERIMENT in HOME."""
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{(home / 'mlflow.db').resolve()}")
@@ -72,44 +116,79 @@ def pick(home: Path, experiment: str):
 
     model = max(with_run or models, key=duration)
     run = mlflow.get_run(model.source_run_id)
-    return exp.experiment_id, run, model, run.data.tags.get("mlflow.parentRunId")
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if parent_id is None:
+        raise SystemExit(f"error: run {run.info.run_name!r} has no parent run")
+    return run, model, mlflow.get_run(parent_id)
 
 
-def shoot(url: str, exp_id: str, run, model, parent_id: str, out: Path) -> list[str]:
+def click_through(
+    address: str,
+    experiment: str,
+    parent: tuple[str, str],
+    child: tuple[str, str],
+    model: tuple[str, str],
+    out: Path,
+    expect: dict[str, list[str]] | None = None,
+) -> list[str]:
+    """From ADDRESS, click experiment → PARENT run → CHILD run (its tabs) → its logged MODEL → the
+    experiment's Models tab, screenshotting each page into OUT; PARENT, CHILD and MODEL are (name, id).
+    Problems found (empty when clean): a page in the GenAI view, a click that leads elsewhere, or one of
+    EXPECT[step] (texts) missing from that step's page."""
     from playwright.sync_api import sync_playwright
 
+    expect = expect or {}
+    (parent_name, parent_id), (child_name, child_id), (model_name, model_id) = parent, child, model
     out.mkdir(parents=True, exist_ok=True)
-    run_page = f"{url}/#/experiments/{exp_id}/runs/{run.info.run_id}"
-    dataset = next(iter(run.inputs.dataset_inputs)).dataset.name if run.inputs.dataset_inputs else "?"
-    ml = "?workflowType=machine_learning"  # MLflow 3's "Model training" view, not its GenAI one
-    pages = [  # (file, address, text that must be on the page)
-        ("child-run.png", run_page + ml, [dataset, model.name, "seed"]),
-        ("child-model-metrics.png", f"{run_page}/model-metrics{ml}", ["valid_"]),
-        ("child-system-metrics.png", f"{run_page}/system-metrics{ml}", ["cpu_utilization_percentage"]),
-        (
-            "logged-model.png",
-            f"{url}/#/experiments/{exp_id}/models/{model.model_id}{ml}",
-            [run.info.run_name],
-        ),
-        ("parent-run.png", f"{url}/#/experiments/{exp_id}/runs/{parent_id}{ml}", ["test_", "best_valid"]),
+    steps = [  # (screenshot, what to click to get there, where it leads, texts that must show)
+        ("01-experiments.png", None, "#/experiments", [experiment]),
+        ("02-experiment.png", ("link", experiment, 0), "#/experiments/", [parent_name]),
+        ("03-parent-run.png", ("link", parent_name, 0), f"/runs/{parent_id}", ["Child runs", child_name]),
+        ("04-child-run.png", ("link", child_name, 0), f"/runs/{child_id}", [model_name]),
+        ("05-child-model-metrics.png", ("tab", "Model metrics", 0), f"/runs/{child_id}/model-metrics", []),
+        ("06-child-system-metrics.png", ("tab", "System metrics", 0), f"/runs/{child_id}/system-metrics", []),
+        ("07-child-run-again.png", ("tab", "Overview", 0), f"/runs/{child_id}", [model_name]),
+        # the run's "Logged models" table: its last link to the model (the metrics table's come first)
+        ("08-logged-model.png", ("link", model_name, -1), f"/models/{model_id}", [child_name]),
+        ("09-experiment-models.png", ("link", "Models", 0), "/models", [model_name]),
     ]
     problems = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium())
-        for name, address, expected in pages:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})  # a fresh load per page
-            page.goto(address, wait_until="load")  # never "networkidle": the run page polls
+        page = browser.new_page(
+            viewport={"width": 1500, "height": 1100}
+        )  # a fresh profile: nothing remembered
+        page.goto(address, wait_until="load")  # never "networkidle": the run page polls
+        for name, click, leads_to, base in steps:
+            wanted = base + expect.get(name, [])
+            if click is not None:
+                role, label, index = click
+                try:
+                    page.get_by_role(role, name=label, exact=True).nth(index).click(timeout=30_000)
+                except Exception as exc:  # playwright's TimeoutError: nothing to click there
+                    problems.append(
+                        f"{name}: no {role} {label!r} to click on {page.url} ({type(exc).__name__})"
+                    )
+                    page.screenshot(path=str(out / name), full_page=True)
+                    break
             text = ""
-            for _ in range(20):  # sections render as their requests return: up to 20 s
+            for _ in range(30):  # sections render as their requests return: up to 30 s
                 page.wait_for_timeout(1000)
                 text = page.inner_text("body")
-                if all(want in text for want in expected):
+                if leads_to in page.url.split("?")[0] and all(want in text for want in wanted):
                     break
-            page.wait_for_timeout(1500)  # let charts finish drawing before the picture
-            problems += [f"{name}: {want!r} not shown" for want in expected if want not in text]
+            page.wait_for_timeout(1500)  # let charts (and any late sidebar) finish drawing
+            text = page.inner_text("body")
+            genai = [m for m in GENAI_MARKERS if m in text]
+            if "workflowType=genai" in page.url:
+                genai.append("workflowType=genai in its address")
+            if genai:
+                problems.append(f"{name}: MLflow's GenAI view at {page.url}: {', '.join(map(repr, genai))}")
+            if leads_to not in page.url.split("?")[0]:
+                problems.append(f"{name}: the click led to {page.url}, not …{leads_to}")
+            problems += [f"{name}: {want!r} not shown at {page.url}" for want in wanted if want not in text]
             page.screenshot(path=str(out / name), full_page=True)
-            print(f"{out / name}  ({address})")
-            page.close()
+            print(f"{out / name}  ({page.url})")
         browser.close()
     return problems
 
@@ -123,14 +202,28 @@ def main() -> int:
     if problem := missing(args.home / "mlflow.db", "run an experiment first"):
         print(problem, file=sys.stderr)
         return 2
-    exp_id, run, model, parent_id = pick(args.home, args.experiment)
-    port = _free_port()
-    server = _server(args.home, port)
-    try:
-        problems = shoot(f"http://127.0.0.1:{port}", exp_id, run, model, parent_id, args.out)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    run, model, parent = pick(args.home, args.experiment)
+    dataset = next(iter(run.inputs.dataset_inputs)).dataset.name if run.inputs.dataset_inputs else None
+    expect = {  # what a user checks first on each page
+        "03-parent-run.png": ["test_", "best_valid"],
+        "04-child-run.png": ["seed", *([dataset] if dataset else [])],
+        "05-child-model-metrics.png": ["valid_"],
+        "06-child-system-metrics.png": ["cpu_utilization_percentage"],
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        ui, address = start_ui(args.home, _free_port(), Path(scratch) / "rnnbench-ui.log")
+        try:
+            problems = click_through(
+                address,
+                args.experiment,
+                (parent.info.run_name, parent.info.run_id),
+                (run.info.run_name, run.info.run_id),
+                (model.name, model.model_id),
+                args.out,
+                expect,
+            )
+        finally:
+            stop_ui(ui)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -77,3 +77,23 @@ def test_dashboard_without_the_package_or_a_ledger_is_one_line(tmp_path: Path, m
     missing = CliRunner().invoke(app, ["dashboard", "--home", str(tmp_path / "empty")])
     assert missing.exit_code == 2 and "no Optuna ledger at" in missing.output
     assert len(missing.output.strip().splitlines()) == 1 and not (tmp_path / "empty").exists()
+
+
+def test_a_busy_or_bad_port_is_one_line_before_anything_is_printed(tmp_path: Path, monkeypatch):
+    """The port is checked before the address is printed: that address would lead to whatever holds it."""
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", type(sys)("optuna_dashboard"))  # never reached
+    home = tmp_path / "home"
+    _tiny_home(home)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = CliRunner().invoke(app, ["dashboard", "--home", str(home), "--port", str(port)])
+    assert busy.exit_code == 2
+    assert busy.output.splitlines() == [
+        f"error: cannot serve on 127.0.0.1:{port}: Address already in use; pass another --port"
+    ]
+    for bad in ("http", "0", "70000"):
+        result = CliRunner().invoke(app, ["dashboard", "--home", str(home), "--port", bad])
+        assert result.exit_code == 2
+        assert result.output.splitlines() == [f"error: --port {bad}: a port is a number from 1 to 65535"]

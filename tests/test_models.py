@@ -195,3 +195,17 @@ def test_a_model_that_cannot_be_served_is_one_warning_and_the_sync_goes_on(
     assert "'lengths'" in warnings[0]
     monkeypatch.undo()  # the task's own serving form again: the next sync logs what was missing
     assert repair_models(tracker, storage, "mdl", home, warn=warnings.append) == len(lost) == 2
+
+
+def test_logged_models_ship_the_rnnbench_wheel_their_requirements_name(finished: Path, tmp_path: Path):
+    """A checkout's rnnbench is on no index: the model carries its wheel (see rnnbench.portable)."""
+    import zipfile
+
+    logged = _logged_models(finished / "home")[0]
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{logged.model_id}", dst_path=str(tmp_path)))
+    lines = (local / "requirements.txt").read_text().split()
+    assert not any(line.startswith("rnnbench==") for line in lines)
+    wheel = next(line for line in lines if Path(line).name.startswith("rnnbench-"))
+    assert not Path(wheel).is_absolute() and zipfile.is_zipfile(local / wheel)
+    assert "rnnbench/models.py" in zipfile.ZipFile(local / wheel).namelist()
+    assert any(line.startswith("torch==") and "+" not in line for line in lines)  # no +cpu

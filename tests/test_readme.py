@@ -1,94 +1,63 @@
-"""The README's plugin example is real code: it must run through the encoder as written."""
+"""The README is short and true: its commands are CI's, its first experiment runs, its links resolve.
+
+Its longer examples moved to the documentation site; tests/test_docs.py runs them there.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import pytest
-import torch
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def test_readme_cell_example_runs_deep_and_bidirectional_with_padding():
-    block = next(
-        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "class MinimalGRU" in b
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def _ci_commands() -> list[str]:
+    """The line after each `# --- README: ... ---` marker of .ci/run."""
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    return [lines[i + 1] for i, line in enumerate(lines) if line.startswith("# --- README:")]
+
+
+def test_readme_set_up_block_is_exactly_the_two_commands_ci_runs():
+    ci = _ci_commands()
+    assert len(ci) == 2 and ci[1] == "pytest"
+    found = re.findall(r"```bash\n(.*?)```", _section("Set up and test"), re.S)
+    blocks = [b for b in found if "pip install -e" in b]  # the block before it: venv and PyTorch
+    assert blocks == ["\n".join(ci) + "\n"], (
+        "README's set-up block must hold .ci/run's two commands, byte for byte"
     )
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own documentation)
-    assert namespace["rnnbench_cells"]() == {"mgu": namespace["MinimalGRU"]}
-
-    from rnnbench.encoder import Encoder
-
-    enc = Encoder(namespace["MinimalGRU"], 3, 5, num_layers=2, bidirectional=True)
-    x = torch.randn(4, 6, 3, requires_grad=True)
-    out, final = enc(x, torch.tensor([6, 4, 2, 1]))
-    assert out.shape == (4, 6, 10) and len(final) == 4
-    assert torch.all(out[3, 1:] == 0)
-    out.sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
+    install = (ROOT / "docs" / "how-to" / "install.md").read_text()
+    assert "```bash\n" + "\n".join(ci) + "\n```" in install
 
 
-def test_readme_task_contract_example_runs(monkeypatch):
-    import sys
-    import types
+def test_readme_first_experiment_is_the_tutorials_and_is_valid():
+    from rnnbench.experiment import expand, parse
 
-    from rnnbench.tasks.memory import Memory
-
-    block = next(
-        b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "check_task_contract(" in b
-    )
-
-    class SmallMemory(Memory):  # a real task stands in for the reader's own (small: a fast test)
-        def __init__(self, dataset="synthetic", **options):
-            super().__init__(
-                dataset, **{"seq_len": 10, "train_size": 300, "valid_size": 150, "test_size": 150, **options}
-            )
-
-    plugin = types.ModuleType("my_tasks.plugin")
-    plugin.MyTask = SmallMemory
-    monkeypatch.setitem(sys.modules, "my_tasks", types.ModuleType("my_tasks"))
-    monkeypatch.setitem(sys.modules, "my_tasks.plugin", plugin)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own documentation)
-    namespace["test_my_task_keeps_the_rnnbench_contract"]()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S) if "name: first" in b)
+    assert len(block.splitlines()) <= 15
+    assert block == (ROOT / "docs" / "snippets" / "first.yaml").read_text()  # the tutorial's file
+    studies, skipped = expand(parse(block, "README.md"))
+    assert sorted(s.arch.label for s in studies) == ["gru-1L-uni", "gru-2L-uni", "lstm-1L-uni", "rnn-1L-uni"]
+    assert not skipped
 
 
-def _block(language: str, marker: str) -> str:
-    return next(b for b in re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S) if marker in b)
+def test_readme_main_job_names_the_smoke_experiment():
+    main = _section("The main job")
+    assert "rnnbench run experiments/smoke.yaml" in main
+    assert (ROOT / "experiments" / "smoke.yaml").is_file()
 
 
-def test_readme_torch_style_cell_works_through_the_encoder_and_the_contract():
-    """The second style: a bare super().__init__() and the cell's own nn.Linear layers."""
-    namespace: dict = {}
-    exec(
-        "import torch\nfrom torch import nn\nfrom rnnbench import Cell\n"
-        + _block("python", "class ElmanCell"),
-        namespace,
-    )  # noqa: S102
-    cell_cls = namespace["ElmanCell"]
-    assert cell_cls.hparam_names() == ("alpha",)
-
-    from rnnbench.encoder import Encoder
-    from rnnbench.plugins import Registered
-    from rnnbench.preflight import check_cell
-
-    enc = Encoder(cell_cls, 3, 5, num_layers=2, bidirectional=True, alpha=0.5)
-    out, final = enc(torch.randn(4, 6, 3), torch.tensor([6, 4, 2, 1]))
-    assert out.shape == (4, 6, 10) and len(final) == 4 and enc.cells[2].input_size == 10
-    check_cell(Registered("elman", cell_cls, "readme"))
-
-
-def test_readme_pyproject_is_complete():
-    """Build system, name, version, dependencies and the entry point: what `pip install .` needs.
-    (Installing it for real, into a fresh venv, is done by hand: see the README's plugin section.)"""
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-
-    project = tomllib.loads(_block("toml", "[build-system]"))
-    assert project["build-system"]["build-backend"] == "setuptools.build_meta"
-    assert {"name", "version", "dependencies"} <= set(project["project"])
-    assert "rnnbench" in project["project"]["dependencies"]
-    assert project["project"]["entry-points"]["rnnbench"] == {"mgu": "my_cells.plugin"}
-    assert project["tool"]["setuptools"]["packages"] == ["my_cells"]
-    assert "my_cells/plugin.py" in _block("python", "class MinimalGRU")
+def test_readme_links_and_figure_resolve():
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert local, "the README links to the documentation"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+    assert any(t.endswith(".png") for t in local)

@@ -145,7 +145,7 @@ def _ranked(task: str, means: dict[str, float]):
     return table
 
 
-def test_summary_mean_rank_only_over_benchmarks_every_architecture_ran():
+def test_summary_scores_each_architecture_over_its_own_benchmarks_and_shows_wins():
     # causal tasks refuse the bidirectional gru: it is ranked on 2 of the 4 benchmarks
     tables = [
         _ranked("charlm", {"lstm-1L-uni": 0.9, "gru-1L-uni": 0.8, "rnn-1L-uni": 0.7}),
@@ -154,26 +154,57 @@ def test_summary_mean_rank_only_over_benchmarks_every_architecture_ran():
         _ranked("ner", {"gru-1L-bi": 0.95, "lstm-1L-uni": 0.8, "gru-1L-uni": 0.7, "rnn-1L-uni": 0.6}),
     ]
     s = summary(tables).set_index("architecture")
-    # mean over sentiment and ner only, where all four ran: bi 1,1; lstm 3,2; gru 2,3; rnn 4,4
+    # lstm wins both causal tasks: the summary must not hide that behind the benchmarks all share
+    assert s["wins"].to_dict() == {"gru-1L-bi": 2, "lstm-1L-uni": 2, "gru-1L-uni": 0, "rnn-1L-uni": 0}
+    assert s["benchmarks_ranked"].to_dict() == {
+        "gru-1L-bi": 2,
+        "lstm-1L-uni": 4,
+        "gru-1L-uni": 4,
+        "rnn-1L-uni": 4,
+    }
+    # share of each field beaten, (n - rank) / (n - 1): lstm 1, 1, 1/3, 2/3; gru 1/2, 0, 2/3, 1/3
+    assert s["rivals_beaten"].round(4).to_dict() == {
+        "gru-1L-bi": 1.0, "lstm-1L-uni": 0.75, "gru-1L-uni": 0.375, "rnn-1L-uni": 0.125
+    }  # fmt: skip
     assert s["mean_rank"].to_dict() == {
+        "gru-1L-bi": 1.0,
+        "lstm-1L-uni": 1.75,
+        "gru-1L-uni": 2.5,
+        "rnn-1L-uni": 3.25,
+    }
+    assert list(s.index) == ["gru-1L-bi", "lstm-1L-uni", "gru-1L-uni", "rnn-1L-uni"]  # by rivals_beaten
+    # like for like: the mean over sentiment and ner only, where all four ran
+    assert s["mean_rank_common"].to_dict() == {
         "gru-1L-bi": 1.0,
         "lstm-1L-uni": 2.5,
         "gru-1L-uni": 2.5,
         "rnn-1L-uni": 4.0,
     }
-    assert list(s.index)[0] == "gru-1L-bi" and list(s.index)[-1] == "rnn-1L-uni"
     # apart: the three that ran all four, ranked among themselves (bi taken out of sentiment and ner)
     # lstm 1,1,2,1 -> 1.25; gru 2,3,1,2 -> 2.0; rnn 3,2,3,3 -> 2.75
     wider = s["mean_rank_4_benchmarks"]
     assert wider.drop("gru-1L-bi").to_dict() == {"lstm-1L-uni": 1.25, "gru-1L-uni": 2.0, "rnn-1L-uni": 2.75}
     assert math.isnan(wider["gru-1L-bi"])
-    assert s.loc["gru-1L-bi", "benchmarks_ranked"] == 2 and math.isnan(s.loc["gru-1L-bi", "charlm"])
-    # the old mean over each one's own benchmarks would have put bi first on 1.0 and rnn at 3.5
+    assert math.isnan(s.loc["gru-1L-bi", "charlm"])
     described = summary(tables).attrs["columns"]
     assert (
-        "sentiment, ner" in described["mean_rank"]
+        "sentiment, ner" in described["mean_rank_common"]
         and "3 architectures" in described["mean_rank_4_benchmarks"]
+        and "benchmarks_ranked" in described["mean_rank"]
     )
+
+
+def test_summary_of_a_field_smaller_elsewhere_is_not_flattered():
+    """A raw rank of 2 among 2 is last, of 2 among 12 near the top: the share beaten tells them apart."""
+    tables = [
+        _ranked("small", {"a-1L-uni": 0.9, "b-1L-uni": 0.8}),
+        _ranked(
+            "large", {f"c{i}-1L-uni": 0.5 + i / 100 for i in range(10)} | {"b-1L-uni": 0.95, "a-1L-uni": 0.1}
+        ),
+    ]
+    s = summary(tables).set_index("architecture")
+    assert s.loc["b-1L-uni", "rivals_beaten"] == 0.5 and s.loc["a-1L-uni", "rivals_beaten"] == 0.5
+    assert s.loc["c9-1L-uni", "rivals_beaten"] == 10 / 11 and s.index[0] == "c9-1L-uni"
 
 
 def test_summary_without_a_benchmark_common_to_all():
@@ -182,10 +213,71 @@ def test_summary_without_a_benchmark_common_to_all():
         _ranked("b", {"rnn-1L-uni": 0.5, "gru-1L-bi": 0.6}),
     ]
     s = summary(tables)
-    assert s["mean_rank"].isna().all() and "no benchmark" in s.attrs["columns"]["mean_rank"]
-    assert [
-        c for c in s.columns if c.startswith("mean_rank_")
-    ] == []  # one-benchmark sets: nothing to average
+    assert s["mean_rank_common"].isna().all() and "no benchmark" in s.attrs["columns"]["mean_rank_common"]
+    assert [c for c in s.columns if c.startswith("mean_rank_") and c != "mean_rank_common"] == []
+    assert set(s["wins"]) == {0, 1} and set(s["benchmarks_ranked"]) == {1}
+
+
+def _figure_runs() -> pd.DataFrame:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    return _runs(
+        {"lstm-1L-uni": [0.80, 0.82, 0.84], "gru-1L-uni": [0.79, 0.83, 0.81], "rnn-1L-uni": [0.78, 0.8, 0.82]}
+    )
+
+
+def test_equal_parameter_counts_stand_as_a_strip_by_architecture():
+    """A parameter budget gives counts within a few % of each other: no spread along a count axis."""
+    from rnnbench.report import figures
+
+    runs = _figure_runs()
+    runs.loc[runs["architecture"] == "gru-1L-uni", "params_total"] = 1030  # within 5% of 1000
+    t = rank_task(runs, ACC)
+    fig = figures.metric_vs_params([t], figures.Style.for_runs(runs))
+    ax = fig.axes[0]
+    assert [label.get_text() for label in ax.get_xticklabels()] == list(t.table["architecture"][:3])
+    assert "all 1k–1.03k parameters (within 3%)" in ax.get_title() and "equal within 5%" in ax.get_xlabel()
+    # the baseline (0.5) lies far below the scores: said in the title, where no error bar can cross it
+    assert "trivial baseline 0.5, below this scale" in ax.get_title() and not ax.texts
+    runs.loc[runs["architecture"] == "gru-1L-uni", "params_total"] = 3000  # a real difference: a count axis
+    fig = figures.metric_vs_params([rank_task(runs, ACC)], figures.Style.for_runs(runs))
+    assert fig.axes[0].get_xlabel() == "parameters (count)" and "parameters" not in fig.axes[0].get_title()
+
+
+def test_one_legend_keeps_cells_and_variants_apart_across_panels():
+    """A cell first seen in a later panel is listed under "cell", not after the variants."""
+    from rnnbench.report import figures
+
+    rows = [
+        {"benchmark": b, "experiment": "e", "cell": c, "variant": v, "architecture": f"{c}-{v}", "hparam": h,
+         "importance": 0.5}
+        for b, c, v in (("a", "rnn", "1L-uni"), ("b", "lstm", "2L-uni"), ("c", "gru", "1L-bi"))
+        for h in ("lr", "dropout")
+    ]  # fmt: skip
+    table = pd.DataFrame(rows)
+    fig = figures.importance(table, figures.Style.for_runs(table.assign(stage="final")))
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["cell", "gru", "lstm", "rnn", "variant", "1L-bi", "1L-uni", "2L-uni"]
+
+
+def test_curves_are_drawn_against_training_steps_where_logged():
+    from rnnbench.report import figures
+
+    runs = _figure_runs().assign(benchmark="sentiment-x", experiment="e")
+    runs["run_id"] = [f"r{i}" for i in range(len(runs))]
+    best = runs[runs["stage"] == "final"].groupby("architecture").head(1)
+    rows = []
+    for run_id in best["run_id"]:
+        for validation in (1, 2, 3):
+            rows.append((run_id, "valid_accuracy", validation, 0.5 + validation / 10))
+            rows.append((run_id, "steps", validation, 125.0 * validation))
+    hist = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"]).assign(best_trial=True)
+    style, infos = figures.Style.for_runs(runs), {"sentiment-x": ACC}
+    ax = figures.valid_curves(runs, hist, infos, style).axes[0]
+    assert ax.get_xlabel() == "training steps" and ax.get_xlim()[1] >= 375
+    ax = figures.valid_curves(runs, hist[hist["metric"] != "steps"], infos, style).axes[0]
+    assert ax.get_xlabel() == "validation" and ax.get_xlim()[1] < 10  # older runs: the validation's number
 
 
 def test_written_tables_carry_values_notes_and_memory(tmp_path: Path):
@@ -341,11 +433,16 @@ def test_a_generated_report_names_no_path_of_this_machine(smoke_report: Path):
 def test_end_to_end_report_with_executed_notebook(smoke_report: Path):
     out = smoke_report
     for name in ("index.html", "report.html", "report.ipynb", "report_notebook.html", "runs.csv",
-                 "tables/memory-synthetic.md", "tables/memory-T12.md", "tables/summary.csv", "figures/memory_vs_length.svg"):  # fmt: skip
+                 "tables/memory-synthetic.md", "tables/memory-T12.md", "tables/summary.csv", "figures/metric_vs_seq_len.svg"):  # fmt: skip
         assert (out / name).is_file(), name
     for name in ("metric_vs_params", "metric_vs_throughput", "valid_curves", "optimisation_history", "grad_norm",
-                 "memory_vs_length", "importance", "budget_sensitivity"):  # fmt: skip
+                 "metric_vs_seq_len", "importance", "budget_sensitivity"):  # fmt: skip
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000, name
+    # its name before the rename still leads to it (links made then), without being listed twice
+    assert (out / "figures" / "memory_vs_length.png").read_bytes() == (
+        out / "figures" / "metric_vs_seq_len.png"
+    ).read_bytes()
+    assert "memory_vs_length" not in (out / "index.html").read_text()
     page = (out / "report.html").read_text()  # issue 22: the budget-sensitivity table and figure
     assert "<h2>budget sensitivity</h2>" in page and "figures/budget_sensitivity.png" in page
     assert (out / "tables" / "budget_sensitivity.csv").is_file()
@@ -448,7 +545,7 @@ def test_an_edited_notebook_cell_changes_tables_and_figures(smoke_report: Path):
     assert "rnn-1L-uni" not in edited_tables["memory-T12"] and "gru-1L-uni" in edited_tables["memory-T12"]
     assert "rnn-1L-uni" not in edited_tables["summary"]
     changed = {name for name in figures if edited_figures.get(name) != figures[name]}
-    assert {"metric_vs_params", "valid_curves", "memory_vs_length", "optimisation_history"} <= changed
+    assert {"metric_vs_params", "valid_curves", "metric_vs_seq_len", "optimisation_history"} <= changed
 
 
 def _two_experiments(home: Path) -> None:

@@ -83,3 +83,88 @@ def test_the_server_stops_when_its_terminal_closes(tmp_path: Path):
     finally:
         if ui.poll() is None:
             ui.kill()
+
+
+def test_the_ui_command_serves_rnnbench_s_mlflow_app(tmp_path: Path, monkeypatch):
+    """`rnnbench ui` starts MLflow's server as rnnbench's app (`--app-name rnnbench`) and prints the
+    experiments page, with no ?workflowType= to keep the view: the app keeps it (see the next tests)."""
+    import rnnbench.cli as cli
+    from rnnbench.tracking import mlflow_app_registered
+
+    assert mlflow_app_registered(), (
+        "entry point mlflow.app:rnnbench missing: pip install -e . (pyproject.toml)"
+    )
+    commands = []
+    monkeypatch.setattr(cli, "_serve_until_stopped", lambda command: commands.append(command) or 0)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mlflow.db").touch()
+    port = _free_port()
+    result = CliRunner().invoke(app, ["ui", "--home", str(home), "--port", str(port)])
+    assert result.exit_code == 0, result.output
+    assert f"at http://127.0.0.1:{port}/#/experiments  (Ctrl-C to stop)" in result.output
+    assert "workflowType" not in result.output and "warning" not in result.output
+    assert commands[0][-2:] == ["--app-name", "rnnbench"]
+
+
+def test_the_app_s_page_makes_model_training_the_remembered_view():
+    """The one page MLflow's UI is (index.html) sets the browser's remembered view to "Model training"
+    before the UI's bundle reads it, and only where none is remembered: the UI's own switch still rules."""
+    from rnnbench.tracking import mlflow_ui_app
+
+    flask_app = mlflow_ui_app()  # no MLflow server around it: the Flask app, not the FastAPI wrapper
+    page = flask_app.test_client().get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    html = page.get_data(as_text=True)
+    seed = 'if(localStorage.getItem("mlflow.workflowType_v1")===null)'
+    assert seed in html and 'localStorage.setItem("mlflow.workflowType_v1","\\"machine_learning\\"")' in html
+    assert html.index(seed) < html.index("static/js/main.")  # before the bundle
+
+
+@pytest.mark.slow  # an MLflow server start and nine pages in Chromium: about 2 minutes on 2 busy cores
+def test_a_click_through_the_ui_never_shows_the_genai_view(tmp_path: Path):
+    """In a fresh headless Chromium, from the address `rnnbench ui` prints, click experiment → parent
+    run → child run (its tabs) → its logged model → the experiment's Models tab: every page is MLflow's
+    Model training view, none its GenAI one ("Training runs", "Agent versions", "Detect Issues"...),
+    and no address in between is typed or carries ?workflowType=."""
+    pytest.importorskip("playwright")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    import screenshot_mlflow
+
+    if screenshot_mlflow.chromium() is None:
+        pytest.skip("Chromium is not installed")
+    from mlflow.entities import LoggedModelOutput
+
+    from rnnbench.tracking import Tracker, tracking_uri_for
+
+    home = _home_with_a_store(tmp_path)
+    tracker = Tracker(tracking_uri_for(home), "clicks", home / "artifacts")
+    client = tracker.client
+    parent = tracker.start_run("memory-synthetic/gru-1L-uni", {"stage": "study"})
+    client.log_metric(parent, "best_valid", 0.25)
+    child_name = "memory-synthetic/gru-1L-uni/seed-0"
+    child = tracker.start_run(child_name, {"stage": "final", "seed": 0}, parent_id=parent)
+    for step in range(3):
+        client.log_metric(child, "valid_mse", 0.5 - 0.1 * step, step=step)
+    model = client.create_logged_model(tracker.experiment_id, name="gru-seed-0", source_run_id=child)
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(child, [LoggedModelOutput(model.model_id, step=2)])
+    for run_id in (child, parent):
+        client.set_terminated(run_id)
+
+    ui, address = screenshot_mlflow.start_ui(home, _free_port(), tmp_path / "ui.log")
+    try:
+        assert address.endswith("/#/experiments") and "workflowType" not in address
+        problems = screenshot_mlflow.click_through(
+            address,
+            "clicks",
+            ("memory-synthetic/gru-1L-uni", parent),
+            (child_name, child),
+            ("gru-seed-0", model.model_id),
+            tmp_path / "shots",
+            {"05-child-model-metrics.png": ["valid_mse"]},
+        )
+    finally:
+        screenshot_mlflow.stop_ui(ui)
+    assert problems == []
+    assert len(list((tmp_path / "shots").glob("*.png"))) == 9

@@ -17,6 +17,7 @@ from rnnbench.report.tables import BASELINE_ROW, TaskTable
 from rnnbench.stats import MIN_SEEDS, finite, mean_ci
 
 SEEDS_NOTE = f"mean; 95% CI over ≥{MIN_SEEDS} seeds, else each seed as a dot"
+EQUAL_PARAMS_SHARE = 0.05  # parameter counts this close are one budget (see metric_vs_params)
 # fANOVA on 2-4 trials returns the same split shares for every study (seen: 0.66/0.34 everywhere)
 MIN_TRIALS_FOR_IMPORTANCE = 5
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
@@ -28,10 +29,15 @@ _POINTS = (
 )
 CAPTIONS = {
     "metric_vs_params": f"Test metric against trainable parameters; dashed: the task's trivial baseline "
-    f"(its value written instead where it lies far off the scores). {_POINTS}",
+    f"(its value written in the panel's title instead where it lies far off the scores). Where a panel's "
+    f"parameter counts lie within {EQUAL_PARAMS_SHARE:.0%} of each other (a parameter budget), its "
+    f"architectures stand side by side by name, in ranking order, and the title gives the common count: "
+    f"spread on a count axis they would suggest a trend that is not there. {_POINTS}",
     "metric_vs_throughput": f"Test metric against training throughput; the black line joins the Pareto "
     f"front (no other architecture is both faster and better); dashed: the trivial baseline. {_POINTS}",
-    "valid_curves": "Validation metric per epoch of each architecture's best search trial (one run each, no band).",
+    "valid_curves": "Validation metric at each validation of each architecture's best search trial (one run "
+    "each, no band), against the training steps done by then (the validation's number for runs that did not "
+    "log their steps).",
     "budget_sensitivity": "Would a smaller training budget rank the architectures the same? First panel: "
     "Kendall's τ-b between each benchmark's ranking had training stopped at 25/50/75% of its step budget and "
     "the full-budget ranking (1 = same order, 0 = unrelated). Other panels: each architecture's rank (1 = best, "
@@ -39,12 +45,14 @@ CAPTIONS = {
     "then (the best checkpoint is kept); a run that stopped sooner keeps its best.",
     "optimisation_history": "Every search trial's best validation score (points) and the study's running "
     "best (steps), by trial number.",
-    "grad_norm": f"Global gradient L2 norm per epoch, before clipping: the mean over each architecture's "
-    f"final seeds and best trial; {BAND_LABEL}.",
+    "grad_norm": f"Global gradient L2 norm between validations, before clipping, against the training "
+    f"steps done (the validation's number for runs that did not log their steps): the mean over each "
+    f"architecture's final seeds and best trial; {BAND_LABEL}.",
     "importance": "fANOVA share of the validation score's variance explained by each hyperparameter, "
     f"per study with {MIN_TRIALS_FOR_IMPORTANCE} or more completed trials (seed 0).",
-    "memory_vs_length": f"Memory task: test metric against sequence length T, one line per architecture; "
-    f"dashed: the trivial baseline. {_POINTS}",
+    "metric_vs_seq_len": "Memory task: test metric (not memory use) against the sequence length T the "
+    f"task asks the model to remember across, one line per architecture; dashed: the trivial baseline. "
+    f"{_POINTS}",
     "critical_difference": "Architectures over all benchmarks: mean rank of the mean test score (1 = best) on "
     "the benchmarks every shown architecture was ranked on; Friedman test, and Nemenyi's critical "
     "difference (CD, α = 0.05): architectures joined by a thick line are not told apart (Demšar 2006). "
@@ -181,19 +189,37 @@ def _several(keys) -> bool:
     return len({e for _, e in keys}) > 1
 
 
+_LEGEND_SECTIONS = ("cell", "variant")  # the titles of seaborn's hue and style legend sections
+
+
 def _legend(fig, axes, extra: list | None = None) -> None:
     """One legend for the figure (cell colours, variant markers, what lines and bands mean),
     outside the plotting area."""
     fig.tight_layout()
     handles, labels = {}, []
+    # seaborn writes each axis's legend as sections: a "cell" title, its cells, a "variant" title,
+    # its variants. Merged panel by panel in order of appearance, a cell first seen in a later
+    # panel would land under "variant": the entries are gathered per section instead.
+    sections: dict[str, list[str]] = {}
     for ax in axes:
         h, ls = ax.get_legend_handles_labels()
+        section = None
         for handle, label in zip(h, ls):
+            if label in _LEGEND_SECTIONS:
+                section = label
+                sections.setdefault(label, [])
+            elif section is not None and label not in sections[section]:
+                sections[section].append(label)
             if label not in handles:
                 handles[label] = handle
-                labels.append(label)
+                if section is None:
+                    labels.append(label)
         if ax.get_legend():
             ax.get_legend().remove()
+    ordered = []
+    for section in (s for s in _LEGEND_SECTIONS if s in sections):
+        ordered += [section, *sorted(sections[section], key=natural_key)]
+    labels = ordered + [label for label in labels if label not in ordered]
     for handle in extra or []:
         handles[handle.get_label()] = handle
         labels.append(handle.get_label())
@@ -210,24 +236,40 @@ def _arch_points(t: TaskTable) -> pd.DataFrame:
     return df[df["seeds"].fillna(0) > 0].copy()
 
 
-def _baseline_line(ax, t: TaskTable, points: pd.DataFrame) -> bool:
-    """The task's trivial baseline as a dashed line where it falls near the scores; written in the
-    panel when it lies far off them (charlm's unigram perplexity is ten times the models'), so the
-    scores stay readable. True when the dashed line was drawn."""
+def _baseline_line(ax, t: TaskTable, points: pd.DataFrame) -> tuple[bool, str]:
+    """The task's trivial baseline as a dashed line where it falls near the scores; when it lies
+    far off them (charlm's unigram perplexity is ten times the models') the scores keep the scale
+    and the baseline's value is returned as text for the panel's title, where no point or error
+    bar can cross it. ``(drawn, text)``: whether the line was drawn, else the text (or "")."""
     rows = t.table[t.table["architecture"] == BASELINE_ROW] if "architecture" in t.table else t.table[:0]
     if rows.empty or pd.isna(rows["mean"].iloc[0]):
-        return False
+        return False, ""
     base = float(rows["mean"].iloc[0])
     ends = pd.concat([points[c] for c in ("mean", "ci95_low", "ci95_high") if c in points]).dropna()
     low, high = float(ends.min()), float(ends.max())
     span = max(high - low, abs(high) * 0.05, 1e-12)
     if low - span <= base <= high + span:
         ax.axhline(base, color="0.3", ls="--", lw=1, zorder=1)
-        return True
-    where = 0.04 if base < low else 0.93
-    ax.text(0.02, where, f"{BASELINE_ROW}: {base:.4g} (off this scale)", transform=ax.transAxes,
-            fontsize=8, color="0.3")  # fmt: skip
-    return False
+        return True, ""
+    return False, f"{BASELINE_ROW} {base:.4g}, {'below' if base < low else 'above'} this scale"
+
+
+def _equal_counts(values: pd.Series) -> bool:
+    """True when every count lies within EQUAL_PARAMS_SHARE of the largest (a parameter budget)."""
+    values = values.astype(float)
+    return (
+        len(values) > 1
+        and values.max() > 0
+        and (values.max() - values.min()) <= EQUAL_PARAMS_SHARE * values.max()
+    )
+
+
+def _count(value: float) -> str:
+    """A count to 3 significant digits, as the axes write it: 19.2k, 1.03k, 1.2M."""
+    for size, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{prefix}"
+    return f"{value:.3g}"
 
 
 def _is_wide(values: pd.Series) -> bool:
@@ -342,8 +384,15 @@ def _scatter_per_task(tables, style, x, xlabel, name, pareto=False):
     baseline_drawn = False
     for key, (t, p) in zip(keys, shown):
         ax = axes[key]
-        p = p.assign(x_drawn=dodge(p[x], _is_wide(p[x])))
-        baseline_drawn |= _baseline_line(ax, t, p)
+        # equal parameter counts (a budget) as a strip by architecture, not a spread along x
+        strip = x == "params" and _equal_counts(p[x])
+        if strip:
+            order = list(dict.fromkeys(p["architecture"]))  # the ranking's order
+            p = p.assign(x_drawn=[float(order.index(a)) for a in p["architecture"]])
+        else:
+            p = p.assign(x_drawn=dodge(p[x], _is_wide(p[x])))
+        drawn, off_scale = _baseline_line(ax, t, p)
+        baseline_drawn |= drawn
         _error_bars(ax, p, "x_drawn", cell_colour)
         _seed_points(ax, p, "x_drawn", cell_colour)
         sns.scatterplot(data=p, x="x_drawn", y="mean", s=90, ax=ax, zorder=3, **style.kwargs(p))
@@ -352,13 +401,27 @@ def _scatter_per_task(tables, style, x, xlabel, name, pareto=False):
             ax.plot(front["x_drawn"], front["mean"], "-", color="0.2", lw=1.2, zorder=2)
             ax.scatter(front["x_drawn"], front["mean"], s=260, facecolors="none", edgecolors="0.2", zorder=2)
         # more labels than 4 only overlap; neighbours along x alternate above and below their point
-        labelled = p.sort_values("x_drawn") if len(p) <= 4 else p.iloc[0:0]
+        labelled = p.sort_values("x_drawn") if len(p) <= 4 and not strip else p.iloc[0:0]
         for i, (_, row) in enumerate(labelled.iterrows()):
             ax.annotate(row["architecture"], (row["x_drawn"], row["mean"]), textcoords="offset points",
                         xytext=(6, 6 if i % 2 == 0 else -14), fontsize=8)  # fmt: skip
-        _count_axis(ax, p[x], xlabel)
+        notes = [off_scale] if off_scale else []
+        if strip:
+            ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+            ax.set_xlim(-0.6, len(order) - 0.4)
+            ax.set_xlabel(f"architecture (parameter counts equal within {EQUAL_PARAMS_SHARE:.0%})")
+            low, high = float(p[x].min()), float(p[x].max())
+            within = (high - low) / high
+            counts = _count(high) if low == high else f"{_count(low)}–{_count(high)}"
+            notes.insert(
+                0,
+                f"all {counts} parameters"
+                + (f" (within {within:.{0 if within >= 0.01 else 1}%})" if within else ""),
+            )
+        else:
+            _count_axis(ax, p[x], xlabel)
         ax.set_ylabel(_metric_label(t.info))
-        ax.set_title(_title(key, _several(keys)), fontsize=11)
+        ax.set_title(_title(key, _several(keys)) + "".join(f"\n{n}" for n in notes), fontsize=11)
         ax.grid(alpha=0.3)
     fig.suptitle(SEEDS_NOTE, y=1.0, fontsize=10)
     extra = []
@@ -384,6 +447,11 @@ def _curves(runs, histories, infos, metric_of, ylabel_of, name, style, *, best_o
         hist["experiment"] = None
     if best_only:
         hist = hist[hist["best_trial"]]
+    # x: the optimiser steps done at each validation where the runs logged them (a validation may
+    # come every 125 steps, not once per pass over the data), else the validation's number
+    steps = histories[histories["metric"] == "steps"][["run_id", "step", "value"]]
+    steps = steps.drop_duplicates(["run_id", "step"]).rename(columns={"value": "train_steps"})
+    hist = hist.merge(steps, on=["run_id", "step"], how="left")
     panels = []
     for bench, info in infos.items():
         for experiment in dict.fromkeys(hist["experiment"]):
@@ -397,15 +465,21 @@ def _curves(runs, histories, infos, metric_of, ylabel_of, name, style, *, best_o
     fig, axes = _layout(keys)
     for key, sub in panels:
         ax = axes[key]
+        by_steps = bool(sub["train_steps"].notna().all())
         sns.lineplot(
-            data=sub, x="step", y="value", units="architecture" if best_only else None,
+            data=sub, x="train_steps" if by_steps else "step", y="value",
+            units="architecture" if best_only else None,
             estimator=None if best_only else "mean", errorbar=None if best_only else ("ci", 95),
             markersize=8, dashes=False, ax=ax, **style.kwargs(sub),
         )  # fmt: skip
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("training steps" if by_steps else "validation")
         ax.set_ylabel(ylabel_of(infos[key[0]]))
         ax.set_title(_title(key, _several(keys)), fontsize=11)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        if by_steps:
+            from matplotlib.ticker import EngFormatter
+
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         if logy:
             ax.set_yscale("log")
             _log_ticks(ax.yaxis, sub["value"], FormatStrFormatter("%g"))
@@ -597,15 +671,16 @@ def importance(table: pd.DataFrame, style: Style):
     return fig
 
 
-def memory_vs_length(runs: pd.DataFrame, infos, style):
-    """Memory task: final test metric against sequence length T, one line per architecture."""
+def metric_vs_seq_len(runs: pd.DataFrame, infos, style):
+    """Memory task: final test metric against sequence length T, one line per architecture (its
+    y is the task's metric, MSE or accuracy: not memory use, whatever the task's name says)."""
     import seaborn as sns
     from matplotlib.lines import Line2D
     from matplotlib.ticker import NullFormatter
 
     info = next((i for i in infos.values() if i.name == "memory"), None)
     if info is None:
-        return "memory_vs_length: no memory task in these runs"
+        return "metric_vs_seq_len: no memory task in these runs"
     col, length = f"test_{info.metric}", "data_seq_len"
     finals = runs[(runs["task"] == "memory") & (runs["stage"] == "final") & (runs["status"] == "complete")]
     if length not in finals or col not in finals or finals[length].nunique() < 2:
@@ -652,11 +727,18 @@ def memory_vs_length(runs: pd.DataFrame, infos, style):
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("sequence length T (steps)")
         ax.set_ylabel(_metric_label(info))
-        ax.set_title(_title(key, _several(keys), "where each architecture stops learning"), fontsize=11)
+        ax.set_title(
+            _title(key, _several(keys), f"test {info.metric} against sequence length T"), fontsize=11
+        )
         ax.grid(alpha=0.3)
     fig.suptitle(SEEDS_NOTE, y=1.0, fontsize=10)
     _legend(fig, list(axes.values()), extra)
     return fig
+
+
+# The figure's name before it said what it plots (reports and notebooks written then call it so).
+memory_vs_length = metric_vs_seq_len
+RENAMED = {"metric_vs_seq_len": "memory_vs_length"}  # figure → the file name it was saved under before
 
 
 def compare_experiments(tables: list[TaskTable], style: Style):
@@ -743,12 +825,12 @@ def draw_all(runs, histories, tables, infos, importance_df, style) -> dict[str, 
         "optimisation_history": optimisation_history(runs, infos, style),
         "grad_norm": grad_norm(runs, histories, infos, style),
         "importance": importance(importance_df, style),
-        "memory_vs_length": memory_vs_length(runs, infos, style),
+        "metric_vs_seq_len": metric_vs_seq_len(runs, infos, style),
     }
     if drawn["compare_experiments"] == "compare_experiments: only one experiment":
         del drawn["compare_experiments"]  # nothing missing: a single experiment has nothing to compare
     if "memory" not in {i.name for i in infos.values()}:
-        del drawn["memory_vs_length"]
+        del drawn["metric_vs_seq_len"]
     return drawn
 
 
@@ -767,7 +849,22 @@ def make_all(runs, histories, tables, infos, importance_df, out: Path) -> Figure
             result.notes.append(drawn)
         else:
             result.paths[name] = save(drawn, out, name)
+            if name in RENAMED:  # links made to the old file name keep working (not listed again)
+                import shutil
+
+                for suffix in (".png", ".svg"):
+                    shutil.copyfile(out / f"{name}{suffix}", out / f"{RENAMED[name]}{suffix}")
     return result
 
 
-__all__ = ["CAPTIONS", "Figures", "Style", "draw_all", "dodge", "make_all", "pareto_front", "show"]
+__all__ = [
+    "CAPTIONS",
+    "Figures",
+    "Style",
+    "draw_all",
+    "dodge",
+    "make_all",
+    "metric_vs_seq_len",
+    "pareto_front",
+    "show",
+]

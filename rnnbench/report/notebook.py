@@ -24,7 +24,7 @@ FIGURE_CALLS = {
     "optimisation_history": "figures.optimisation_history(runs, infos, style)",
     "grad_norm": "figures.grad_norm(runs, histories, infos, style)",
     "importance": "figures.importance(importance, style)",
-    "memory_vs_length": "figures.memory_vs_length(runs, infos, style)",
+    "metric_vs_seq_len": "figures.metric_vs_seq_len(runs, infos, style)",
 }
 
 

@@ -278,12 +278,17 @@ def _short(v) -> str:
 
 
 def summary(tables: list[TaskTable]) -> pd.DataFrame:
-    """Rank of every architecture on every benchmark, and mean ranks only over equal sets.
+    """Rank of every architecture on every benchmark, its wins, and how it fares over them.
 
-    A mean rank over different benchmarks does not compare (a bidirectional model skips the causal
-    tasks; on each benchmark the field differs), so ``mean_rank`` averages only the benchmarks every
-    architecture was ranked on. Architectures that share a larger set get one more column each
-    set, ranked among themselves on it. ``attrs["columns"]`` says what each mean-rank column covers.
+    Architectures do not all run the same benchmarks (a bidirectional one skips the causal tasks)
+    and a field differs by benchmark (8 architectures here, 12 there), so no single mean of raw
+    ranks compares them all. Each row therefore shows, over the benchmarks *it* was ranked on
+    (``benchmarks_ranked``): ``wins`` (first places), ``mean_rank``, and ``rivals_beaten``, the
+    mean share of each field it beat (``(n - rank) / (n - 1)`` on a benchmark of n: 1 = first,
+    0 = last), which does not favour small fields. Rows are sorted by ``rivals_beaten``, then
+    wins, then breadth. For like-for-like means: ``mean_rank_common`` averages only the benchmarks
+    every architecture was ranked on, and architectures sharing a larger set get a column each
+    set, ranked among themselves on it. ``attrs["columns"]`` says what each column covers.
     """
     frames = []
     for t in tables:
@@ -293,16 +298,29 @@ def summary(tables: list[TaskTable]) -> pd.DataFrame:
         return pd.DataFrame()
     ranks = pd.concat(frames, axis=1)
     ranked_on = ranks.notna()
+    sizes = ranked_on.sum(axis=0)  # the field of each benchmark
     df = ranks.copy()
     df["benchmarks_ranked"] = ranked_on.sum(axis=1)
-    common = [b for b in ranks.columns if ranked_on[b].all()]
-    df["mean_rank"] = ranks[common].mean(axis=1) if common else math.nan
+    df["wins"] = (ranks == 1).sum(axis=1)
+    df["mean_rank"] = ranks.mean(axis=1)
+    beaten = (sizes - ranks) / (sizes - 1).where(sizes > 1)
+    df["rivals_beaten"] = beaten.mean(axis=1)
     described = {
-        "mean_rank": f"mean rank over the {len(common)} benchmark(s) every architecture was ranked on "
-        f"({', '.join(common)})"
-        if common
-        else "no benchmark was ranked for every architecture, so there is no mean rank over all of them"
+        "benchmarks_ranked": "benchmarks the architecture was ranked on",
+        "wins": "benchmarks on which it ranked first",
+        "mean_rank": "mean rank over the benchmarks it was ranked on (benchmarks_ranked of them)",
+        "rivals_beaten": "mean share of the field it beat over its benchmarks ((n - rank) / (n - 1) on a "
+        "benchmark of n architectures; 1 = first everywhere)",
     }
+    common = [b for b in ranks.columns if ranked_on[b].all()]
+    if len(common) < len(ranks.columns):  # else mean_rank is already over a common set
+        df["mean_rank_common"] = ranks[common].mean(axis=1) if common else math.nan
+        described["mean_rank_common"] = (
+            f"mean rank over the {len(common)} benchmark(s) every architecture was ranked on "
+            f"({', '.join(common)})"
+            if common
+            else "no benchmark was ranked for every architecture, so there is no mean rank over all of them"
+        )
     sets = sorted({tuple(b for b in ranks.columns if row[b]) for _, row in ranked_on.iterrows()}, key=len)
     for benchmarks in reversed(sets):
         members = ranked_on.index[ranked_on[list(benchmarks)].all(axis=1)]
@@ -318,7 +336,11 @@ def summary(tables: list[TaskTable]) -> pd.DataFrame:
             f"mean rank among the {len(members)} architectures ranked on all of these {len(benchmarks)} "
             f"benchmarks ({', '.join(benchmarks)}), ranked among themselves"
         )
-    df = df.sort_values(["mean_rank", "benchmarks_ranked"], ascending=[True, False], na_position="last")
+    df = df.sort_values(
+        ["rivals_beaten", "wins", "benchmarks_ranked", "mean_rank"],
+        ascending=[False, False, False, True],
+        na_position="last",
+    )
     df = df.reset_index(names="architecture")
     df.attrs["columns"] = described
     return df
@@ -333,20 +355,21 @@ def display_frame(t: TaskTable) -> pd.DataFrame:
     metric = f"{t.info.metric} {'↓' if t.info.direction == 'minimize' else '↑'}"  # which way is better
     df.insert(
         df.columns.get_loc("mean"),
-        f"test {metric} (95% CI; seed values below {MIN_SEEDS} seeds)",
+        f"test {metric} [95% CI]",  # below MIN_SEEDS seeds, their values (the caption says so)
         [_shown_metric(row) for _, row in df.iterrows()],
     )
     if "difference" in df:
         df.insert(
             df.columns.get_loc("difference"),
-            f"Δ test {metric} vs selected (95% CI)",
+            "Δ vs selected [95% CI]",
             [_shown_difference(row) for _, row in df.iterrows()],
         )
     if "valid_mean" in df:
         df["valid_mean"] = df["valid_mean"].map(lambda v: _fmt(float(v)) if pd.notna(v) else "–")
         df = df.rename(columns={"valid_mean": f"valid {metric} (mean)"})
+    # cell and variant are in the architecture's name (the CSV keeps them as columns)
     dropped = ("mean", "ci95_low", "ci95_high", "seed_values", "split", "cut_from", "difference", "diff_ci95_low",
-               "diff_ci95_high")  # fmt: skip
+               "diff_ci95_high", "cell", "variant")  # fmt: skip
     df = df.drop(columns=[c for c in dropped if c in df])
     for c in ("p_holm", "detectable", "train_memory_mib"):
         if c in df:
@@ -494,15 +517,19 @@ def summary_frame(sums: dict[str | None, pd.DataFrame]) -> pd.DataFrame:
             continue
         df = df.copy()
         for c in df.columns[1:]:
-            df[c] = df[c].map(
-                lambda v, c=c: (
-                    "–" if pd.isna(v) else (f"{v:.2f}" if c.startswith("mean_rank") else f"{int(v)}")
-                )
-            )
+            df[c] = df[c].map(lambda v, c=c: _shown_summary_value(c, v))
         shown[experiment] = df
     if len(shown) <= 1:
         return next(iter(shown.values()), pd.DataFrame())
     return _side_by_side(pd.concat({e: df.set_index("architecture") for e, df in shown.items()}, axis=1))
+
+
+def _shown_summary_value(column: str, value) -> str:
+    if pd.isna(value):
+        return "–"
+    if column == "rivals_beaten":
+        return f"{value:.0%}"
+    return f"{value:.2f}" if column.startswith("mean_rank") else f"{int(value)}"
 
 
 def _side_by_side(joined: pd.DataFrame) -> pd.DataFrame:
@@ -518,11 +545,14 @@ def summary_caption(sums: dict[str | None, pd.DataFrame]) -> str:
         text = "; ".join(f"{name}: {text}" for name, text in described.items())
         parts.append(f"{experiment}: {text}" if len(sums) > 1 else text)
     return (
-        "Cross-task summary: rank of each architecture per benchmark (1 = best test metric). Mean ranks "
-        "average equal sets of benchmarks only (bidirectional architectures skip causal tasks, and a mean "
-        "over different benchmarks does not compare): "
+        "Cross-task summary: rank of each architecture per benchmark (1 = best test metric). Architectures "
+        "do not all run the same benchmarks (bidirectional ones skip causal tasks) and fields differ in "
+        "size, so each row is scored over its own benchmarks, with their count, its wins, and the share "
+        "of each field it beat; rows are sorted by that share (rivals_beaten), then wins, then the number "
+        "of benchmarks. Like-for-like comparisons are in the mean_rank_common column and its kin, which "
+        "average equal sets of benchmarks only. "
         + " | ".join(parts)
-        + (". Sorted by mean_rank." if len(sums) == 1 else ". Each experiment ranked on its own runs.")
+        + ("." if len(sums) == 1 else ". Each experiment ranked on its own runs.")
     )
 
 
@@ -593,10 +623,11 @@ def write(
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{padding:4px 6px;border-bottom:1px solid #ddd;text-align:right}
 td:nth-child(2),th:nth-child(2){text-align:left}caption{caption-side:top;text-align:left;max-width:1000px;color:#333;padding-bottom:.5em}
-th{vertical-align:bottom;max-width:9em;white-space:normal}td{white-space:nowrap}
-td:last-child{white-space:normal;min-width:16em;max-width:24em;text-align:left}
+th{vertical-align:bottom;max-width:8em;white-space:normal}td{white-space:normal}
+td:nth-child(2){white-space:nowrap}
+td:last-child{min-width:10em;max-width:16em;text-align:left}
 img{max-width:100%}.notes{color:#8a4b00}"""
 
 
