@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import click
@@ -233,8 +235,9 @@ def run_command(
     from rnnbench.console import table_console
 
     table_console().print(results_table(exp.name, result["studies"]))
-    for line in _edge_lines(plan):
-        click.echo(f"note: {line}")
+    width = max(40, shutil.get_terminal_size().columns)
+    for line in _edge_lines(plan):  # wrapped at words: names never broken at the terminal's edge
+        click.echo(textwrap.fill(f"note: {line}", width, subsequent_indent="  ", break_long_words=False))
     click.echo(f"runs: {result['home']}  |  browse: rnnbench ui" + (f" --home {home}" if home else ""))
 
 

@@ -446,7 +446,10 @@ def _curves(runs, histories, infos, metric_of, ylabel_of, name, style, *, best_o
     if "experiment" not in hist:
         hist["experiment"] = None
     if best_only:
-        hist = hist[hist["best_trial"]]
+        best = hist[hist["best_trial"]]
+        # an experiment that searches nothing (trials: 0) has no best trial: its final seeds' curves
+        hist = best if len(best) else hist[hist["stage"] == "final"]
+        units = "architecture" if len(best) else "run_id"  # one line per best trial, or per seed
     # x: the optimiser steps done at each validation where the runs logged them (a validation may
     # come every 125 steps, not once per pass over the data), else the validation's number
     steps = histories[histories["metric"] == "steps"][["run_id", "step", "value"]]
@@ -468,7 +471,7 @@ def _curves(runs, histories, infos, metric_of, ylabel_of, name, style, *, best_o
         by_steps = bool(sub["train_steps"].notna().all())
         sns.lineplot(
             data=sub, x="train_steps" if by_steps else "step", y="value",
-            units="architecture" if best_only else None,
+            units=units if best_only else None,
             estimator=None if best_only else "mean", errorbar=None if best_only else ("ci", 95),
             markersize=8, dashes=False, ax=ax, **style.kwargs(sub),
         )  # fmt: skip

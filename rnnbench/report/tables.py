@@ -167,6 +167,8 @@ def rank_task(
         named = ", ".join(
             f"{a} ({c} of {n})" for a, c, n in zip(capped["architecture"], capped["at_cap"], capped["seeds"])
         )
+        if (capped["at_cap"] == capped["seeds"]).all() and len(capped) == len(ranked):
+            named = "every final seed of every architecture"  # e.g. no patience: nothing could converge
         notes.append(
             f"† hit the cap: final seeds that reached the step budget before patience stopped them "
             f"({named}); their scores may still improve with more steps, so a ranking among them is "
