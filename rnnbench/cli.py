@@ -472,13 +472,31 @@ def check_command(experiment_file, device) -> None:
         raise ContractError(f"{len(failed)} of {len(verdicts)} plugins break their contract (see above)")
 
 
+class _Port(click.ParamType):
+    """A TCP port; a bad one is one error line and exit 2 (ConfigError), not click's usage block."""
+
+    name = "port"
+
+    def convert(self, value, param, ctx):
+        from rnnbench.errors import ConfigError, shorten
+
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value).strip()
+            number = int(text) if text.isdigit() else 0
+        if not 1 <= number <= 65535:
+            raise ConfigError(f"--port {shorten(str(value))[1:-1]}: a port is a number from 1 to 65535")
+        return number
+
+
 @app.command("ui")
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
 @click.option("--tracking-uri", help="MLflow tracking URI (default: the run home's store).")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Bind address; 0.0.0.0 exposes it to the network."
 )
-@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=5000, show_default=True, type=_Port())
 def ui_command(home, tracking_uri, host, port) -> None:
     """Open the MLflow UI on the run home's store (bound to localhost by default). The server stops
     with this command: Ctrl-C, a closed terminal (SIGHUP) or SIGTERM."""
@@ -563,24 +581,6 @@ def _serve_until_stopped(command: list[str]) -> int:
                 os.killpg(server.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-class _Port(click.ParamType):
-    """A TCP port; a bad one is one error line and exit 2 (ConfigError), not click's usage block."""
-
-    name = "port"
-
-    def convert(self, value, param, ctx):
-        from rnnbench.errors import ConfigError, shorten
-
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        else:
-            text = str(value).strip()
-            number = int(text) if text.isdigit() else 0
-        if not 1 <= number <= 65535:
-            raise ConfigError(f"--port {shorten(str(value))[1:-1]}: a port is a number from 1 to 65535")
-        return number
 
 
 @app.command("dashboard")
