@@ -102,6 +102,8 @@ class _EpochReporter(Callback):
         self.history.append(entry)
         self._live(self.tracker.log_metrics, self.run_id, metrics, step=epoch, timestamp=entry["time_ms"])
         _fault("mid_trial")
+        if self.trial is None:  # a final seed
+            _fault("final_oom")
         value = metrics[f"valid_{self.primary}"]
         self.progress.epoch_ended(epoch, self.epochs, self.primary, value)
         if self.trial is not None:
@@ -513,7 +515,7 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
     import torch
 
     gpus = torch.cuda.device_count() if settings["device"] in ("auto", "cuda") else 0
-    threads = settings.get("threads") or max(1, (os.cpu_count() or 1) // workers)
+    threads = settings.get("threads") or threads_per_worker(workers)
     ctx = multiprocessing.get_context("spawn")  # fork and torch threads do not mix
     respawns_left = 2 * workers
 
@@ -559,6 +561,20 @@ def _run_parallel(plan: Plan, workers: int, settings: dict[str, Any], storage, p
         raise KeyboardInterrupt
     if errors:
         raise ConfigError(f"{len(errors)} worker(s) kept dying (exit codes {errors}); see their output above")
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, which Slurm and cgroup cpusets set
+    (``os.cpu_count()`` counts the whole machine: 64 on a node where the job got 8)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API here (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int) -> int:
+    """Torch threads per worker: the allowed CPUs shared out, at least one each."""
+    return max(1, available_cpus() // max(1, workers))
 
 
 def remaining_units(plan: Plan, storage) -> int:
@@ -616,7 +632,9 @@ def _fault(point: str) -> None:
     """Test-only fault injection: RNNBENCH_FAULT=<point>[:<once file>][,...] SIGKILLs this
     process at ``point`` (``mid_trial``: after a trial's first epoch; ``after_ledger_write``:
     between the ledger write and the MLflow write; ``sqlite_store_built``: before a new MLflow
-    store is renamed into place); with a once file only the first process dies."""
+    store is renamed into place); with a once file only the first process dies. A point whose
+    name ends in ``_oom`` raises torch's out-of-memory error instead (``final_oom``: after a final
+    seed's first epoch)."""
     for spec in filter(None, os.environ.get("RNNBENCH_FAULT", "").split(",")):
         name, _, once_file = spec.partition(":")
         if name != point:
@@ -626,6 +644,10 @@ def _fault(point: str) -> None:
                 os.close(os.open(once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return
+        if name.endswith("_oom"):
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by RNNBENCH_FAULT)")
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -806,17 +828,35 @@ class Worker:
         from rnnbench.projection import best_hparams
         from rnnbench.sweep import suggest
 
-        task = self._task(study)
-        primary = task.primary_metric.name
         e, arch, budget_spec = self.e, study.arch, study.budget
         if stage == "search":
-            hp = self._hparams(study, task, suggest(trial, e))
             seed, label = e.sampler.seed, f"trial {trial.number}"
             epochs = budget_spec.epochs_limit()
         else:  # the best configuration, or the fixed one when nothing is searched
-            hp = self._hparams(study, task, best_hparams(best) if best is not None else {})
             seed = int(trial.user_attrs["seed"])
             label, epochs = f"seed {seed}", e.final.epochs or budget_spec.epochs_limit()
+        params: dict[str, Any] = {}
+        started_ms = _now_ms()
+        try:  # a deterministic error here (a sampled embedding over the budget) is this trial's
+            # failure, like one in training: not a lost worker, so never retried
+            task = self._task(study)
+            params = (
+                suggest(trial, e) if stage == "search" else best_hparams(best) if best is not None else {}
+            )
+            hp = self._hparams(study, task, params)
+            primary = task.primary_metric.name
+        except Exception as exc:
+            self._fail_before_training(
+                study,
+                led,
+                trial,
+                stage,
+                exc,
+                label,
+                started_ms,
+                {"hparams": {**study.fixed_hparams, **params}, "seed": seed},
+            )
+            return
         budget = Budget(
             epochs=epochs,
             max_steps=budget_spec.max_steps,
@@ -910,6 +950,7 @@ class Worker:
                 "failure_message": message[:500],
                 "artifacts": {"traceback.txt": traceback.format_exc()},
             }
+            self._decide_retry(trial, stage, reason, led)
         finally:
             if monitor is not None:
                 monitor.finish()
@@ -943,6 +984,64 @@ class Worker:
             self._log_items(study, record, run_id)
         status = record["status"]
         self.progress.trial_ended(status, detail)
+
+    def _decide_retry(self, trial, stage: str, reason: str, led) -> None:
+        """A final seed's transient failure (out of memory) is retried within the retry limit:
+        the decision goes into the ledger now, before the tell, with the limit in force now."""
+        import optuna
+
+        from rnnbench.sweep import LOST_DECISION, RETRIES, retry_decision
+
+        decision = retry_decision(stage, reason, int(trial.user_attrs.get(RETRIES, 0)), led.max_retries)
+        if decision is not None:
+            try:
+                trial.set_user_attr(LOST_DECISION, decision)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # recovered by another worker meanwhile: its copy runs, this result is discarded
+
+    def _fail_before_training(
+        self,
+        study: Study,
+        led,
+        trial,
+        stage: str,
+        exc: Exception,
+        label: str,
+        started_ms: int,
+        record: dict[str, Any],
+    ) -> None:
+        """A trial that failed before training (task set-up, sampling, sizing): its record and a
+        FAIL, once, as any other failed trial; the sweep goes on."""
+        import optuna
+
+        from rnnbench.sweep import RECORD
+
+        reason, message = _failure(exc)
+        record |= {
+            "worker": self.worker,
+            "started_ms": started_ms,
+            "status": "failed",
+            "failure_reason": reason,
+            "failure_message": message[:500],
+            "artifacts": {"traceback.txt": traceback.format_exc()},
+            "history": [],
+            "parameters": {},
+            "data": {},
+            "finished_ms": _now_ms(),
+        }
+        self.progress.trial_started(study.name, stage, trial.number, label)
+        self._decide_retry(trial, stage, reason, led)
+        trial.set_user_attr(RECORD, _json_safe(record))
+        try:
+            (led.search if stage == "search" else led.final).tell(trial, state=optuna.trial.TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as tell_exc:
+            self.progress.log(
+                f"warning: {label} of {study.name} was recovered by another worker while it ran "
+                f"(its lease expired: {tell_exc}); its result is discarded and its copy runs instead"
+            )
+            return
+        self._project(study, stage, trial)
+        self.progress.trial_ended("failed", message)
 
     def _log_model(self, study: Study, task, model, record: dict[str, Any], run_id: str) -> None:
         """The final seed's MLflow model; best effort (a sync logs it from the weights file)."""

@@ -45,6 +45,9 @@ RETRIES = "retries"  # user attribute: how many lost workers this configuration 
 # counted) or "counted" (its retries are spent: failed, worker_lost). Decided once, with the
 # --max-retries of that moment, so a later start with another limit never re-judges it.
 LOST_DECISION = "lost_decision"
+# failures of a final seed that say nothing about its configuration (a neighbouring worker took
+# the GPU's memory, the worker died): the seed is trained again, within the retry limit
+TRANSIENT_REASONS = ("out_of_memory", "worker_lost")
 LEGACY_INTERRUPTED = "interrupted"  # ledgers written before the record existed
 COUNTED = ("complete", "pruned", "failed")
 DEFAULT_MAX_RETRIES = 3
@@ -536,7 +539,8 @@ def trial_status(t: FrozenTrial, max_retries: int = DEFAULT_MAX_RETRIES) -> str:
     if t.user_attrs.get(LEGACY_INTERRUPTED) or (record and record.get("status") == "interrupted"):
         return "interrupted"
     if record and record.get("status") == "failed":
-        return "failed"
+        # a final seed's transient failure (see retry_decision) is retried, like a lost one
+        return "lost" if t.user_attrs.get(LOST_DECISION) == "retry" else "failed"
     decision = t.user_attrs.get(LOST_DECISION)
     if decision is not None:
         return "lost" if decision == "retry" else "failed"
@@ -546,13 +550,23 @@ def trial_status(t: FrozenTrial, max_retries: int = DEFAULT_MAX_RETRIES) -> str:
 def failure_of(t: FrozenTrial, status: str) -> tuple[str | None, str | None]:
     """(reason, message) of a failed, lost or interrupted trial."""
     record = record_of(t) or {}
-    if status == "failed" and record.get("status") == "failed":
+    if status in ("failed", "lost") and record.get("status") == "failed":
         return record.get("failure_reason"), record.get("failure_message")
     if status in ("lost", "failed"):
         return "worker_lost", "its worker stopped renewing its lease (killed, out of memory or machine lost)"
     if status == "interrupted":
         return "interrupted", "stopped by the user; its configuration was queued again"
     return None, None
+
+
+def retry_decision(stage: str, reason: str, retries: int, max_retries: int) -> str | None:
+    """The :data:`LOST_DECISION` a worker writes with a failed trial's record, before its tell:
+    ``"retry"`` for a final seed's transient failure while retries are left, ``"counted"`` once
+    they are spent; None for anything else (a search trial's failure, or a deterministic one such
+    as a NaN loss or an exception, counts as failed at once)."""
+    if stage != "final" or reason not in TRANSIENT_REASONS:
+        return None
+    return "retry" if retries < max_retries else "counted"
 
 
 def needs_retry(status: str) -> bool:

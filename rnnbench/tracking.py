@@ -52,7 +52,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     elif parts.scheme == "file" or (parts.scheme == "" and uri != "databricks"):
         # MLflow 3 refuses its file store, but only once rnnbench has opened the ledger beside it
         raise TrackingError(
-            f"MLflow's file store ({uri}) is not supported (MLflow 3 keeps it in maintenance mode): use "
+            f"MLflow's file store ({uri}) is not supported (it never de-duplicates, so a repair "
+            "writes twice): leave out --tracking-uri for the run home's sqlite store, or give "
             "sqlite:///PATH/mlflow.db, a database URL or a tracking server (http://...)"
         )
     elif parts.scheme not in ("sqlite", "postgresql", "mysql", "databricks", "") and not (

@@ -613,3 +613,15 @@ def test_older_stores_summaries_come_from_their_series_name():
     assert old["train_tokens_per_s_median"] == 900.0 and old["train_memory_mib_peak"] == 3.0
     new = run_row(run({"train_tokens_per_s": 900.0, "train_tokens_per_s_median": 1000.0}), "e")
     assert new["train_tokens_per_s_median"] == 1000.0  # the summary, not the last epoch's value
+
+
+def test_failed_final_seeds_are_counted_in_a_note():
+    """A deterministic failure on a final seed counts as failed: the table says n of N seeds."""
+    base = {"study": "e/sentiment-x/gru-1L-uni", "architecture": "gru-1L-uni", "cell": "gru",
+            "variant": "1L-uni", "task": "sentiment", "stage": "final", "status": "failed",
+            "failure_reason": "nan_loss"}  # fmt: skip
+    runs = _runs({"lstm-1L-uni": [0.8, 0.81, 0.82], "gru-1L-uni": [0.7, 0.72]}, [base])
+    t = rank_task(runs, ACC)
+    assert t.table.set_index("architecture").loc["gru-1L-uni", "seeds"] == 2
+    (note,) = [n for n in t.notes if "final seeds completed" in n]
+    assert note == "gru-1L-uni: 2 of 3 final seeds completed (1 failed: nan_loss)"

@@ -264,3 +264,121 @@ def test_more_final_seeds_extend_a_finished_study(tmp_path: Path):
         int(r.data.tags["rnnbench.seed"]) for r in runs if r.data.tags["rnnbench.stage"] == "final"
     )
     assert seeds == [10_000, 10_001]  # apart from the search seed (sampler.seed 0)
+
+
+OVER_BUDGET = """\
+name: {name}
+cells: [gru]
+tasks:
+  - name: charlm
+    dataset: synthetic
+    options: {{seq_len: 16}}
+parameter_budget: 3000
+search:
+  embedding_dim: {{type: categorical, choices: [4, 512]}}
+fixed: {{batch_size: 32}}
+budget: {{trials: 4, epochs: 1, steps_per_epoch: 2}}
+final: {{seeds: 1}}
+sampler: {{name: grid, seed: 0}}
+pruner: {{name: none}}
+"""
+
+
+@pytest.mark.slow  # about 10 s: a whole run
+def test_error_before_training_fails_the_trial_once_with_its_reason(tmp_path: Path):
+    """A sampled embedding over the parameter budget fails solve_hidden_size before training: that
+    trial fails with its own reason, once (no retry, not worker_lost), and the sweep goes on."""
+    from rnnbench.sweep import RETRY_OF, failure_of, open_storage, record_of, trial_status
+
+    home, path = tmp_path / "home", tmp_path / "over.yaml"
+    path.write_text(OVER_BUDGET.format(name="over"))
+    result = _run(["run", str(path), "--max-retries", "1"], home)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import optuna
+
+    storage = open_storage(None, home)
+    trials = optuna.load_study(study_name="over/charlm-synthetic/gru-1L-uni", storage=storage).get_trials()
+    assert not [t for t in trials if RETRY_OF in t.user_attrs]  # nothing was queued again
+    statuses = Counter(trial_status(t) for t in trials)
+    assert statuses == Counter({"complete": 1, "failed": 1}), statuses
+    bad = next(t for t in trials if trial_status(t) == "failed")
+    reason, message = failure_of(bad, "failed")
+    assert reason == "exception" and "ConfigError" in message and "parameter_budget 3,000" in message
+    assert record_of(bad)["hparams"]["embedding_dim"] == 512
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_threads_per_worker_follow_the_cpus_this_process_may_use():
+    """Slurm and cgroups restrict the affinity mask, not os.cpu_count(): one allowed CPU means one
+    thread per worker, however many the machine has."""
+    script = (
+        "import os\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from rnnbench.runner import threads_per_worker\n"
+        "print(threads_per_worker(1), threads_per_worker(4))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
+
+
+@pytest.mark.slow  # about 10 s: a whole run
+def test_a_final_seed_out_of_memory_is_trained_again(tmp_path: Path):
+    """An out-of-memory on a final seed (a neighbour took the GPU) says nothing about the
+    configuration: the seed is trained again within the retry limit, so every seed scores."""
+    from rnnbench.sweep import RETRY_OF, failure_of
+
+    home, once = tmp_path / "home", tmp_path / "oom-once"
+    env = {**_env(home), "RNNBENCH_FAULT": f"final_oom:{once}"}
+    path = _write(tmp_path, "oom", trials=1, seeds=2)
+    result = subprocess.run(
+        [sys.executable, "-m", "rnnbench.cli", "run", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert once.exists()
+    states, runs, _ = _counts(home, "oom")
+    assert states["final"] == Counter({"complete": 2, "lost": 1}), states
+    import optuna
+
+    from rnnbench.sweep import open_storage
+
+    storage = open_storage(None, home)
+    name = next(
+        s.study_name for s in optuna.get_all_study_summaries(storage) if s.study_name.endswith("::final")
+    )
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    oom = next(t for t in trials if t.state == optuna.trial.TrialState.FAIL)
+    assert failure_of(oom, "lost")[0] == "out_of_memory"
+    copy = next(t for t in trials if t.user_attrs.get(RETRY_OF) == oom.number)
+    assert (
+        copy.user_attrs["seed"] == oom.user_attrs["seed"] and copy.state == optuna.trial.TrialState.COMPLETE
+    )
+
+
+def test_only_a_final_seeds_transient_failure_is_retried():
+    from rnnbench.sweep import retry_decision
+
+    assert retry_decision("final", "out_of_memory", 0, 3) == "retry"
+    assert retry_decision("final", "worker_lost", 2, 3) == "retry"
+    assert retry_decision("final", "out_of_memory", 3, 3) == "counted"  # retries spent: failed
+    assert retry_decision("final", "nan_loss", 0, 3) is None  # deterministic: failed at once
+    assert retry_decision("final", "exception", 0, 3) is None
+    assert retry_decision("search", "out_of_memory", 0, 3) is None  # a configuration tried
+
+
+@pytest.mark.parametrize("uri", ["file:relative/mlruns", "file:///tmp/mlruns", "/tmp/mlruns", "mlruns"])
+def test_a_file_tracking_store_is_refused_in_one_line(uri: str):
+    """MLflow's FileStore never de-duplicates (a repair would log every point twice): refused,
+    whether as a file: URI or a bare path, pointing at the default store or a server."""
+    from rnnbench.tracking import TrackingError, check_usable
+
+    with pytest.raises(TrackingError) as caught:
+        check_usable(uri)
+    message = str(caught.value)
+    assert "\n" not in message and "file store" in message
+    assert "leave out --tracking-uri" in message and "tracking server" in message
+    assert caught.value.exit_code == 2

@@ -83,9 +83,23 @@ def rank_task(
     hp_cols = sorted(c for c in runs.columns if c.startswith("hp_"))
     baseline = baseline_of(task_runs, info)
     valid_means = verdicts.validation_means(task_runs, info, bench)
+    failed_finals = task_runs[(task_runs["stage"] == "final") & (task_runs["status"] == "failed")]
+    short_seeds: list[str] = []  # "gru-1L-uni: 2 of 3 final seeds completed (1 failed: nan_loss)"
     rows = []
     for study, group in task_runs.groupby("study"):
         seeds = finals[finals["study"] == study]
+        failed = failed_finals[failed_finals["study"] == study]
+        if len(failed):
+            reasons = (
+                failed["failure_reason"].fillna("unknown")
+                if "failure_reason" in failed
+                else pd.Series(["unknown"] * len(failed))
+            )
+            why = ", ".join(f"{n} failed: {r}" for r, n in reasons.value_counts().items())
+            short_seeds.append(
+                f"{group.iloc[0]['architecture']}: {len(seeds)} of {len(seeds) + len(failed)} "
+                f"final seeds completed ({why})"
+            )
         values = finite(seeds[col]) if col in seeds else []
         split = verdicts.seed_split(values, baseline, info)
         # no t-interval through seeds that split into solved and unsolved: the count says it
@@ -181,6 +195,7 @@ def rank_task(
             f"* interval cut at what {info.metric} can take; the Student-t interval reached past it "
             f"({named}): its seeds are too few or too skewed for a t-interval, so read it as a rough range"
         )
+    notes += short_seeds
     few = ranked[ranked["seeds"] < MIN_SEEDS]
     if len(few):
         named = ", ".join(f"{a} ({n})" for a, n in zip(few["architecture"], few["seeds"]))
