@@ -217,6 +217,7 @@ def test_ctrl_c_then_resume(tmp_path: Path):
     assert max(keys.values()) == 1
 
 
+@pytest.mark.slow  # about 40 s; Ctrl-C and SIGKILL resumes stay in the default suite
 def test_sigterm_to_the_parent_stops_every_worker_then_resume(tmp_path: Path):
     """`kill <pid>` (a scheduler's time limit, `timeout`) on `run --workers 2`: exit 130, both
     workers' trials are `interrupted`, no worker outlives the run (it used to train on, orphaned),
