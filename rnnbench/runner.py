@@ -857,6 +857,7 @@ class Worker:
                 {"hparams": {**study.fixed_hparams, **params}, "seed": seed},
             )
             return
+        improvement, relative = budget_spec.improvement()
         budget = Budget(
             epochs=epochs,
             max_steps=budget_spec.max_steps,
@@ -864,8 +865,8 @@ class Worker:
             steps_per_epoch=budget_spec.steps_per_epoch,
             max_minutes=budget_spec.max_minutes_per_trial,
             patience=budget_spec.patience,
-            min_improvement=budget_spec.improvement()[0],
-            min_improvement_relative=budget_spec.improvement()[1],
+            min_improvement=improvement,
+            min_improvement_relative=relative,
         )
         tags: dict[str, Any] = {"worker": self.worker}
         if stage == "final":
@@ -944,12 +945,7 @@ class Worker:
         except Exception as exc:  # one bad configuration or plugin must not stop the sweep
             reason, message = _failure(exc)
             state, detail = optuna.trial.TrialState.FAIL, message
-            record |= {
-                "status": "failed",
-                "failure_reason": reason,
-                "failure_message": message[:500],
-                "artifacts": {"traceback.txt": traceback.format_exc()},
-            }
+            record |= _failed_fields(reason, message)
             self._decide_retry(trial, stage, reason, led)
         finally:
             if monitor is not None:
@@ -965,16 +961,7 @@ class Worker:
             record["items"] = save_items(self.plan.home, study.name, seed, items)
         # The ledger first, in two writes: the whole record, then the state that makes it count.
         self._write_record(trial, record, reporter)
-        try:
-            if state == optuna.trial.TrialState.COMPLETE:
-                led.search.tell(trial, value) if stage == "search" else led.final.tell(trial, value)
-            else:
-                (led.search if stage == "search" else led.final).tell(trial, state=state)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
-            self.progress.log(
-                f"warning: {label} of {study.name} was recovered by another worker while it ran "
-                f"(its lease expired: {exc}); its result is discarded and its copy runs instead"
-            )
+        if not self._tell(study, led, stage, trial, state, value, label):
             return
         _fault("after_ledger_write")
         self._project(study, stage, trial, live=not reporter.live_failed)
@@ -984,6 +971,25 @@ class Worker:
             self._log_items(study, record, run_id)
         status = record["status"]
         self.progress.trial_ended(status, detail)
+
+    def _tell(self, study: Study, led, stage: str, trial, state, value, label: str) -> bool:
+        """The state change that makes a recorded trial count; False when recovery failed the
+        trial meanwhile (its lease expired): the result is discarded, its copy runs instead."""
+        import optuna
+
+        ledger = led.search if stage == "search" else led.final
+        try:
+            if state == optuna.trial.TrialState.COMPLETE:
+                ledger.tell(trial, value)
+            else:
+                ledger.tell(trial, state=state)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as exc:
+            self.progress.log(
+                f"warning: {label} of {study.name} was recovered by another worker while it ran "
+                f"(its lease expired: {exc}); its result is discarded and its copy runs instead"
+            )
+            return False
+        return True
 
     def _decide_retry(self, trial, stage: str, reason: str, led) -> None:
         """A final seed's transient failure (out of memory) is retried within the retry limit:
@@ -1020,10 +1026,7 @@ class Worker:
         record |= {
             "worker": self.worker,
             "started_ms": started_ms,
-            "status": "failed",
-            "failure_reason": reason,
-            "failure_message": message[:500],
-            "artifacts": {"traceback.txt": traceback.format_exc()},
+            **_failed_fields(reason, message),
             "history": [],
             "parameters": {},
             "data": {},
@@ -1032,13 +1035,7 @@ class Worker:
         self.progress.trial_started(study.name, stage, trial.number, label)
         self._decide_retry(trial, stage, reason, led)
         trial.set_user_attr(RECORD, _json_safe(record))
-        try:
-            (led.search if stage == "search" else led.final).tell(trial, state=optuna.trial.TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as tell_exc:
-            self.progress.log(
-                f"warning: {label} of {study.name} was recovered by another worker while it ran "
-                f"(its lease expired: {tell_exc}); its result is discarded and its copy runs instead"
-            )
+        if not self._tell(study, led, stage, trial, optuna.trial.TrialState.FAIL, None, label):
             return
         self._project(study, stage, trial)
         self.progress.trial_ended("failed", message)
@@ -1132,6 +1129,16 @@ def _failure(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
         return "out_of_memory", f"out of memory: {str(exc).splitlines()[0] if str(exc) else ''}"
     return "exception", f"{type(exc).__name__}: {exc}"
+
+
+def _failed_fields(reason: str, message: str) -> dict[str, Any]:
+    """A failed trial's record fields; called inside the ``except`` (the traceback is its)."""
+    return {
+        "status": "failed",
+        "failure_reason": reason,
+        "failure_message": message[:500],
+        "artifacts": {"traceback.txt": traceback.format_exc()},
+    }
 
 
 def _release_memory(failed: bool) -> None:
