@@ -22,6 +22,7 @@ from rnnbench.errors import DataError
 from rnnbench.plugins import metric_bounds
 from rnnbench.scheduler import final_done
 from rnnbench.stats import MIN_SEEDS, mean_ci
+from rnnbench.stops import CAP_REASONS, CONVERGED_REASONS
 from rnnbench.sweep import (
     DEFAULT_MAX_RETRIES,
     FINAL_SUFFIX,
@@ -144,8 +145,8 @@ class StudyLedger:
             "seed_values": [t.value for t in seeds],
             "tests": tests,
             # final seeds stopped by patience, and those that reached the cap first
-            "converged": sum(r in ("converged", "early_stopping") for r in stops),
-            "at_cap": sum(r in ("max_steps", "epochs") for r in stops),
+            "converged": sum(r in CONVERGED_REASONS for r in stops),
+            "at_cap": sum(r in CAP_REASONS for r in stops),
         }
 
 

@@ -27,6 +27,7 @@ from rnnbench.data.batching import prefetch
 from rnnbench.encoder import Encoder, parameter_counts
 from rnnbench.errors import ConfigError, TrialFailed
 from rnnbench.hparams import MAX_WIDTH, Domain
+from rnnbench.stops import CONVERGED
 from rnnbench.task import Task, _one_line, declares_items
 
 if TYPE_CHECKING:
@@ -60,9 +61,6 @@ TRAINER_HPARAM_DOMAINS = {
     "lr_schedule": Domain("choice", choices=LR_SCHEDULES),
     "warmup_steps": Domain("int", 0, 10**9),
 }
-# Stop reasons: ``converged`` (patience ran out: no longer improving), else the cap that was
-# reached first, ``max_steps`` or ``epochs``.
-CONVERGED = "converged"
 
 
 class Budget(BaseModel):

@@ -28,9 +28,9 @@ from pathlib import Path
 import pandas as pd
 
 from rnnbench.report.collect import TaskInfo
+from rnnbench.stops import CONVERGED_REASONS
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-PATIENCE_STOPS = ("converged", "early_stopping")  # stop_reason of a run patience ended (new, old name)
 # a cut at 1/3 of 750 steps is 249.99999999999997: a validation at step 250 is still inside it
 _SLACK = 1e-9
 
@@ -140,7 +140,7 @@ def budget_sensitivity(
         sign = 1.0 if info.direction == "minimize" else -1.0
         budget = float(group["position"].max())
         unit = group["unit"].iloc[0]
-        if group.drop_duplicates("run_id")["stop_reason"].isin(PATIENCE_STOPS).all():
+        if group.drop_duplicates("run_id")["stop_reason"].isin(CONVERGED_REASONS).all():
             notes.append(f"{bench}: every final seed stopped by patience, so the budget here is the longest "
                          f"run's {budget:g} {unit}, less than the one configured")  # fmt: skip
         names = group.drop_duplicates("architecture").set_index("architecture")[["cell", "variant"]]

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from rnnbench import stops
 from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError, first_line
 from rnnbench.experiment import parse_margin
 from rnnbench.plugins import declared_metric, metric_bounds
@@ -194,7 +195,7 @@ def run_row(run, experiment: str) -> dict[str, Any]:
         "failure_reason": own.get("failure_reason"),
         "failure_message": own.get("failure_message"),
         "best_trial": _number(own.get("best_trial")),
-        "stop_reason": _stop_reason(own.get("stop_reason")),
+        "stop_reason": stops.normalized(own.get("stop_reason")),
         "primary_metric": own.get("metric"),  # on study runs: the task instance's own primary metric
         "direction": own.get("direction"),
         "margin": own.get("margin"),  # the experiment's margin of practical equivalence, if it set one
@@ -226,15 +227,6 @@ def run_row(run, experiment: str) -> dict[str, Any]:
     for name in _ENV_TAGS:
         row[f"env_{name}"] = own.get(name)
     return row
-
-
-CAP_REASONS = ("max_steps", "epochs")  # the trainer's stop reasons that are a cap, not convergence
-
-
-def _stop_reason(value: str | None) -> str | None:
-    """What ended a run: ``converged`` (patience ran out), a cap (``max_steps``, ``epochs``), or
-    ``pruned``; stores written before convergence was named say ``early_stopping``."""
-    return "converged" if value == "early_stopping" else value
 
 
 def variant_label(layers: Any, bidirectional: Any) -> str:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from rnnbench.report import verdicts
-from rnnbench.report.collect import CAP_REASONS, TaskInfo
+from rnnbench.report.collect import TaskInfo
 from rnnbench.stats import MIN_SEEDS, WHY_MIN_SEEDS, finite, mean_ci
+from rnnbench.stops import CAP_REASONS, CONVERGED
 
 TEST_NOTE = (
     "Rank and selection by the mean validation score of the final seeds (the test split chooses "
@@ -134,7 +135,7 @@ def rank_task(
                 "seed_values": values,
                 "split": verdicts.split_text(split, info) if split else "",
                 # final seeds stopped by patience, and those that reached the step/epoch cap first
-                "converged": int((stops == "converged").sum()),
+                "converged": int((stops == CONVERGED).sum()),
                 "at_cap": int(stops.isin(CAP_REASONS).sum()),
                 "cut_from": cut[0] if cut else math.nan,  # the t-interval's end past the metric's bound
                 "params": _median(source, "params_total"),
