@@ -146,6 +146,9 @@ class TaskEntry(_Strict):
     # margin of practical equivalence of the primary metric, overriding the task's own: a number
     # in the metric's units (0.01 accuracy), or a share of the compared value ("1%" of perplexity)
     margin: float | str | None = None
+    # run only these of the cells' architectures on this task (e.g. [lstm-1L-bi, gru-1L-bi]): the
+    # one variant that matters per task without the whole cross product
+    architectures: list[str] | None = Field(None, min_length=1, max_length=100)
 
     @field_validator("margin")
     @classmethod
@@ -372,7 +375,8 @@ class Experiment(_Strict):
                     "lr_schedule cosine/linear decays to the step cap: give the budget max_steps "
                     "(or steps_per_epoch)"
                 )
-        studies = len(self.tasks) * sum(len(c.layers) * len(c.bidirectional) for c in self.cells)
+        per_task = sum(len(c.layers) * len(c.bidirectional) for c in self.cells)
+        studies = sum(len(t.architectures) if t.architectures else per_task for t in self.tasks)
         if studies > MAX_STUDIES:
             raise ValueError(
                 f"the experiment expands to {studies:,} studies; at most {MAX_STUDIES:,} are run"
@@ -391,6 +395,7 @@ class Study:
         self.experiment, self.cell_entry, self.task_entry = experiment, cell, task
         self.arch = Architecture(cell.name, layers, bidirectional)
         arch = self.arch.label if cell.label is None else f"{cell.label}-{self.arch.label.split('-', 1)[1]}"
+        self.arch_name = arch
         self.name = f"{experiment.name}/{task.label or f'{task.name}-{task.dataset}'}/{arch}"
 
     @property
@@ -429,22 +434,34 @@ def expand(experiment: Experiment) -> tuple[list[Study], list[tuple[str, str]]]:
     studies, skipped = [], []
     for task in experiment.tasks:
         checker = None
-        for cell in experiment.cells:
-            for layers, bidirectional in itertools.product(cell.layers, cell.bidirectional):
-                study = Study(experiment, cell, layers, bidirectional, task)
-                if checker is None:
-                    checker = study.make_task()
-                try:
-                    checker.check_architecture(bidirectional=bidirectional)
-                except ConfigError as refusal:
-                    reason = str(refusal)
-                    if not experiment.skip_invalid:
-                        raise ConfigError(
-                            f"{study.name}: {reason} (set skip_invalid: true to skip such combinations)"
-                        ) from None
-                    skipped.append((study.name, reason))
-                    continue
-                studies.append(study)
+        candidates = [
+            Study(experiment, cell, layers, bidirectional, task)
+            for cell in experiment.cells
+            for layers, bidirectional in itertools.product(cell.layers, cell.bidirectional)
+        ]
+        if task.architectures is not None:
+            offered = [s.arch_name for s in candidates]
+            if unknown := [a for a in task.architectures if a not in offered]:
+                label = task.label or f"{task.name}-{task.dataset}"
+                raise ConfigError(
+                    f"task {label}: architectures {unknown} are not among the cells' "
+                    f"({', '.join(offered)})"
+                )
+            candidates = [s for s in candidates if s.arch_name in task.architectures]
+        for study in candidates:
+            if checker is None:
+                checker = study.make_task()
+            try:
+                checker.check_architecture(bidirectional=study.arch.bidirectional)
+            except ConfigError as refusal:
+                reason = str(refusal)
+                if not experiment.skip_invalid:
+                    raise ConfigError(
+                        f"{study.name}: {reason} (set skip_invalid: true to skip such combinations)"
+                    ) from None
+                skipped.append((study.name, reason))
+                continue
+            studies.append(study)
     if not studies:
         raise ConfigError("the experiment expands to no study (every combination was skipped)")
     seen: dict[str, Study] = {}

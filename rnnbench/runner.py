@@ -448,9 +448,10 @@ def fingerprint_parts(plan: Plan, study: Study) -> dict[str, str]:
         "budget": study.budget.model_dump(),
         "sampler": e.sampler.model_dump(),
         "pruner": e.pruner.model_dump(),
-        # the budget has its own key (and leaving it out keeps older studies' task hash)
+        # the budget has its own key; architectures only picks which studies exist (leaving both
+        # out keeps older studies' task hash)
         "task": {
-            **study.task_entry.model_dump(exclude={"parameter_budget", "budget", "margin"}),
+            **study.task_entry.model_dump(exclude={"parameter_budget", "budget", "margin", "architectures"}),
             "resolved_options": resolved,
         },
         "parameter_budget": study.parameter_budget,

@@ -145,6 +145,21 @@ def test_labels_tell_repeated_entries_apart():
     assert "ok/memory-T30/lstm-fb0-1L-uni" in names and "ok/memory-synthetic/lstm-1L-uni" in names
 
 
+def test_a_task_can_run_only_some_of_the_cells_architectures():
+    text = VALID.replace("  - name: forecast\n", "  - name: forecast\n    architectures: [gru-2L-bi, lstm-1L-uni]\n")
+    studies, _ = expand(parse(text))
+    forecast = sorted(s.name for s in studies if "/forecast-" in s.name)
+    assert forecast == ["ok/forecast-synthetic/gru-2L-bi", "ok/forecast-synthetic/lstm-1L-uni"]
+    assert sum("/memory-" in s.name for s in studies) == 3  # the other task keeps every architecture
+
+
+def test_an_architecture_the_cells_do_not_give_is_one_clear_error():
+    text = VALID.replace("  - name: forecast\n", "  - name: forecast\n    architectures: [gru-3L-uni]\n")
+    with pytest.raises(ConfigError, match=r"architectures \['gru-3L-uni'\] are not among the cells'") as info:
+        expand(parse(text))
+    assert "gru-2L-bi" in str(info.value) and "\n" not in str(info.value)
+
+
 # -- one causality check: the task's own check_architecture, at parse time as at run time ---------
 class BackwardShyOptions(MemoryOptions):
     backward_ok: bool = False
