@@ -32,11 +32,11 @@ def _sync(device: torch.device) -> None:
 
 def time_study(study, task, device: torch.device, steps: int) -> dict:
     from rnnbench.plugins import get_cell
-    from rnnbench.runner import _search_corners, solve_hidden_size
+    from rnnbench.sizing import search_corners, solve_hidden_size
     from rnnbench.trainer import build_model, make_optimizer, split_hparams
 
     e = study.experiment
-    low, high = _search_corners(e)
+    low, high = search_corners(e)
     middle = {k: (low[k] + high[k]) / 2 if isinstance(low[k], float) else low[k] for k in low}
     hp = {**study.fixed_hparams, **middle}
     if study.parameter_budget:

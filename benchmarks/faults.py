@@ -72,7 +72,7 @@ def views(storage_url, tracking_uri, home):
 
 
 def retries(storage_url, home) -> int:
-    from rnnbench.projection import StudyLedger
+    from rnnbench.ledger import StudyLedger
     from rnnbench.sweep import RETRY_OF, open_storage, study_names
 
     storage = open_storage(storage_url, home)
@@ -83,12 +83,12 @@ def retries(storage_url, home) -> int:
     return n
 
 
-def scenario(name: str, steps, tmp: Path, storage_url=None, tracking_uri=None) -> dict:
+def scenario(name: str, steps, tmp: Path, storage_url=None, tracking_uri=None, experiment=EXPERIMENT) -> dict:
     from rnnbench.tracking import tracking_uri_for
 
     home = tmp / "home"
     path = tmp / "faults.yaml"
-    path.write_text(EXPERIMENT)
+    path.write_text(experiment)
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RNNBENCH_LEASE_SECONDS": "4"}
     args = ["run", str(path), "--home", str(home)]
     if storage_url:
@@ -118,6 +118,57 @@ def row(name: str, codes: str, storage_url, tracking_uri, home: Path, wall: floa
         "retries": retries(storage_url, home),
         "wall s": f"{wall:.0f}",
     }
+
+
+def stall_a_worker(args, env, tmp, home):
+    """--workers 2; one worker SIGSTOPped mid-trial for three leases, then SIGCONT."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnbench.cli", *args, "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:
+        if "search trial" in line:
+            break
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    worker = next(int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text())
+    os.kill(worker, signal.SIGSTOP)
+    time.sleep(3 * float(env["RNNBENCH_LEASE_SECONDS"]) + 2)
+    os.kill(worker, signal.SIGCONT)
+    proc.stdout.read()
+    return proc.wait()
+
+
+CLOCK_SHIFT = """# sitecustomize for the clock-step row: time.time() of every process (workers included) runs
+# ahead by the seconds written in $RNNBENCH_CLOCK_FILE, as after an NTP step or a VM pause
+import os, time
+_real = time.time
+def _shifted():
+    try:
+        with open(os.environ["RNNBENCH_CLOCK_FILE"]) as f:
+            return _real() + float(f.read() or 0)
+    except OSError:
+        return _real()
+time.time = _shifted
+"""
+
+
+def step_the_clock(args, env, tmp, home):
+    """Every process's wall clock jumps 10 leases ahead mid-run (the journal's leases judge by
+    the monotonic clock on one boot, so nothing may expire)."""
+    site, clock = tmp / "clock", tmp / "clock-offset"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CLOCK_SHIFT)
+    env = {**env, "PYTHONPATH": f"{site}:{env.get('PYTHONPATH', '')}", "RNNBENCH_CLOCK_FILE": str(clock)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnbench.cli", *args, "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    for line in proc.stdout:
+        if "search trial" in line:
+            clock.write_text(str(10 * float(env["RNNBENCH_LEASE_SECONDS"])))
+            break
+    proc.stdout.read()
+    return proc.wait()
 
 
 def run(args, env, tmp, home, fault=None, stop_at=None, extra=()):
@@ -158,18 +209,122 @@ def main() -> None:
             [lambda *a: run(*a, fault=["mid_trial", "after_ledger_write"], extra=["--workers", "3"])],
         ),
         ("MLflow store deleted after a finished run, then `rnnbench sync`", [run, drop_mlflow]),
+        ("--workers 2: one worker SIGSTOPped mid-trial for 3 leases, then SIGCONT", [stall_a_worker]),
+        ("--workers 2: every wall clock steps 10 leases ahead mid-run", [step_the_clock]),
+        (
+            "SIGKILL mid-trial, then run again with --max-retries 0",
+            [lambda *a: run(*a, fault=["mid_trial"]), lambda *a: run(*a, extra=["--max-retries", "0"])],
+        ),
+        ("Ctrl-C (SIGINT) after training, before the ledger write, then run again",
+         [lambda *a: run(*a, fault=["record_sigint"]), run]),  # fmt: skip
+        ("out of memory on a final seed", [lambda *a: run(*a, fault=["final_oom"])]),
     ]
     for name, steps in cases:
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(scenario(name, steps, Path(tmp)))
             print(rows[-1], file=sys.stderr, flush=True)
+    for name, experiment in (
+        ("4,000 validations × 15 metrics in one record (~1.5 MB of history)", LONG_HISTORY),
+        ("a searched embedding over the parameter budget", OVER_BUDGET),
+    ):
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append(scenario(name, [run], Path(tmp), experiment=experiment))
+            print(rows[-1], file=sys.stderr, flush=True)
     if postgres_bin() is not None:
         rows.append(many_machines())
+        rows += postgres_rows()
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in columns) + " |")
+
+
+# one architecture whose trials validate every step: a record of 4,000 validations
+LONG_HISTORY = """\
+name: faults
+cells: [gru]
+tasks:
+  - name: memory
+    options: {problem: adding, seq_len: 4, train_size: 256, valid_size: 8, test_size: 8}
+search:
+  lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
+fixed: {hidden_size: 4, batch_size: 8}
+budget: {trials: 1, max_steps: 4000, eval_every: 1}
+final: {seeds: 1}
+pruner: {name: none}
+"""
+
+# sampled embeddings from 8 to 4,096 wide under a 20,000-parameter budget: the wide ones cannot fit
+OVER_BUDGET = """\
+name: faults
+cells: [gru]
+tasks:
+  - {name: sentiment, dataset: synthetic, parameter_budget: 20000}
+search:
+  embedding_dim: {type: int, low: 8, high: 4096, log: true}
+budget: {trials: 4, epochs: 1, steps_per_epoch: 5}
+final: {seeds: 1}
+pruner: {name: none}
+"""
+
+
+def postgres_rows() -> list[dict]:
+    """On PostgreSQL: a worker killed between its claim and its first heartbeat; every lock
+    session terminated by the server over and over during a --workers 3 run."""
+    import threading
+
+    import sqlalchemy
+
+    pg = Postgres().start()
+    rows = []
+    try:
+        url = pg.create_database("heartbeat")
+        with tempfile.TemporaryDirectory() as tmp:
+            steps = [lambda a, e, t, h: run(a + ["--storage", url], e, t, h, fault=["before_first_heartbeat"]),
+                     lambda a, e, t, h: run(a + ["--storage", url], e, t, h)]  # fmt: skip
+            name = "PostgreSQL: SIGKILL between the claim and the first heartbeat, then run again"
+            rows.append(scenario_on(name, steps, Path(tmp), url))
+        url = pg.create_database("terminated")
+        stop = threading.Event()
+
+        def terminate_lock_sessions() -> None:
+            engine = sqlalchemy.create_engine(url)
+            while not stop.wait(0.2):
+                with engine.connect() as conn:
+                    conn.execute(sqlalchemy.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    ))  # fmt: skip
+                    conn.commit()
+
+        killer = threading.Thread(target=terminate_lock_sessions, daemon=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            killer.start()
+            steps = [lambda a, e, t, h: run(a + ["--storage", url], e, t, h, extra=["--workers", "3"])]
+            name = "PostgreSQL, --workers 3: every held ledger lock's session terminated every 0.2 s"
+            try:
+                rows.append(scenario_on(name, steps, Path(tmp), url))
+            finally:
+                stop.set()
+    finally:
+        pg.stop()
+    for r in rows:
+        print(r, file=sys.stderr, flush=True)
+    return rows
+
+
+def scenario_on(name: str, steps, tmp: Path, url: str) -> dict:
+    """:func:`scenario` with a PostgreSQL ledger and the run home's MLflow store."""
+    from rnnbench.tracking import tracking_uri_for
+
+    home = tmp / "home"
+    path = tmp / "faults.yaml"
+    path.write_text(EXPERIMENT)
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "RNNBENCH_LEASE_SECONDS": "4"}
+    args = ["run", str(path), "--home", str(home)]
+    started = time.monotonic()
+    codes = [step(args, base, tmp, home) for step in steps]
+    return row(name, " → ".join(str(c) for c in codes), url, tracking_uri_for(home), home, time.monotonic() - started)
 
 
 def many_machines() -> dict:

@@ -91,14 +91,10 @@ def run(
     Errors a person can act on raise :class:`rnnbench.errors.RnnbenchError` subclasses."""
     import pandas as pd
 
-    from rnnbench import preflight, runner
+    from rnnbench import runner
 
     exp = load_experiment(experiment, _overrides(overrides))
-    if device is not None:
-        from rnnbench.experiment import check_device
-
-        check_device(device)
-    plan = runner.prepare(
+    plan, _ = runner.plan_checked(
         exp,
         home=home,
         tracking_uri=tracking_uri,
@@ -107,7 +103,6 @@ def run(
         device=device,
         threads=threads,
     )
-    preflight.check_experiment(exp, plan.studies, device=device)  # before any store exists
     done = runner.start(plan, workers=workers)
     results = load_results(exp.name, home=plan.home, tracking_uri=plan.tracking_uri)
     results.studies = pd.DataFrame(done["studies"])

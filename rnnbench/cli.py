@@ -197,13 +197,11 @@ def run_command(
     import shlex
 
     from rnnbench import experiment as experiment_mod
-    from rnnbench import preflight, runner
+    from rnnbench import runner
 
     click.get_current_context().obj["storage"] = storage  # to name the ledger if it goes away
     exp = experiment_mod.load(experiment_file, overrides)
-    if device is not None:
-        experiment_mod.check_device(device)
-    plan = runner.prepare(
+    plan, checked = runner.plan_checked(
         exp,
         home=home,
         tracking_uri=tracking_uri,
@@ -212,8 +210,7 @@ def run_command(
         device=device,
         threads=threads,
     )
-    # Every dataset loaded and every model run once, tiny, before any store exists (exit 2 on failure).
-    click.echo(preflight.check_experiment(exp, plan.studies, device=device).line())
+    click.echo(checked.line())
     if dry_run:
         _print_table(
             f"plan of {exp.name!r}: {len(plan.studies)} studies, the same budget for every architecture",
@@ -224,7 +221,7 @@ def run_command(
             click.echo(line)
         return
     try:
-        result = runner.start(plan, workers=workers, verbose=verbose)
+        result = runner.start(plan, workers=workers, verbose=verbose, say=lambda line: click.echo(line))
     except KeyboardInterrupt:
         click.echo(
             "interrupted: finished trials are kept; run "
@@ -279,7 +276,7 @@ def results_table(experiment: str, studies: list[dict]):
 def _edge_lines(plan) -> list[str]:
     """Best configurations in the outer tenth of a searched range, from the ledger: the same
     lines the report's notes give (rnnbench.report.search)."""
-    from rnnbench.projection import StudyLedger
+    from rnnbench.ledger import StudyLedger
     from rnnbench.report.search import best_values_of, edge_notes
     from rnnbench.sweep import best_trial, open_storage
 
@@ -353,10 +350,10 @@ def _experiment_name(experiment: str) -> str:
 def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True) -> dict | None:
     """Project the ledger into MLflow; None when there is no ledger to read (and not required)."""
     from rnnbench.errors import ConfigError
-    from rnnbench.models import repair_models
     from rnnbench.projection import Projection
     from rnnbench.scheduler import LedgerLock
     from rnnbench.tracking import Tracker, create_sqlite_store
+    from rnnbench.workers import sync
 
     try:
         name, path, ledger = _ledger(experiment, home, storage)
@@ -369,15 +366,14 @@ def _sync(experiment: str, home, tracking_uri, storage, *, required: bool = True
         return None
     uri = tracking_uri or create_sqlite_store(path)  # MLflow lost? the ledger rebuilds it
     tracker = Tracker(uri, name, artifact_root=path / "artifacts")
-    done = Projection(tracker, ledger, LedgerLock(storage, path)).sync(name)
-    warn = lambda line: click.echo(line, err=True)  # noqa: E731
-    return done | {"models": repair_models(tracker, ledger, name, path, warn=warn)}
+    projection = Projection(tracker, ledger, LedgerLock(storage, path))
+    return sync(projection, name, path, warn=lambda line: click.echo(line, err=True))
 
 
 def _ledger(experiment: str, home, storage):
     """(experiment name, run home, ledger) of an experiment that has run here."""
     from rnnbench.errors import ConfigError
-    from rnnbench.runner import run_home
+    from rnnbench.plan import run_home
     from rnnbench.sweep import is_journal, journal_path, open_storage, study_names
 
     click.get_current_context().obj["storage"] = storage  # to name the ledger if it goes away
@@ -410,16 +406,23 @@ def _study_name(ledger, experiment: str, study: str) -> str:
 )
 @click.option("--home", type=click.Path(file_okay=False), help="Run home (default $RNNBENCH_HOME or ./runs).")
 @click.option("--storage", help="Optuna storage (default: the run home's journal).")
-def export_command(experiment, study, out, home, storage) -> None:
+@click.option(
+    "--tracking-uri",
+    help="MLflow tracking URI, for weights the run home lacks (default: the run home's store).",
+)
+def export_command(experiment, study, out, home, storage, tracking_uri) -> None:
     """Write the best final seed of STUDY (chosen on validation) as a self-contained MLflow model
     folder: weights, signature, input example, and rnnbench_model.json with the vocabulary or
     scaler, task, architecture and scores, and wheels of rnnbench and the plugins the model needs,
     named by its requirements.txt: `mlflow models serve -m OUT` installs and serves it on any
     machine with MLflow. Load it with mlflow.pytorch.load_model(OUT)."""
     from rnnbench.models import export
+    from rnnbench.tracking import Tracker, tracking_uri_for
 
     name, path, ledger = _ledger(experiment, home, storage)
-    record = export(ledger, _study_name(ledger, name, study), path, out)
+    uri = tracking_uri or tracking_uri_for(path)
+    tracker = Tracker(uri, name, create=False) if tracking_uri or (path / "mlflow.db").is_file() else None
+    record = export(ledger, _study_name(ledger, name, study), path, out, tracker)
     test = ", ".join(f"{k}={v:.4g}" for k, v in (record.get("test") or {}).items())
     click.echo(f"exported {record['study']} seed {record['seed']} (test {test}) to {out}")
 
@@ -501,7 +504,7 @@ def ui_command(home, tracking_uri, host, port) -> None:
     """Open the MLflow UI on the run home's store (bound to localhost by default). The server stops
     with this command: Ctrl-C, a closed terminal (SIGHUP) or SIGTERM."""
     from rnnbench.errors import ConfigError
-    from rnnbench.runner import run_home
+    from rnnbench.plan import run_home
     from rnnbench.tracking import MLFLOW_APP, mlflow_app_registered, tracking_uri_for
 
     path = run_home(home)
@@ -598,7 +601,7 @@ def dashboard_command(home, storage, host, port) -> None:
     Each architecture has two studies: its search, and `<study>::final`, whose trials are the
     final seeds of the best configuration (trial user attr `seed`), scored on test."""
     from rnnbench.errors import ConfigError
-    from rnnbench.runner import run_home
+    from rnnbench.plan import run_home
     from rnnbench.sweep import is_journal, journal_path, open_storage
 
     try:
@@ -656,9 +659,10 @@ def report_command(experiments, out, fmt, home, tracking_uri, storage) -> None:
     from pathlib import Path
 
     from rnnbench.errors import ConfigError
+    from rnnbench.plan import run_home
     from rnnbench.report import build_report, rebuild_report
     from rnnbench.report.collect import RUNS_FILE, resolve_tracking_uri
-    from rnnbench.runner import run_home
+    from rnnbench.sweep import is_journal, journal_path, open_storage
 
     started = time.perf_counter()
     if len(experiments) == 1 and (Path(experiments[0]) / RUNS_FILE).is_file():
@@ -678,13 +682,14 @@ def report_command(experiments, out, fmt, home, tracking_uri, storage) -> None:
                 f"repaired MLflow from the ledger ({name}): {repaired['projected']} run(s) rewritten",
                 err=True,
             )
-    journal = run_home(home) / "optuna.journal"
+    journal = journal_path(storage, run_home(home)) if is_journal(storage) else None
     report = build_report(
         names,
         tracking_uri=uri,
         out=Path(out or Path("reports") / "-vs-".join(names)),
         fmt=fmt,
-        journal=journal if journal.is_file() else None,
+        journal=journal if journal and journal.is_file() else None,
+        ledger=None if is_journal(storage) else open_storage(storage, run_home(home)),
         progress=lambda message: click.echo(message, err=True),
     )
     _print_report(report, started)

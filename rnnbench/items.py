@@ -26,9 +26,9 @@ ARTIFACT_PATH = f"{ARTIFACT_DIR}/{ARTIFACT_FILE}"
 ID_COLUMNS = ("split", "item")  # then the task's own columns
 
 
-def items_path(home: Path, study_name: str, seed: int) -> Path:
+def items_path(home: Path, study_name: str, seed: int, trial: int | None = None) -> Path:
     """Beside the seed's weights, so any change to where weights go moves the items with them."""
-    weights = weights_path(home, study_name, seed)
+    weights = weights_path(home, study_name, seed, trial)
     return weights.with_name(weights.stem + ".items.parquet")
 
 
@@ -48,9 +48,11 @@ def to_parquet_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def save_items(home: Path, study_name: str, seed: int, frame: pd.DataFrame) -> dict[str, Any]:
+def save_items(
+    home: Path, study_name: str, seed: int, frame: pd.DataFrame, trial: int | None = None
+) -> dict[str, Any]:
     """Write the items atomically; returns what the ledger record keeps: path, sha256 and rows."""
-    path = items_path(home, study_name, seed)
+    path = items_path(home, study_name, seed, trial)
     data = to_parquet_bytes(frame)
     write_atomically(path, data)
     return {

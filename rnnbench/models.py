@@ -36,12 +36,14 @@ def logged_model_name(study_name: str, seed: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{label}_seed-{seed}")
 
 
-def weights_path(home: Path, study_name: str, seed: int) -> Path:
-    """``models/<experiment>/<task label>/<architecture>/seed-<s>.pt``: one folder per part of the
-    study name, so no experiment can reach another's weights (records keep the path they were
-    written to, so weights saved under an older layout still load)."""
+def weights_path(home: Path, study_name: str, seed: int, trial: int | None = None) -> Path:
+    """``models/<experiment>/<task label>/<architecture>/seed-<s>.trial-<n>.pt``: one folder per
+    part of the study name, so no experiment can reach another's weights, and one file per trial,
+    so a seed's rerun never overwrites the file a recorded trial names (records keep the path they
+    were written to, so weights saved under an older layout, ``seed-<s>.pt``, still load)."""
     parts = [_folder_name(part) for part in study_name.split("/")]
-    return Path(home).joinpath(MODELS_DIR, *parts, f"seed-{seed}.pt")
+    name = f"seed-{seed}" if trial is None else f"seed-{seed}.trial-{trial}"
+    return Path(home).joinpath(MODELS_DIR, *parts, f"{name}.pt")
 
 
 def _folder_name(part: str) -> str:
@@ -53,9 +55,11 @@ def _folder_name(part: str) -> str:
     return f"{safe.replace('.', '_')}-{hashlib.sha256(part.encode()).hexdigest()[:8]}"
 
 
-def save_weights(home: Path, study_name: str, seed: int, model: torch.nn.Module) -> dict[str, str]:
+def save_weights(
+    home: Path, study_name: str, seed: int, model: torch.nn.Module, trial: int | None = None
+) -> dict[str, str]:
     """Write ``model``'s weights atomically; returns what the ledger record keeps: path and sha256."""
-    path = weights_path(home, study_name, seed)
+    path = weights_path(home, study_name, seed, trial)
     buffer = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
     data = buffer.getvalue()
@@ -78,30 +82,34 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def read_recorded(home: Path, ref: dict[str, Any], what: str) -> bytes:
+def read_recorded(home: Path, ref: dict[str, Any], what: str, fetch=None) -> bytes:
     """The run-home file a ledger record names (``path``, ``sha256``), checked: DataError when it
-    is missing or changed since the record was written."""
+    is missing or changed since the record was written. ``fetch``: where the run home lacks it,
+    its copy from elsewhere (the MLflow run's artifact), checked the same way."""
     path = Path(home) / ref["path"]
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+        if fetch is None:
+            raise DataError(f"{what} {path} cannot be read ({exc.strerror or exc})") from None
+        data = fetch()
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
         raise DataError(f"{what} {path} changed since the ledger recorded them (sha256 differs)")
     return data
 
 
-def load_weights(home: Path, weights: dict[str, str]) -> dict[str, torch.Tensor]:
-    data = read_recorded(home, weights, "weights")
+def load_weights(home: Path, weights: dict[str, str], fetch=None) -> dict[str, torch.Tensor]:
+    data = read_recorded(home, weights, "weights", fetch)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def rebuild(task, study, record: dict[str, Any], home: Path) -> torch.nn.Module:
-    """The final seed's model from its ledger record and weights file (``task`` set up)."""
+def rebuild(task, study, record: dict[str, Any], home: Path, fetch=None) -> torch.nn.Module:
+    """The final seed's model from its ledger record and weights file (``task`` set up; ``fetch``:
+    see :func:`read_recorded`)."""
     from rnnbench.trainer import build_model
 
     model = build_model(task, study.arch, record["hparams"])
-    model.load_state_dict(load_weights(home, record["weights"]))
+    model.load_state_dict(load_weights(home, record["weights"], fetch))
     return model.eval()
 
 
@@ -247,11 +255,12 @@ def repair_models(tracker, storage, experiment: str, home: Path, warn=print) -> 
     broken) is one warning, once per study, and never stops the sync or the report.
     The seeds' per-item outcomes, the other run-home file MLflow mirrors, are repaired first."""
     from rnnbench.experiment import expand, parse
-    from rnnbench.projection import YAML_ATTR, StudyLedger, repair_items
+    from rnnbench.ledger import YAML_ATTR, StudyLedger
+    from rnnbench.projection import repair_files
     from rnnbench.sweep import record_of, study_names
 
     have, index = runs_with_models(tracker), tracker.runs_by_key()
-    repair_items(tracker, storage, experiment, home, warn, index)
+    repair_files(tracker, storage, experiment, home, warn, index)
     studies, tasks, logged = None, {}, 0
     for name in study_names(storage, experiment):
         led = StudyLedger.load(storage, name)
@@ -290,7 +299,7 @@ def repair_models(tracker, storage, experiment: str, home: Path, warn=print) -> 
 def best_seed(storage, study_name: str) -> dict[str, Any]:
     """The final seed of ``study_name`` best on *validation* (never chosen on test), with weights.
     Returns its ledger record plus ``trial`` (number) and ``study`` (name)."""
-    from rnnbench.projection import StudyLedger
+    from rnnbench.ledger import StudyLedger
     from rnnbench.sweep import record_of
 
     led = StudyLedger.load(storage, study_name)
@@ -312,22 +321,29 @@ def best_seed(storage, study_name: str) -> dict[str, Any]:
 def study_of(storage, study_name: str):
     """The Study object of ``study_name``, rebuilt from the experiment file its ledger keeps."""
     from rnnbench.experiment import expand, parse
-    from rnnbench.projection import YAML_ATTR, StudyLedger
+    from rnnbench.ledger import YAML_ATTR, StudyLedger
 
     led = StudyLedger.load(storage, study_name)
     studies = {s.name: s for s in expand(parse(led.attrs[YAML_ATTR]))[0]}
     return studies[study_name]
 
 
-def export(storage, study_name: str, home: Path, out: Path) -> dict[str, Any]:
-    """Write the best seed of ``study_name`` as a self-contained MLflow model directory."""
+def export(storage, study_name: str, home: Path, out: Path, tracker=None) -> dict[str, Any]:
+    """Write the best seed of ``study_name`` as a self-contained MLflow model directory. Its
+    weights come from the run home, or where the home lacks them (gone with a Slurm job's
+    $TMPDIR, another machine's) from the seed's MLflow run via ``tracker``."""
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not empty: choose a new folder for the model")
     record = best_seed(storage, study_name)
     study = study_of(storage, study_name)
     task = study.make_task()
     task.setup()
-    model = rebuild(task, study, record, home)
+    try:
+        model = rebuild(task, study, record, home, _weights_from_mlflow(tracker, study_name, record))
+    except DataError as exc:
+        if tracker is not None:
+            raise
+        raise DataError(f"{exc}; pass --tracking-uri of the MLflow store the run logged to") from None
     # Built beside ``out`` and renamed into place: a failure half-way leaves no half a model there.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -339,6 +355,31 @@ def export(storage, study_name: str, home: Path, out: Path) -> dict[str, Any]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
+
+
+def _weights_from_mlflow(tracker, study_name: str, record: dict[str, Any]):
+    """A fetch of the final seed's weights from its MLflow run's artifact (None without a tracker)."""
+    if tracker is None:
+        return None
+
+    def fetch() -> bytes:
+        from rnnbench.projection import mirrored_path
+
+        runs = tracker.runs_by_key().get((study_name, "final", str(record["trial"])), [])
+        if not runs:
+            raise DataError(
+                f"{study_name}: the run home has no weights for seed {record['seed']} and MLflow has "
+                "no run for it: pass the run home (--home) or run `rnnbench sync` there"
+            )
+        try:
+            return tracker.read_artifact(runs[0].info.run_id, mirrored_path("weights"))
+        except Exception as exc:
+            raise DataError(
+                f"{study_name}: the weights of seed {record['seed']} are neither in the run home nor in "
+                f"its MLflow run ({first_line(exc, 120)})"
+            ) from None
+
+    return fetch
 
 
 def register(tracker, storage, study_name: str, home: Path) -> tuple[str, str]:

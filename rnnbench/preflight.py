@@ -15,15 +15,13 @@ the MLflow store, the Optuna journal or the run lock are created. It
 A plugin that breaks a rule is refused with a :class:`ContractError` naming its distribution, entry
 point, class and the rule, in seconds instead of failing every trial of its budget. ``rnnbench
 check`` runs the same checks on every installed cell and task, plus a deeper Task check on the
-task's synthetic data (:func:`check_task`: evaluate at two batch sizes and twice, per-item outcomes
-that add up to the metrics, baseline, describe).
+task's synthetic data (:func:`check_task`: :func:`rnnbench.testing.check_task_contract`, the checks
+plugin authors run in their tests, at a tiny size).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,12 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnnbench.devices import resolve_device
 from rnnbench.errors import ConfigError, ContractError, DataError, RnnbenchError, clip_message, shorten
 
 TINY_BATCH, TINY_INPUT, TINY_HIDDEN, TINY_STEPS = 2, 3, 4, 5
 REFERENCE_CELL = "lstm"  # the builtin cell a task plugin is checked with (its state is a tuple)
-MLFLOW_PARAM_KEY = re.compile(r"^[\w\-. /]+$")  # what MLflow accepts as a param name
-MLFLOW_PARAM_VALUE = 6000  # characters MLflow keeps of a param value
+# check_task's tolerance for evaluate at two batch sizes: looser than rnnbench.testing's CPU one,
+# as it may run on a GPU, where TF32 kernels round more (a real bug is orders of magnitude larger)
+CONTRACT_TOL = 1e-4
 SEED_LEVEL_ONLY = "seed-level statistics only (the task declares no per-item outcomes: evaluate_items)"
 
 
@@ -262,93 +262,34 @@ def _check_metrics(task) -> None:
 
 
 def check_task(entry, *, device=None) -> str | None:
-    """The whole Task contract on ``entry``'s synthetic dataset with default options, trained one
-    step with a tiny builtin encoder, then evaluated: every metric, the same at batch sizes 8 and 3
-    and when evaluated twice; per-item outcomes, when the task declares them, the same at both batch
-    sizes and adding up to the metrics; its serving form (the logged model) runs on its serving
-    example; baseline keys are metric names; describe() values fit MLflow params. Returns a note for
-    the user (a task without items gets seed-level statistics only), or None."""
-    from rnnbench.models import serve
-    from rnnbench.plugins import get_cell
+    """The Task contract (:func:`rnnbench.testing.check_task_contract`, the checks plugin authors
+    run in their tests) on ``entry``'s synthetic dataset with default options, at pre-flight size:
+    the reference cell at hidden size 4, one training step on a batch of 2 (loss and gradients
+    checked, nothing updated, as the pre-flight of a run does), then the valid split
+    evaluated at batch sizes 8 (twice) and 3 within CONTRACT_TOL. The first broken rule becomes a
+    one-line ContractError naming the plugin. Returns a note for the user (a task without items
+    gets seed-level statistics only), or None."""
     from rnnbench.task import declares_items
-    from rnnbench.trainer import TRAINER_HPARAMS, split_hparams
+    from rnnbench.testing import ContractViolation, check_task_contract
 
-    device = torch.device(device or "cpu")
     try:
-        with _step("__init__('synthetic')"):
-            task = entry.cls("synthetic")
-        _check_metrics(task)
-        with _step("setup()"):
-            task.setup()
-        hp, cell_hp, task_hp = split_hparams(dict(TRAINER_HPARAMS), get_cell(REFERENCE_CELL), task)
-        torch.manual_seed(0)
-        model = _build(task, REFERENCE_CELL, 1, False, hp, cell_hp, task_hp)
-        _train_step(task, model, device)
-        model.eval()
-        scores = []
-        for batch_size in (8, 3, 8):
-            with _step(f"evaluate(model, 'valid', {batch_size})"), torch.no_grad():
-                scores.append(task.evaluate(model, "valid", batch_size, device=device))
-        names = [m.name for m in task.metrics]
-        for got in scores:
-            if not isinstance(got, dict) or any(
-                not isinstance(got.get(n), (int, float)) or not math.isfinite(got[n]) for n in names
-            ):
-                raise _Broken(
-                    f"evaluate must return every metric ({', '.join(names)}) as a finite float, got {shorten(got, 200)}"
-                )
-        if any(scores[2][n] != scores[0][n] for n in names):
-            raise _Broken(
-                "evaluate must give the same scores when called twice (batches may be iterated more than once)"
-            )
-        for n in names:
-            a, b = scores[0][n], scores[1][n]
-            if abs(a - b) > 1e-4 * max(1.0, abs(a)):
-                raise _Broken(
-                    f"evaluate must not depend on the batch size: valid {n} is {a:.6g} at batch size 8, {b:.6g} at 3"
-                )
-        _check_items(task, model, device)
-        with _step("serving_model(model)(serving_example())"):  # what a logged MLflow model runs
-            serve(task, model)
-        with _step("baseline('valid')"):
-            baseline = task.baseline("valid")
-        if not isinstance(baseline, dict) or (baseline and not set(baseline) & set(names)):
-            raise _Broken(
-                f"baseline keys must be metric names ({', '.join(names)}), got {shorten(baseline, 200)}"
-            )
-        with _step("describe()"):
-            facts = task.describe()
-        _check_describe(facts)
+        check_task_contract(
+            entry.cls,
+            cell=REFERENCE_CELL,
+            hidden_size=TINY_HIDDEN,
+            train_steps=0,  # the checked first step alone: Adam would import torch._dynamo (seconds)
+            batch_size=TINY_BATCH,
+            batch_sizes=(8, 3),
+            splits=("valid",),
+            device=device or "cpu",
+            rel_tol=CONTRACT_TOL,
+            abs_tol=CONTRACT_TOL,
+        )
     except ConfigError as err:
         raise ConfigError(f"task {entry.name!r}: {err}") from None
-    except _Broken as rule:
-        raise _contract("task", entry, str(rule)) from None
-    return None if declares_items(task) else SEED_LEVEL_ONLY
-
-
-def _check_items(task, model: nn.Module, device) -> None:
-    """evaluate_items at batch sizes 8 and 3 and metrics_from_sums of its sums against evaluate."""
-    from rnnbench.testing import check_item_outcomes
-
-    with _step("evaluate_items(model, 'valid', ...) or metrics_from_sums(sums)"):
-        try:
-            check_item_outcomes(task, model, split="valid", batch_sizes=(8, 3), device=device, rel_tol=1e-4)
-        except AssertionError as broken:
-            raise _Broken(str(broken).removeprefix(f"task {task.name!r}: ")) from None
-
-
-def _check_describe(facts) -> None:
-    if not isinstance(facts, dict):
-        raise _Broken(f"describe() must return a dict (its values become MLflow params), got {_kind(facts)}")
-    for key, value in facts.items():
-        if not isinstance(key, str) or not MLFLOW_PARAM_KEY.match(f"data.{key}"):
-            raise _Broken(
-                f"describe() keys become MLflow param names (letters, digits, _ - . / space): {shorten(key)}"
-            )
-        if len(str(value)) > MLFLOW_PARAM_VALUE:
-            raise _Broken(
-                f"describe()[{key!r}] becomes an MLflow param of at most {MLFLOW_PARAM_VALUE} characters, got {len(str(value)):,}"
-            )
+    except ContractViolation as broken:
+        raise _contract("task", entry, broken.rule) from None
+    return None if declares_items(entry.cls) else SEED_LEVEL_ONLY
 
 
 # -- an experiment --------------------------------------------------------------------------------
@@ -367,19 +308,6 @@ class Summary:
             f"trained one step ({self.seconds:.1f} s)"
         )
         return "\n".join([summary, *(f"warning: {w}" for w in self.warnings)])
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a run would use, refused here when this machine does not have it."""
-    from rnnbench.experiment import check_device
-    from rnnbench.trainer import resolve_device as trainer_device
-
-    device = trainer_device(check_device(name))
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} asked for, but MPS is not available here")
-    return device
 
 
 def _tiny_hparams(study) -> dict[str, Any]:

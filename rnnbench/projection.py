@@ -11,43 +11,33 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rnnbench.errors import DataError
+from rnnbench.ledger import (
+    BASELINE_ATTR,
+    BASELINES_ATTR,
+    PARENT_ATTR,
+    RUN_ATTR,
+    TRIVIAL,
+    YAML_ATTR,
+    StudyLedger,
+)
 from rnnbench.plugins import metric_bounds
 from rnnbench.scheduler import final_done
 from rnnbench.stats import MIN_SEEDS, mean_ci
-from rnnbench.stops import CAP_REASONS, CONVERGED_REASONS
 from rnnbench.sweep import (
-    DEFAULT_MAX_RETRIES,
-    FINAL_SUFFIX,
     RETRY_OF,
-    best_trial,
     failure_of,
     load_study,
     record_of,
-    study_counts,
     study_names,
-    trial_status,
 )
 
-# Study-level user attributes of the search study (the ledger's view of a study).
-TAGS_ATTR = "tags"  # cell, layers, bidirectional, task, dataset, metric, direction
-SEEDS_ATTR = "final_seeds"  # the final seeds this study must end with
-BUDGET_ATTR = "trials"  # counted search trials this study must end with
-RETRIES_ATTR = "max_retries"
-BASELINE_ATTR = "baseline"  # the task's trivial baseline on test
-BASELINES_ATTR = "baselines"  # every named baseline of the task on test (Task.baselines)
-TRIVIAL = "trivial"  # the one name Task.baselines gives by default: the trivial baseline again
-PARENT_ATTR = "mlflow_parent_run_id"
-YAML_ATTR = "experiment_yaml"  # the experiment file as run (defaults filled in)
 SUMMARY_STEP = 0  # a run's one-off values (counts, summary, best valid, test) and its model's link
-RUN_ATTR = "mlflow_run_id"  # trial user attribute: the MLflow run it was projected to
 
 _MLFLOW_STATUS = {
     "complete": "FINISHED",
@@ -58,96 +48,12 @@ _MLFLOW_STATUS = {
 }
 
 
-@dataclass
-class StudyLedger:
-    """One study as the ledger has it: attributes, search trials and final trials."""
-
-    name: str
-    search: optuna.Study
-    final: optuna.Study | None
-    attrs: dict[str, Any] = field(default_factory=dict)
-    search_trials: list[FrozenTrial] = field(default_factory=list)
-    final_trials: list[FrozenTrial] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, storage, name: str) -> StudyLedger | None:
-        search = load_study(storage, name)
-        if search is None:
-            return None
-        final = load_study(storage, name + FINAL_SUFFIX)
-        return cls(
-            name,
-            search,
-            final,
-            dict(search.user_attrs),
-            search.get_trials(deepcopy=False),
-            final.get_trials(deepcopy=False) if final else [],
-        )
-
-    @property
-    def tags(self) -> dict[str, Any]:
-        return self.attrs.get(TAGS_ATTR, {"study": self.name})
-
-    @property
-    def direction(self) -> str:
-        return self.tags.get("direction", self.search.direction.name.lower())
-
-    @property
-    def max_retries(self) -> int:
-        return int(self.attrs.get(RETRIES_ATTR, DEFAULT_MAX_RETRIES))
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(self.attrs.get(SEEDS_ATTR, []))
-
-    @property
-    def no_search(self) -> bool:
-        """A fixed configuration: no search trials, straight to the final seeds."""
-        return int(self.attrs.get(BUDGET_ATTR, 1)) == 0
-
-    def status(self, t: FrozenTrial) -> str:
-        return trial_status(t, self.max_retries)
-
-    def search_done(self) -> bool:
-        c = study_counts(self.search_trials, self.max_retries)
-        budget = int(self.attrs.get(BUDGET_ATTR, 0))
-        return c["complete"] + c["pruned"] + c["failed"] >= budget and not (c["running"] or c["waiting"])
-
-    def summary(self) -> dict[str, Any]:
-        """Per-state counts, best validation value and final test statistics: the numbers the CLI
-        prints and the parent run carries, computed in one place."""
-        search = study_counts(self.search_trials, self.max_retries)
-        final = study_counts(self.final_trials, self.max_retries)
-        best = best_trial(self.search_trials, self.direction)
-        seeds = sorted(
-            (t for t in self.final_trials if t.state == TrialState.COMPLETE), key=lambda t: t.number
-        )
-        tests: dict[str, list[float]] = {}
-        stops = [(record_of(t) or {}).get("stop_reason") for t in seeds]
-        for t in seeds:
-            for k, v in ((record_of(t) or {}).get("test") or t.user_attrs.get("test", {})).items():
-                tests.setdefault(k, []).append(v)
-        metric = self.tags.get("metric")
-        if best is not None:
-            best_valid = best.value
-        elif self.no_search and seeds and metric:  # no search: validation of the seeds themselves
-            values = [((record_of(t) or {}).get("best_valid") or {}).get(metric) for t in seeds]
-            values = [v for v in values if v is not None]
-            best_valid = sum(values) / len(values) if values else None
-        else:
-            best_valid = None
-        return {
-            "search": search,
-            "final": final,
-            "best": best,
-            "best_valid": best_valid,
-            "seeds": [(record_of(t) or {}).get("seed", t.user_attrs.get("seed")) for t in seeds],
-            "seed_values": [t.value for t in seeds],
-            "tests": tests,
-            # final seeds stopped by patience, and those that reached the cap first
-            "converged": sum(r in CONVERGED_REASONS for r in stops),
-            "at_cap": sum(r in CAP_REASONS for r in stops),
-        }
+def _study_done(led: StudyLedger) -> bool:
+    """Nothing left to run: the search is spent and every final seed has its result."""
+    if not led.search_done():
+        return False
+    runnable = led.summary()["best"] is not None or led.no_search
+    return not runnable or not led.seeds or final_done(led.final_trials, led.seeds, led.max_retries)
 
 
 def parent_name(study_name: str) -> str:
@@ -203,6 +109,12 @@ class Projection:
     def refresh_parent(self, led: StudyLedger, index: dict | None = None, verify: bool = True) -> None:
         """Study-level numbers on the parent run, recomputed from the ledger every time."""
         run_id = self.parent_id(led, index, verify)
+        if not _study_done(led):
+            run = self.tracker.get_run(run_id)
+            if run is not None and run.info.status != "RUNNING":
+                # a finished parent and a snapshot that says otherwise: judge by the ledger now (a
+                # sync's snapshot may predate the last trial), never reopen from a stale one
+                led = StudyLedger.load(self.storage, led.name) or led
         s = led.summary()
         metrics: dict[str, float] = {
             "trials_complete": s["search"]["complete"],
@@ -243,9 +155,7 @@ class Projection:
         }
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
         runnable = best is not None or led.no_search
-        done = search_done and (
-            not runnable or not led.seeds or final_done(led.final_trials, led.seeds, led.max_retries)
-        )
+        done = _study_done(led)
         if not done:
             tags["status"] = "running"
         else:
@@ -257,8 +167,15 @@ class Projection:
         # only what changed: a refresh that finds nothing new adds no point to any chart
         name = parent_name(led.name)
         renamed = name if run is not None and run.data.tags.get("mlflow.runName") != name else None
+        # stamped with the ledger's last event, not the clock: two refreshes of one ledger state
+        # write the same points, and an older state never looks newer than what is logged
+        stamp = _last_end(led) or _first_start(led)
         self.tracker.log_batch(
-            run_id, {k: v for k, v in metrics.items() if logged.get(k) != v}, tags, run_name=renamed
+            run_id,
+            {k: v for k, v in metrics.items() if logged.get(k) != v},
+            tags,
+            timestamp=stamp,
+            run_name=renamed,
         )
         if done and run is not None and run.info.status == "RUNNING":
             self.tracker.end_run(run_id, "FINISHED", end_time=_last_end(led))
@@ -404,45 +321,68 @@ class Projection:
         return done
 
 
-def project_items(tracker, run_id: str, home: Path, ref: dict[str, Any]) -> bool:
-    """A final seed's items file (see rnnbench.items) as its run's artifact ``items/items.parquet``.
-    True when logged; False when the run has it already, so projecting twice is harmless. Raises
-    DataError when the run home's file is missing or changed."""
-    from rnnbench import items
+# The run-home files a final seed's record names, mirrored as artifacts of its MLflow run (on a
+# tracking server: its artifact store), so the report, export and serving work from any machine,
+# also after the run home is gone (a Slurm job's $TMPDIR): record key -> (folder, file name).
+MIRRORED = {"items": ("items", "items.parquet"), "weights": ("weights", "weights.pt")}
 
-    if tracker.has_artifact(run_id, items.ARTIFACT_PATH):
+
+def mirrored_path(kind: str) -> str:
+    folder, name = MIRRORED[kind]
+    return f"{folder}/{name}"
+
+
+def project_file(tracker, run_id: str, home: Path, kind: str, ref: dict[str, Any]) -> bool:
+    """A final seed's ``kind`` file (items, weights) as its run's artifact. True when logged; False
+    when the run has it already, so projecting twice is harmless. Raises DataError when the run
+    home's file is missing or changed."""
+    from rnnbench.models import read_recorded
+
+    if tracker.has_artifact(run_id, mirrored_path(kind)):
         return False
-    data = items.read_items_bytes(home, ref)
+    data = read_recorded(home, ref, kind)
+    folder, name = MIRRORED[kind]
     with tempfile.TemporaryDirectory() as tmp:  # the artifact's name, not the run home's
-        path = Path(tmp) / items.ARTIFACT_FILE
+        path = Path(tmp) / name
         path.write_bytes(data)
-        tracker.log_file(run_id, path, items.ARTIFACT_DIR)
+        tracker.log_file(run_id, path, folder)
     return True
 
 
-def repair_items(tracker, storage, experiment: str, home: Path, warn=print, index: dict | None = None) -> int:
-    """Log the items artifact of every finished final seed whose run lacks it (a worker killed
-    before logging it, a deleted artifact, a rebuilt store); returns how many were logged. Files this
-    run home lacks (copied without them, or another machine's) are one warning, never an error."""
+def project_items(tracker, run_id: str, home: Path, ref: dict[str, Any]) -> bool:
+    """:func:`project_file` of a final seed's per-item outcomes (see rnnbench.items)."""
+    return project_file(tracker, run_id, home, "items", ref)
+
+
+def repair_files(tracker, storage, experiment: str, home: Path, warn=print, index: dict | None = None) -> int:
+    """Log the mirrored files (items, weights) of every finished final seed whose run lacks them (a
+    worker killed before logging them, a deleted artifact, a rebuilt store); returns how many were
+    logged. Files this run home lacks (copied without them, or another machine's) are one warning
+    per kind, never an error."""
     index = tracker.runs_by_key() if index is None else index
-    logged, unreadable = 0, []
+    logged, unreadable = 0, {kind: [] for kind in MIRRORED}
     for name in study_names(storage, experiment):
         led = StudyLedger.load(storage, name)
         for t in led.final_trials if led is not None else ():
             record = record_of(t) or {}
             runs = index.get((name, "final", str(t.number)), [])
-            if record.get("status") != "complete" or "items" not in record or not runs:
+            if record.get("status") != "complete" or not runs:
                 continue
-            try:
-                logged += project_items(tracker, runs[0].info.run_id, home, record["items"])
-            except DataError as exc:
-                unreadable.append(str(exc))
-    if unreadable:
-        more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
-        warn(
-            f"warning: per-item outcomes not logged to MLflow: {unreadable[0]}{more}; "
-            "paired statistics leave those seeds out"
-        )
+            for kind in MIRRORED:
+                if kind not in record:
+                    continue
+                try:
+                    logged += project_file(tracker, runs[0].info.run_id, home, kind, record[kind])
+                except DataError as exc:
+                    unreadable[kind].append(str(exc))
+    consequence = {
+        "items": "paired statistics leave those seeds out",
+        "weights": "export those seeds from the run home that has them",
+    }
+    for kind, errors in unreadable.items():
+        if errors:
+            more = f" and {len(errors) - 1} more" if len(errors) > 1 else ""
+            warn(f"warning: {kind} not logged to MLflow: {errors[0]}{more}; {consequence[kind]}")
     return logged
 
 

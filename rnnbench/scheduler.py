@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rnnbench.errors import LedgerUnreachable, first_line
+from rnnbench.experiment import Study
+from rnnbench.faults import fault
+from rnnbench.ledger import BUDGET_ATTR, StudyLedger, fail_quietly
 from rnnbench.sweep import (
     DEFAULT_MAX_RETRIES,
     LOST_DECISION,
+    RECORD,
     RETRIES,
     RETRY_OF,
     counted,
@@ -42,6 +49,8 @@ from rnnbench.sweep import (
     is_journal,
     journal_path,
     lease_duration,
+    make_pruner,
+    make_sampler,
     needs_retry,
     normalize_rdb_url,
     trial_status,
@@ -98,10 +107,19 @@ def owner_is_dead(owner: dict[str, Any] | None) -> bool:
 
 
 class LedgerLock:
-    """Mutual exclusion per key among every worker that shares the ledger."""
+    """Mutual exclusion per key among every worker that shares the ledger.
+
+    On PostgreSQL a session-level advisory lock, with three guards: a holder the server stops
+    hearing from (SIGSTOP, a VM pause) loses its session after ``idle_session_timeout`` of a lease,
+    and the lock with it, instead of blocking every machine; a waiter gives up after
+    ``LOCK_WAIT_LEASES`` leases with one line; and the holder checks, before its critical section
+    writes what makes a claim (:meth:`fence`), that its session still holds the lock."""
+
+    LOCK_WAIT_LEASES = 5
 
     def __init__(self, storage_url: str | None, home: Path):
         self.url = storage_url
+        self._held: dict[str, Any] = {}  # key -> the connection holding it (PostgreSQL)
         if is_journal(storage_url):
             path = journal_path(storage_url, home)
             self.folder = path.with_name(path.name + ".locks")
@@ -133,17 +151,61 @@ class LedgerLock:
             raise LedgerUnreachable(
                 f"the ledger database at {database_location(self.url)}", first_line(exc)
             ) from None
+        lease = lease_duration()
         try:
+            conn.execute(sqlalchemy.text(f"SET idle_session_timeout = {int(lease * 1000)}"))
+            deadline = time.monotonic() + self.LOCK_WAIT_LEASES * lease
             # Session-level advisory lock: the server releases it if this process dies.
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
+            while not conn.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_id}).scalar():
+                if time.monotonic() > deadline:
+                    raise LedgerUnreachable(
+                        f"the ledger lock {key!r} at {database_location(self.url)}",
+                        f"held by another worker for over {self.LOCK_WAIT_LEASES} leases",
+                    )
+                time.sleep(0.05 + 0.2 * random.random())
             conn.commit()
+            self._held[key] = (conn, lock_id)
             try:
                 yield
             finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
-                conn.commit()
+                self._held.pop(key, None)
+                try:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
+                    conn.commit()
+                except Exception:  # the session is gone (terminated, timed out): so is its lock
+                    pass
         finally:
-            conn.close()
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def fence(self, key: str) -> None:
+        """Raise LockLost unless this process still holds ``key``'s lock (always, on a journal:
+        the file lock is the kernel's). Call right before the write that a second holder would
+        duplicate."""
+        if self.engine is None or key not in self._held:
+            return
+        import sqlalchemy
+
+        conn, lock_id = self._held[key]
+        try:
+            held = conn.execute(
+                sqlalchemy.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                    "AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = :k"
+                ),
+                {"k": lock_id},
+            ).scalar()
+        except Exception:
+            held = 0  # the session is gone: terminated by the server or an administrator
+        if not held:
+            raise LockLost(f"the ledger lock {key!r} was lost before its critical section ended")
+
+
+class LockLost(RuntimeError):
+    """This worker's ledger lock was taken from it (its session ended); what it was about to write
+    would race another worker's."""
 
 
 # ---------------------------------------------------------------------------- leases
@@ -177,6 +239,7 @@ class Lease:
     def start(self) -> Lease:
         from optuna.storages._heartbeat import BaseHeartbeat
 
+        fault("before_first_heartbeat")
         self.renew()
         if isinstance(self.storage, BaseHeartbeat):  # the owner once; the heartbeat row renews
             # after the first heartbeat: a trial with an owner but no heartbeat row is one that
@@ -202,6 +265,9 @@ class Lease:
             self._thread.join(timeout=10)
 
 
+_LEASELESS_SINCE: dict[int, float] = {}  # trial id -> when this process first saw it without a lease
+
+
 def _lease_expired(storage, t: FrozenTrial, now: float, now_mono: float | None = None) -> bool:
     from optuna.storages._heartbeat import BaseHeartbeat
 
@@ -213,9 +279,14 @@ def _lease_expired(storage, t: FrozenTrial, now: float, now_mono: float | None =
         if now_mono is not None and lease.get("boot") and lease["boot"] == boot_id():
             return lease["expires_mono"] < now_mono  # a wall-clock step expires nothing
         return lease["expires"] < now
-    # No lease at all: the worker died between its claim and its first renewal.
-    started = t.datetime_start.timestamp() if t.datetime_start else now
-    return now - started > lease_duration()
+    # No lease at all: the worker died between its claim and its first renewal (or has not renewed
+    # yet). Optuna's datetime_start is the claimer's naive local time: right on one machine (the
+    # journal), wrong from another time zone, so across machines the judge times it from when it
+    # first saw it lease-less, on its own monotonic clock.
+    if isinstance(storage, BaseHeartbeat) or t.datetime_start is None:
+        seen = _LEASELESS_SINCE.setdefault(t._trial_id, time.monotonic())
+        return time.monotonic() - seen > lease_duration()
+    return now - t.datetime_start.timestamp() > lease_duration()
 
 
 # ---------------------------------------------------------------------------- recovery
@@ -288,3 +359,68 @@ def final_done(trials: list[FrozenTrial], seeds: list[int], max_retries: int) ->
     }
     pending = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
     return wanted <= finished and not pending
+
+
+# ---------------------------------------------------------------------------- claims
+
+
+@dataclass
+class Claim:
+    """A claimed trial: the study's ledger as it was at the claim, the trial, and its lease."""
+
+    ledger: StudyLedger
+    trial: optuna.Trial | None = None
+    lease: Lease | None = None
+
+
+def _claim_under_lock(storage, lock, study: Study, stage: str, led: StudyLedger, s: optuna.Study):
+    """The claim's reads and writes; each write that a second lock holder would duplicate (a
+    queued seed, a sampled or taken trial) is fenced: it happens only while the lock is ours."""
+    lock.fence(study.name)
+    recover(storage, s, led.max_retries)
+    trials = s.get_trials(deepcopy=False)
+    if stage == "search":
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and not has_room(trials, int(led.attrs[BUDGET_ATTR]), led.max_retries):
+            return None
+        s.sampler = make_sampler(study.experiment, len(trials))
+        # a loaded study has Optuna's default pruner (5 start-up trials, no warm-up), not ours
+        s.pruner = make_pruner(study.experiment, study.budget)
+        lock.fence(study.name)
+        return s.ask()
+    for seed in seeds_to_queue(trials, led.seeds):
+        lock.fence(study.name)
+        s.enqueue_trial({}, user_attrs={"seed": seed})
+    if not any(t.state == TrialState.WAITING for t in s.get_trials(deepcopy=False)):
+        return None
+    lock.fence(study.name)
+    return s.ask()
+
+
+@contextmanager
+def claimed(storage, lock, study: Study, stage: str, owner: dict[str, Any]) -> Iterator[Claim]:
+    """Under the study's lock: recover lost trials, then take a queued trial or sample a new one
+    if the budget has room (``claim.trial`` is None where there is none). The lease lives as long
+    as the block, as Optuna's heartbeat thread does: it ends however the block does, and a block
+    that raises without a record in the ledger (or raises anything but an interrupt) leaves its
+    trial FAILED without one, which recovery queues again."""
+    with lock(study.name):
+        led = StudyLedger.load(storage, study.name)
+        s = led.search if stage == "search" else led.final
+        try:
+            trial = _claim_under_lock(storage, lock, study, stage, led, s)
+        except LockLost:  # another worker may be in here now: leave it to them, try again later
+            trial = None
+        claim = Claim(led, trial, Lease(storage, trial._trial_id, owner).start() if trial else None)
+    if claim.trial is None:
+        yield claim
+        return
+    try:
+        yield claim
+    except BaseException as exc:
+        claim.lease.stop()  # before failing it: no renewal may race the failure
+        if RECORD not in claim.trial.user_attrs or not isinstance(exc, KeyboardInterrupt):
+            fail_quietly(storage, claim.trial, led.max_retries)
+        raise
+    finally:
+        claim.lease.stop()

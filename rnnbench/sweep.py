@@ -17,11 +17,13 @@ Trial statuses, derived from the ledger alone (:func:`trial_status`):
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import math
 import os
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 
 FINAL_SUFFIX = "::final"
 RECORD = "record"  # user attribute holding a finished trial's whole result
+HISTORY_Z = "history_zlib"  # a record's history, compressed (zlib, base64) where it is long
+HISTORY_PACK_BYTES = 64 * 1024
 RETRY_OF = "retry_of"  # user attribute of a queued copy: the number of the trial it replaces
 RETRIES = "retries"  # user attribute: how many lost workers this configuration has already cost
 # user attribute written by recovery before it fails a lost trial: "retry" (queued again, not
@@ -522,7 +526,31 @@ def suggest(trial: optuna.Trial, experiment: Experiment) -> dict[str, Any]:
 
 
 def record_of(t: FrozenTrial) -> dict[str, Any] | None:
-    return t.user_attrs.get(RECORD)
+    record = t.user_attrs.get(RECORD)
+    if record is not None and HISTORY_Z in record:  # a long history, stored compressed
+        record = {k: v for k, v in record.items() if k != HISTORY_Z} | {
+            "history": unpack_history(record[HISTORY_Z])
+        }
+    return record
+
+
+def pack_history(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with a history over :data:`HISTORY_PACK_BYTES` of JSON stored compressed: a
+    record of any allowed length (10,000 validations of many metrics) stays a modest ledger entry."""
+    text = json.dumps(record.get("history") or [], separators=(",", ":"))
+    if len(text) <= HISTORY_PACK_BYTES:
+        return record
+    packed = base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+    return {k: v for k, v in record.items() if k != "history"} | {HISTORY_Z: packed}
+
+
+def unpack_history(packed: str) -> list[dict[str, Any]]:
+    return json.loads(_inflate(packed))  # a new list each time: callers may change it
+
+
+@functools.lru_cache(maxsize=64)
+def _inflate(packed: str) -> bytes:
+    return zlib.decompress(base64.b64decode(packed))
 
 
 def trial_status(t: FrozenTrial, max_retries: int = DEFAULT_MAX_RETRIES) -> str:

@@ -62,6 +62,22 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"unknown tracking URI scheme {parts.scheme!r} in {uri}")
 
 
+def artifact_root_for(uri: str, home: Path) -> Path | None:
+    """Where a new experiment's artifacts (weights, items, models) go: with the store they belong
+    to, never only in a run home that may vanish (a Slurm job's $TMPDIR). A tracking server uses
+    its own artifact store (None); an sqlite file keeps them in a folder beside it; a database
+    without a server has no place of its own, so the run home's."""
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https", "databricks"):
+        return None
+    if scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.with_name(db.stem + "-artifacts")
+    return home / "artifacts"
+
+
 def check_usable(uri: str) -> None:
     """One line when MLflow cannot read a store given by URI: asked before the run home is
     written to, so a refused store leaves nothing behind."""
@@ -93,7 +109,7 @@ def create_sqlite_store(home: Path) -> str:
     from filelock import FileLock
     from mlflow.tracking import MlflowClient
 
-    from rnnbench.runner import _fault
+    from rnnbench.faults import fault as _fault
 
     tmp = path.with_name(f".mlflow.db.{os.getpid()}.tmp")
     try:
@@ -451,6 +467,12 @@ class Tracker:
 
     def log_file(self, run_id: str, local_path: Path, artifact_dir: str) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_dir)
+
+    def read_artifact(self, run_id: str, artifact_path: str) -> bytes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, artifact_path, tmp)).read_bytes()
 
     def has_artifact(self, run_id: str, artifact_path: str) -> bool:
         folder = artifact_path.rpartition("/")[0] or None

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from rnnbench.bench import _storage_key  # the same once-per-storage rule as `rnnbench bench`
 from rnnbench.data.batching import prefetch
+from rnnbench.devices import resolve_device
 from rnnbench.encoder import Encoder, parameter_counts
 from rnnbench.errors import ConfigError, TrialFailed
 from rnnbench.hparams import MAX_WIDTH, Domain
+from rnnbench.saved_memory import recording_saved, storage_bytes
 from rnnbench.stops import CONVERGED
 from rnnbench.task import Task, _one_line, declares_items
 
@@ -150,18 +151,6 @@ class Callback:
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
     def on_fit_end(self, result: FitResult) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -323,16 +312,8 @@ class TrainMemory:
             return nullcontext()
         fields = (batch.inputs, batch.targets, batch.lengths, *batch.extra.values())
         data = [t for t in fields if isinstance(t, torch.Tensor)]
-        excluded = {_storage_key(t)[0] for t in [*model.parameters(), *data]}
-        self.saved = saved = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            key, nbytes = _storage_key(t)
-            if key not in excluded:
-                saved[key] = max(saved.get(key, 0), nbytes)
-            return t
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self.saved = {}
+        return recording_saved([*model.parameters(), *data], self.saved)
 
     def epoch_mib(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """Read after the epoch's training steps (the CUDA peak is a host-side counter: no sync)."""
@@ -340,13 +321,8 @@ class TrainMemory:
             return (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        persistent = sum(_storage_bytes(ts) for ts in (list(model.parameters()), grads, state))
+        persistent = sum(storage_bytes(ts) for ts in (list(model.parameters()), grads, state))
         return (persistent + sum(self.saved.values())) / 2**20
-
-
-def _storage_bytes(tensors: Sequence[torch.Tensor]) -> int:
-    """Bytes behind ``tensors``, each storage once (views of one flat buffer share it)."""
-    return sum(dict(_storage_key(t) for t in tensors).values())
 
 
 class TimeLimit:

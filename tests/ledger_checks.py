@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from rnnbench.projection import StudyLedger
+from rnnbench.ledger import StudyLedger
 from rnnbench.sweep import study_names
 
 

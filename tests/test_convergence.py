@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.helpers import run_cli
 
 # Two benchmarks of one cell: one asks for an improvement no run can make, so patience runs out
 # two validations after the first (converged); the other has no patience and stops at its cap.
@@ -27,11 +26,8 @@ final: {seeds: 2}
 """
 
 
-def _run(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
-    return subprocess.run(
-        [sys.executable, "-m", "rnnbench.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
+def _run(args: list[str], home: Path):
+    return run_cli(args, home, COLUMNS="100")
 
 
 def test_converged_and_capped_seeds_are_told_apart(tmp_path: Path):

@@ -220,7 +220,7 @@ def test_builtin_causal_tasks_give_their_own_reason_at_parse_time():
 
 
 def test_skipped_studies_are_one_line_per_reason():
-    from rnnbench.runner import skipped_lines
+    from rnnbench.plan import skipped_lines
 
     _, skipped = expand(parse(VALID))
     lines = skipped_lines(skipped + [("x/other/rnn-1L-bi", "another reason")])

@@ -78,7 +78,7 @@ def _check_agreement(storage, client, experiment: str, tmp_path: Path) -> dict:
 
 
 def _retried_once(storage, experiment: str) -> None:
-    from rnnbench.projection import StudyLedger
+    from rnnbench.ledger import StudyLedger
     from rnnbench.sweep import RETRY_OF, study_names
 
     for name in study_names(storage, experiment):

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from rnnbench.items import ARTIFACT_PATH, items_path, load_items, save_items
-from rnnbench.projection import StudyLedger
+from rnnbench.ledger import StudyLedger
 from rnnbench.sweep import open_storage, record_of, study_names
 from rnnbench.tracking import tracking_uri_for
 from tests.helpers import run_cli
@@ -45,7 +45,7 @@ def _final_seeds(home: Path) -> list[tuple[str, dict]]:
     out = []
     for name in study_names(storage, "itm"):
         for t in StudyLedger.load(storage, name).final_trials:
-            out.append((name, record_of(t) | {"run_id": t.user_attrs["mlflow_run_id"]}))
+            out.append((name, record_of(t) | {"run_id": t.user_attrs["mlflow_run_id"], "trial": t.number}))
     return out
 
 
@@ -69,7 +69,8 @@ def test_every_final_seed_names_its_items_file_and_mlflow_has_it(finished: Path)
     client = _client(finished)
     for study, record in seeds:
         ref = record["items"]
-        assert Path(ref["path"]) == items_path(finished, study, record["seed"]).relative_to(finished)
+        path = items_path(finished, study, record["seed"], record["trial"])  # one file per trial
+        assert Path(ref["path"]) == path.relative_to(finished)
         frame = load_items(finished, ref)  # checks the sha256 the record keeps
         assert len(frame) == ref["rows"] and list(frame.columns[:2]) == ["split", "item"]
         assert set(frame["split"]) == {"valid", "test"} and frame["item"].dtype == np.int32

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from rnnbench.scheduler import LEASE_ATTR, Lease, owner_identity, recover
 from rnnbench.sweep import RETRY_OF, open_storage, repair_journal, trial_status
+from tests.helpers import run_cli
 
 
 def _study(tmp_path: Path, name: str = "e/task/gru-1L-uni"):
@@ -188,7 +189,8 @@ def test_projection_twice_writes_the_same_run(tmp_path: Path):
     """The same ledger record projected twice: one run, one point per epoch."""
     from mlflow.tracking import MlflowClient
 
-    from rnnbench.projection import Projection, StudyLedger
+    from rnnbench.ledger import StudyLedger
+    from rnnbench.projection import Projection
     from rnnbench.scheduler import LedgerLock
     from rnnbench.sweep import RECORD
     from rnnbench.tracking import Tracker, create_sqlite_store
@@ -212,16 +214,11 @@ def test_projection_twice_writes_the_same_run(tmp_path: Path):
     assert projection.sync("e")["projected"] == 0  # nothing stale left
 
 
-def _run_cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RNNBENCH_HOME": str(home), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "rnnbench.cli", "run", "experiments/smoke.yaml", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+def _run_cli(args: list[str], home: Path):
+    return run_cli(
+        ["run", "experiments/smoke.yaml", *args], home, cwd=Path(__file__).resolve().parents[1],
+        timeout=120, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -259,7 +256,7 @@ def test_wrong_postgres_credentials_are_one_line(tmp_path: Path):
 
 
 def test_record_is_plain_json(tmp_path: Path):
-    from rnnbench.runner import _json_safe
+    from rnnbench.ledger import json_safe as _json_safe
 
     record = _json_safe({"a": float("nan"), "b": [1, 2.5, float("inf")], "c": {"d": True}})
     assert json.loads(json.dumps(record)) == {"a": None, "b": [1, 2.5, None], "c": {"d": True}}

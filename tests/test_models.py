@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from rnnbench.ledger import StudyLedger
 from rnnbench.models import CARD, WEIGHTS, best_seed
-from rnnbench.projection import StudyLedger
 from rnnbench.sweep import open_storage, record_of, study_names
 from tests.helpers import run_cli
 

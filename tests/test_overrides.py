@@ -156,7 +156,7 @@ def test_the_experiment_as_run_holds_the_overrides(tmp_path: Path):
     override is part of both: a resume with other overrides is refused as a changed file is."""
     import yaml
 
-    from rnnbench import runner
+    from rnnbench import ledger, runner
 
     path = _file(tmp_path)
     plain = runner.prepare(load(path), home=tmp_path / "home")
@@ -164,12 +164,12 @@ def test_the_experiment_as_run_holds_the_overrides(tmp_path: Path):
     other = runner.prepare(load(path, ["budget.trials=3", "fixed.lr=0.01"]), home=tmp_path / "home")
 
     def parts(plan):
-        return runner.fingerprint_parts(plan, plan.studies[0])
+        return ledger.fingerprint_parts(plan, plan.studies[0])
 
     assert parts(plain) == parts(same)
     changed = {k for k in parts(plain) if parts(plain)[k] != parts(other)[k]}
     assert changed == {"budget", "fixed"}
-    stored = yaml.safe_load(runner.experiment_yaml(other.experiment))
+    stored = yaml.safe_load(ledger.experiment_yaml(other.experiment))
     assert stored["budget"]["trials"] == 3 and stored["fixed"] == {"lr": 0.01}
-    assert parse(runner.experiment_yaml(other.experiment)).model_dump() == other.experiment.model_dump()
+    assert parse(ledger.experiment_yaml(other.experiment)).model_dump() == other.experiment.model_dump()
     assert not (tmp_path / "home").exists()  # prepare opens no store

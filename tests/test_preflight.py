@@ -222,14 +222,32 @@ def mean_of_batch_means(self, model, split, batch_size, *, device):
     return {"mse": sum(means) / len(means)}
 
 
+def counting_evaluate():
+    """An evaluate that scores a different mse each time it is called (a consumed iterator, say)."""
+    calls = iter(range(1, 1000))
+    return lambda self, *a, **k: {"mse": float(next(calls))}
+
+
+def raising_evaluate(self, *a, **k):
+    raise RuntimeError("index out of range\nsecond line")
+
+
 BROKEN_TASKS = {
     "evaluate depends on the batch size": (
         {"evaluate": mean_of_batch_means},
-        "evaluate must not depend on the batch size: valid mse is",
+        "valid mse depends on the evaluation batch size (",
     ),
     "a metric missing": (
         {"evaluate": lambda self, *a, **k: {"loss": 1.0}},
-        "evaluate must return every metric (mse)",
+        "evaluate(model, 'valid', 8) is missing metrics ['mse'] (got ['loss'])",
+    ),
+    "evaluate twice": (
+        {"evaluate": counting_evaluate()},
+        "evaluate must give the same scores when called twice (valid mse: ",
+    ),
+    "evaluate raises": (
+        {"evaluate": raising_evaluate},
+        "evaluate(model, 'valid', 8) raised RuntimeError: index out of range",
     ),
     "baseline keys": (
         {"baseline": lambda self, split: {"MSE": 0.17}},
@@ -253,8 +271,18 @@ def test_broken_task_is_refused_naming_the_rule(methods, rule):
     cls = memory_variant(**methods)
     with pytest.raises(ContractError, match="breaks the Task contract") as info:
         check_task(Registered("mem", cls, "rnnbench-mem 1.0", "mem = mem_plugin"))
-    assert rule in str(info.value), str(info.value)
+    assert rule in str(info.value) and "\n" not in str(info.value), str(info.value)
     assert "rnnbench-mem 1.0, entry point mem = mem_plugin, class" in str(info.value)
+
+
+@pytest.mark.parametrize("methods,rule", BROKEN_TASKS.values(), ids=BROKEN_TASKS.keys())
+def test_plugin_authors_check_names_the_same_rule(methods, rule):
+    # one implementation: rnnbench.testing, at the pre-flight's batch sizes, says what check_task says
+    from rnnbench.testing import ContractViolation, check_task_contract
+
+    with pytest.raises(ContractViolation) as info:
+        check_task_contract(memory_variant(**methods), batch_sizes=(8, 3), splits=("valid",), train_steps=2)
+    assert rule in info.value.rule and str(info.value) == f"task 'memory': {info.value.rule}"
 
 
 @pytest.mark.parametrize("name", ["memory", "forecast", "ner", "sentiment", "charlm"])

@@ -8,15 +8,11 @@ from pathlib import Path
 import pytest
 
 from rnnbench.experiment import parse
-from rnnbench.runner import (
-    FINAL_SEED_BASE,
-    Worker,
-    _count_parameters,
-    create_study,
-    final_seeds,
-    open_stores,
-    prepare,
-)
+from rnnbench.ledger import FINAL_SEED_BASE, create_study, final_seeds
+from rnnbench.plan import open_stores, prepare
+from rnnbench.scheduler import claimed, owner_identity
+from rnnbench.sizing import count_parameters
+from rnnbench.trial import HiddenSizes
 from tests.helpers import run_cli
 
 BASE = """\
@@ -40,13 +36,13 @@ def test_parameter_budget_is_solved_per_trial_with_its_searched_sizes(tmp_path: 
     e = _experiment(extra="search:\n  embedding_dim: {type: int, low: 8, high: 128}\nparameter_budget: 20000")
     plan = prepare(e, home=tmp_path)
     study = plan.studies[0]
-    worker = Worker(plan, 0, {"device": "cpu"}, stores=open_stores(plan))
-    task = worker._task(study)
+    task = study.make_task()
+    task.setup()
     counts = {}
     for embedding in (8, 128):
-        hp = worker._hparams(study, task, {"embedding_dim": embedding})
-        total = _count_parameters(task, study, hp["hidden_size"], hp)
-        over = _count_parameters(task, study, hp["hidden_size"] + 1, hp)
+        hp = HiddenSizes().hparams(study, task, {"embedding_dim": embedding})
+        total = count_parameters(task, study, hp["hidden_size"], hp)
+        over = count_parameters(task, study, hp["hidden_size"] + 1, hp)
         assert total <= 20_000 < over  # within the budget, and as close as a hidden size allows
         counts[embedding] = (hp["hidden_size"], total)
     assert counts[8][0] > counts[128][0]  # a larger embedding leaves a smaller recurrent layer
@@ -60,15 +56,15 @@ def test_a_task_budget_overrides_the_experiments_for_that_task_only(tmp_path: Pa
         "  - {name: memory, options: {problem: adding, seq_len: 10}}\n"
     )
     plan = prepare(e, home=tmp_path)
-    worker = Worker(plan, 0, {"device": "cpu"}, stores=open_stores(plan))
     for study, budget in zip(plan.studies, (8_000, 20_000)):
         assert study.parameter_budget == budget
-        task = worker._task(study)
-        hp = worker._hparams(study, task, {})
+        task = study.make_task()
+        task.setup()
+        hp = HiddenSizes().hparams(study, task, {})
         assert (
-            _count_parameters(task, study, hp["hidden_size"], hp)
+            count_parameters(task, study, hp["hidden_size"], hp)
             <= budget
-            < _count_parameters(task, study, hp["hidden_size"] + 1, hp)
+            < count_parameters(task, study, hp["hidden_size"] + 1, hp)
         )
 
 
@@ -83,7 +79,7 @@ def test_a_task_budget_sets_that_tasks_trials_and_steps(tmp_path: Path):
     )
     result = run_cli(["run", str(path)], tmp_path / "home")
     assert result.returncode == 0, result.stderr
-    from rnnbench.projection import StudyLedger
+    from rnnbench.ledger import StudyLedger
     from rnnbench.sweep import open_storage, record_of
 
     storage = open_storage(str(tmp_path / "home" / "optuna.journal"), tmp_path / "home")
@@ -109,7 +105,7 @@ def test_parameter_budget_reaches_every_trial_of_a_run(tmp_path: Path):
     )
     result = run_cli(["run", str(path)], tmp_path / "home")
     assert result.returncode == 0, result.stderr
-    from rnnbench.projection import StudyLedger
+    from rnnbench.ledger import StudyLedger
     from rnnbench.sweep import open_storage, record_of, study_names
 
     storage = open_storage(None, tmp_path / "home")
@@ -134,12 +130,11 @@ def test_warmup_epochs_are_never_pruned(warmup: int, first_prunable_epoch: int, 
     plan = prepare(parse(text.replace("pruner: {name: none}\n", "")), home=tmp_path)
     stores = open_stores(plan)
     create_study(plan, stores[1], plan.studies[0])
-    worker = Worker(plan, 0, {"device": "cpu"}, stores=stores)
+    _, storage, lock = stores
 
     def claim():
-        _, trial = worker._claim(plan.studies[0], "search")
-        worker._lease.stop()
-        return trial
+        with claimed(storage, lock, plan.studies[0], "search", owner_identity()) as c:
+            return c.trial
 
     for _ in range(2):  # two good finished trials (accuracy 0.9): the median to beat
         t = claim()
@@ -191,7 +186,7 @@ def test_a_fixed_configuration_goes_straight_to_the_final_seeds(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     from mlflow.tracking import MlflowClient
 
-    from rnnbench.projection import StudyLedger
+    from rnnbench.ledger import StudyLedger
     from rnnbench.sweep import open_storage, record_of, study_names
     from rnnbench.tracking import tracking_uri_for
 

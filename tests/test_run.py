@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_cli
+
 TINY = """\
 name: {name}
 cells: [gru]
@@ -37,14 +39,8 @@ def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(args: list[str], home: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rnnbench.cli", *args],
-        env=_env(home),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _run(args: list[str], home: Path, timeout: float = 240):
+    return run_cli(args, home, timeout=timeout, PYTHONUNBUFFERED="1")
 
 
 def _counts(home: Path, name: str):
@@ -315,7 +311,7 @@ def test_threads_per_worker_follow_the_cpus_this_process_may_use():
     script = (
         "import os\n"
         "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-        "from rnnbench.runner import threads_per_worker\n"
+        "from rnnbench.workers import threads_per_worker\n"
         "print(threads_per_worker(1), threads_per_worker(4))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

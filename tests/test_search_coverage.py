@@ -137,7 +137,8 @@ def test_the_cli_notes_a_best_configuration_at_the_edge(tmp_path: Path):
     """From the ledger, as `rnnbench run` prints under its results table."""
     from rnnbench.cli import _edge_lines
     from rnnbench.experiment import parse
-    from rnnbench.runner import create_study, open_stores, prepare
+    from rnnbench.ledger import create_study
+    from rnnbench.plan import open_stores, prepare
 
     experiment = parse(
         "name: s\ncells: [gru]\ntasks: [memory]\nsearch:\n"

@@ -12,7 +12,9 @@ import pytest
 
 from rnnbench.errors import ConfigError
 from rnnbench.experiment import parse
-from rnnbench.runner import Worker, create_study, open_stores, prepare
+from rnnbench.ledger import create_study
+from rnnbench.plan import open_stores, prepare
+from rnnbench.scheduler import claimed, owner_identity
 from rnnbench.sweep import design_seed, make_pruner, make_sampler, suggest, trial_budget
 
 TEXT = """\
@@ -38,14 +40,17 @@ def _tell_all(
     experiment = parse(text)
     plan = prepare(experiment, home=tmp_path)
     stores = open_stores(plan)
-    worker = Worker(plan, 0, {"device": "cpu"}, stores=stores)
+    _, storage, lock = stores
     studies = []
     for study in plan.studies:
         create_study(plan, stores[1], study)
         proposed = []
-        while (claim := worker._claim(study, "search"))[1] is not None:
-            led, trial = claim
-            worker._lease.stop()
+        while True:
+            with claimed(storage, lock, study, "search", owner_identity()) as claim:
+                pass
+            led, trial = claim.ledger, claim.trial
+            if trial is None:
+                break
             params = suggest(trial, experiment)
             proposed.append(params)
             led.search.tell(trial, float(len(proposed)))  # the grid's last tell used to raise (Study.stop)
@@ -91,7 +96,7 @@ def test_the_design_spans_80_percent_for_every_seed(dims: int):
 
 
 def _asks(experiment, storage, name: str, n: int, fail: int | None = None) -> list[optuna.trial.FrozenTrial]:
-    """Ask and tell ``n`` trials with a sampler rebuilt per ask (as Worker._claim does); trial
+    """Ask and tell ``n`` trials with a sampler rebuilt per ask (as a worker's claim does); trial
     number ``fail`` dies after its suggestions (lost: recovery queues a copy of it)."""
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
     for _ in range(n):
@@ -167,7 +172,7 @@ def test_qmc_refuses_a_categorical_parameter(sampler: str, message: str):
 
 def test_a_categorical_falls_back_to_a_random_startup_in_the_file_as_run():
     """Not silently: the experiment as run (MLflow, ledger) says startup: random."""
-    from rnnbench.runner import experiment_yaml
+    from rnnbench.ledger import experiment_yaml
 
     e = parse(TEXT.format(search=CATEGORICAL, sampler="tpe", trials=4))
     assert e.sampler.startup == "random" and "startup: random" in experiment_yaml(e)
@@ -238,7 +243,7 @@ def test_studies_run_under_the_old_defaults_are_not_resumed(tmp_path: Path):
     import hashlib
     import json
 
-    from rnnbench.runner import FINGERPRINT_ATTR, _check_fingerprint, fingerprint_parts
+    from rnnbench.ledger import FINGERPRINT_ATTR, check_fingerprint, fingerprint_parts
 
     plan = prepare(parse(TEXT.format(search=LR_DROPOUT, sampler="tpe", trials=4)), home=tmp_path)
     parts = fingerprint_parts(plan, plan.studies[0])
@@ -253,7 +258,7 @@ def test_studies_run_under_the_old_defaults_are_not_resumed(tmp_path: Path):
     }
     assert old != parts
     with pytest.raises(ConfigError, match="a different sampler, pruner"):
-        _check_fingerprint(plan.studies[0], {FINGERPRINT_ATTR: old}, parts)
+        check_fingerprint(plan.studies[0], {FINGERPRINT_ATTR: old}, parts)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +269,7 @@ def test_studies_run_under_the_old_defaults_are_not_resumed(tmp_path: Path):
 def test_the_experiment_as_run_parses_to_the_same_sampler_and_pruner(extra: str):
     """MLflow and the ledger keep the file with every default written out (startup resolved):
     it must parse again, to the same thing."""
-    from rnnbench.runner import experiment_yaml
+    from rnnbench.ledger import experiment_yaml
 
     e = parse(
         TEXT.format(search=LR_DROPOUT, sampler="tpe", trials=4).replace(

@@ -26,11 +26,13 @@ def build_report(
     out: Path,
     fmt: str = "all",
     journal: Path | None = None,
+    ledger=None,
     progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Everything under ``out``: data, tables/, figures/, report.html and/or the executed notebook,
     index.html. Several experiments: one report comparing them (tidy tables with an ``experiment``
-    column, rankings side by side, one column of figure panels each)."""
+    column, rankings side by side, one column of figure panels each). Importances come from
+    ``ledger`` (an Optuna storage) or else the ``journal`` file; the notebook re-reads a journal."""
     from rnnbench.report import collect as collect_mod
     from rnnbench.report import figures as figures_mod
     from rnnbench.report import search as search_mod
@@ -45,7 +47,7 @@ def build_report(
     data.runs = search_mod.with_search_space(data.runs, search_mod.search_spaces(client, experiments))
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[Path]] = {"data": collect_mod.save(data, out)}
-    importance, notes = figures_mod.importance_table(data.runs, journal)
+    importance, notes = figures_mod.importance_table(data.runs, ledger if ledger is not None else journal)
     if not importance.empty:
         importance.to_parquet(out / collect_mod.IMPORTANCE_FILE, index=False)
         files["data"].append(out / collect_mod.IMPORTANCE_FILE)

@@ -76,7 +76,7 @@ def resolve_tracking_uri(home: str | Path | None, tracking_uri: str | None) -> s
     """The URI given, else the run home's sqlite store (which must exist: MLflow would create it)."""
     if tracking_uri:
         return tracking_uri
-    from rnnbench.runner import run_home
+    from rnnbench.plan import run_home
     from rnnbench.tracking import tracking_uri_for
 
     path = run_home(home)

@@ -597,25 +597,36 @@ def optimisation_history(runs: pd.DataFrame, infos, style):
     return fig
 
 
-def importance_table(runs: pd.DataFrame, journal: Path | None) -> tuple[pd.DataFrame, list[str]]:
+def open_ledger(journal: Path):
+    """A journal's ledger for reading (also where the journal cannot be written)."""
+    from rnnbench.sweep import open_storage
+
+    return open_storage(str(journal), journal.parent)
+
+
+def importance_table(runs: pd.DataFrame, ledger) -> tuple[pd.DataFrame, list[str]]:
     """fANOVA hyperparameter importance per study of the runs' experiments (seed fixed: stable
-    across report runs), from the Optuna ledger; one row per study and hyperparameter."""
-    if journal is None or not journal.is_file():
-        return pd.DataFrame(), ["hyperparameter importance: no Optuna journal found (pass --home), skipped"]
+    across report runs), from the ledger (an Optuna storage, or a journal's path; None: skipped);
+    one row per study and hyperparameter."""
+    if isinstance(ledger, (str, Path)):
+        ledger = open_ledger(Path(ledger)) if Path(ledger).is_file() else None
+    if ledger is None:
+        return pd.DataFrame(), ["hyperparameter importance: no Optuna ledger found (pass --home or --storage), skipped"]
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
-    from optuna.storages.journal import JournalFileBackend
     from optuna.trial import TrialState
 
+    from rnnbench.sweep import load_study, study_names
+
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     meta = runs[runs["stage"] == "study"].drop_duplicates("study").set_index("study")
     rows, skipped, few, notes = [], [], 0, []
-    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        name = summary.study_name
-        if "::" in name or name not in meta.index:  # final stages have no search to explain
+    experiments = {name.split("/", 1)[0] for name in meta.index}
+    names = sorted({n for e in experiments for n in study_names(ledger, e)})
+    for name in names:
+        if name not in meta.index:
             continue
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = load_study(ledger, name)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(complete) < MIN_TRIALS_FOR_IMPORTANCE:
             few += 1

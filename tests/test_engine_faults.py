@@ -1,0 +1,206 @@
+"""Faults of the run engine under real processes: a worker stalled past its lease (SIGSTOP, then
+SIGCONT), an interrupt between the end of training and the ledger write, a record of any length,
+and a changed --max-retries on resume. Each ends with the ledger, MLflow and the budgets exact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+
+TINY = """\
+name: {name}
+cells: [gru]
+tasks:
+  - name: memory
+    options: {{problem: adding, seq_len: 8, train_size: {train_size}, valid_size: 64, test_size: 64}}
+search:
+  lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
+fixed: {{hidden_size: 8}}
+budget: {{trials: {trials}, epochs: {epochs}}}
+final: {{seeds: {seeds}}}
+pruner: {{name: none}}
+"""
+
+
+def _write(tmp_path: Path, name: str, trials=3, epochs=1, seeds=1, train_size=256) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, trials=trials, epochs=epochs, seeds=seeds, train_size=train_size))
+    return path
+
+
+def _ledger(home: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    from rnnbench.sweep import open_storage
+    from rnnbench.tracking import tracking_uri_for
+    from tests.ledger_checks import ledger_view, mlflow_view
+
+    storage = open_storage(None, home)
+    ledger = ledger_view(storage, name)
+    assert mlflow_view(MlflowClient(tracking_uri_for(home)), name) == ledger
+    return Counter((stage, status) for (_, stage, _), (status, _) in ledger.items())
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+@pytest.mark.slow  # about 40 s: three leases of a stopped worker, then the rest of the run
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_worker_stalled_past_its_lease_is_discarded_with_one_warning(tmp_path: Path):
+    """Fault 1: SIGSTOP a worker mid-trial for three leases; the other recovers its trial and runs
+    the copy; after SIGCONT the stalled worker's late result is discarded with one line, the run
+    goes on and ends with the budget exact."""
+    home, path = tmp_path / "home", _write(tmp_path, "stall", trials=4, epochs=8, train_size=2048)
+    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["RNNBENCH_LEASE_SECONDS"] = "4"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnbench.cli", "run", str(path), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "search trial" in line:
+                break
+        # a worker process (the parent's other child is multiprocessing's resource tracker)
+        stalled = next(
+            p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+        )
+        os.kill(stalled, signal.SIGSTOP)
+        time.sleep(14)  # > 3 leases: the other worker finds it expired and runs its copy
+        os.kill(stalled, signal.SIGCONT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines) + out
+    assert proc.returncode == 0, text[-3000:]
+    warnings = [line for line in text.splitlines() if "stalled past its lease" in line]
+    assert len(warnings) <= 1, warnings
+    counts = _ledger(home, "stall")
+    assert counts[("search", "complete")] == 4 and counts[("final", "complete")] == 1, counts
+    if warnings:  # the stall landed inside a trial (not between two): it was lost and ran again
+        assert counts[("search", "lost")] == 1, counts
+    print(f"\nstalled worker: {dict(counts)}; {warnings}")
+
+
+def test_an_interrupt_after_training_is_held_until_the_result_counts(tmp_path: Path):
+    """Fault 8: SIGINT lands between the end of training and the ledger write (injected there); the
+    trial's result is recorded and counted, then the run stops; the resume finishes the budget
+    without running that configuration again."""
+    home, path = tmp_path / "home", _write(tmp_path, "late", trials=3)
+    first = run_cli(["run", str(path)], home, RNNBENCH_FAULT=f"record_sigint:{tmp_path / 'once'}")
+    assert first.returncode == 130, first.stdout + first.stderr
+    counts = _ledger(home, "late")
+    assert counts == Counter({("search", "complete"): 1}), counts  # counted, nothing interrupted
+    second = run_cli(["run", str(path)], home)
+    assert second.returncode == 0, second.stdout + second.stderr
+    counts = _ledger(home, "late")
+    assert counts == Counter({("search", "complete"): 3, ("final", "complete"): 1}), counts
+
+
+def test_a_record_of_any_length_is_a_modest_ledger_entry(tmp_path: Path):
+    """Fault 6: 4,000 validations of 15 metrics: the history is stored compressed and reads back."""
+    import json
+
+    from rnnbench.sweep import HISTORY_Z, RECORD, pack_history, record_of
+
+    history = [
+        {
+            "epoch": e,
+            "time_ms": 1_700_000_000_000 + e,
+            "metrics": {f"m{k}": 1.0 / (e + k + 1) for k in range(15)},
+        }
+        for e in range(1, 4001)
+    ]
+    record = {"status": "complete", "history": history}
+    packed = pack_history(record)
+    assert len(json.dumps(record)) > 1_500_000 and HISTORY_Z in packed and "history" not in packed
+    assert len(json.dumps(packed)) < len(json.dumps(record)) / 3
+
+    class Frozen:  # what record_of reads: a trial's user attributes
+        user_attrs = {RECORD: packed}
+
+    assert record_of(Frozen)["history"] == history
+    assert pack_history({"history": history[:3]}) == {"history": history[:3]}  # short: as it is
+
+
+def test_a_changed_max_retries_is_one_line_and_changes_no_decision(tmp_path: Path):
+    """Fault 5: a resume with another --max-retries says so once; lost trials keep their decision."""
+    home, path = tmp_path / "home", _write(tmp_path, "retries", trials=2)
+    assert run_cli(["run", str(path)], home).returncode == 0
+    again = run_cli(["run", str(path), "--max-retries", "1"], home)
+    assert again.returncode == 0, again.stdout + again.stderr
+    notes = [line for line in again.stdout.splitlines() if "--max-retries" in line]
+    assert notes == [
+        "note: --max-retries is 1 now, it was 3: trials already lost keep the decision made then; "
+        "the new limit applies from now on"
+    ], again.stdout
+    assert _ledger(home, "retries") == Counter({("search", "complete"): 2, ("final", "complete"): 1})
+
+
+def test_export_works_with_the_run_home_deleted(tmp_path: Path):
+    """Fault 12: a run home that vanishes after the run (Slurm's $TMPDIR) takes no weights with
+    it: they are artifacts of the seeds' MLflow runs, beside the store, and `export` reads them."""
+    import shutil
+
+    home, path = tmp_path / "scratch" / "home", _write(tmp_path, "slurm", trials=1, seeds=2)
+    stores = [
+        "--storage",
+        str(tmp_path / "ledger.journal"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    run = run_cli(["run", str(path), *stores], home)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert list((tmp_path / "mlflow-artifacts").rglob("weights.pt"))  # beside the store, not in the home
+    shutil.rmtree(tmp_path / "scratch")
+    out = tmp_path / "model"
+    exported = run_cli(["export", "slurm", "memory-synthetic/gru-1L-uni", "--out", str(out), *stores], home)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert (out / "MLmodel").is_file() and not home.exists()
+    missing = run_cli(["export", "slurm", "memory-synthetic/gru-1L-uni", "--out", str(tmp_path / "m2"),
+                       "--storage", str(tmp_path / "ledger.journal")], home)  # fmt: skip
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+
+
+def test_a_sync_from_a_stale_snapshot_neither_reopens_nor_outdates_the_parent(tmp_path: Path):
+    """Fault 11: a refresh from a ledger snapshot taken before the last seed finished (a slow
+    `sync` beside a worker) leaves the finished parent finished, and the points it writes are
+    stamped with that older ledger state, so they never become the parent's latest values."""
+    import dataclasses
+
+    from rnnbench.experiment import load
+    from rnnbench.ledger import StudyLedger
+    from rnnbench.plan import open_stores, prepare
+    from rnnbench.projection import Projection
+
+    home, path = tmp_path / "home", _write(tmp_path, "stale", trials=1, seeds=2)
+    assert run_cli(["run", str(path)], home).returncode == 0
+    plan = prepare(load(str(path)), home=home)
+    tracker, storage, lock = open_stores(plan, create=False)
+    name = plan.studies[0].name
+    fresh = StudyLedger.load(storage, name)
+    stale = dataclasses.replace(fresh, final_trials=fresh.final_trials[:1])  # before the 2nd seed ended
+    parent = Projection(tracker, storage, lock).parent_id(fresh)
+    before = tracker.client.get_run(parent)
+    Projection(tracker, storage, lock).refresh_parent(stale)
+    after = tracker.client.get_run(parent)
+    assert after.info.status == before.info.status == "FINISHED"
+    assert after.data.metrics == before.data.metrics  # the latest values are still the fresh ones
+    assert after.data.metrics["final_seeds"] == 2
