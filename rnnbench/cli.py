@@ -416,7 +416,7 @@ def export_command(experiment, study, out, home, storage, tracking_uri) -> None:
     scaler, task, architecture and scores, and wheels of rnnbench and the plugins the model needs,
     named by its requirements.txt: `mlflow models serve -m OUT` installs and serves it on any
     machine with MLflow. Load it with mlflow.pytorch.load_model(OUT)."""
-    from rnnbench.models import export
+    from rnnbench.exports import export
     from rnnbench.tracking import Tracker, tracking_uri_for
 
     name, path, ledger = _ledger(experiment, home, storage)
@@ -436,7 +436,7 @@ def export_command(experiment, study, out, home, storage, tracking_uri) -> None:
 def register_command(experiment, studies, home, tracking_uri, storage) -> None:
     """Register the best final seed (on validation) of each of STUDIES (default: every study) in
     the MLflow Model Registry, named after the study with '/' as '.'."""
-    from rnnbench.models import register
+    from rnnbench.exports import register
     from rnnbench.sweep import study_names
     from rnnbench.tracking import Tracker, tracking_uri_for
 

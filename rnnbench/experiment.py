@@ -16,6 +16,7 @@ import itertools
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -384,14 +385,26 @@ class Experiment(_Strict):
         return self
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """A cell x layers x direction; the unit every study compares."""
+
+    cell: str
+    layers: int = 1
+    bidirectional: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell}-{self.layers}L-{'bi' if self.bidirectional else 'uni'}"
+
+
+
 class Study:
     """One (architecture, task, dataset): the unit that gets a tuning budget."""
 
     def __init__(
         self, experiment: Experiment, cell: CellEntry, layers: int, bidirectional: bool, task: TaskEntry
     ):
-        from rnnbench.trainer import Architecture
-
         self.experiment, self.cell_entry, self.task_entry = experiment, cell, task
         self.arch = Architecture(cell.name, layers, bidirectional)
         arch = self.arch.label if cell.label is None else f"{cell.label}-{self.arch.label.split('-', 1)[1]}"
@@ -710,8 +723,8 @@ def _unknown_key_message(loc: tuple, exc: ValidationError) -> str:
 
 def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
     """Cell/task/dataset/option/hyperparameter names, against the registry."""
+    from rnnbench.hparams import TRAINER_HPARAMS
     from rnnbench.plugins import registry
-    from rnnbench.trainer import TRAINER_HPARAMS
 
     reg = registry()
 
@@ -783,7 +796,7 @@ def _overridden_option(lines: dict[tuple, int | str], task: int, message: str) -
 def _check_domains(e: Experiment, reg, fail) -> None:
     """Every fixed value and every search range inside the domain of each cell, task or the trainer
     that reads it. A numeric domain is an interval, so a range is checked at its two ends."""
-    from rnnbench.trainer import TRAINER_HPARAM_DOMAINS
+    from rnnbench.hparams import TRAINER_HPARAM_DOMAINS
 
     owners: dict[str, dict[str, Any]] = {k: {"the trainer": d} for k, d in TRAINER_HPARAM_DOMAINS.items()}
     for kind, entries, lookup in (("cell", e.cells, reg.cell), ("task", e.tasks, reg.task)):

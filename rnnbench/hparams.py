@@ -1,6 +1,6 @@
 """Hyperparameter domains: declared once, by whoever reads the value, checked before anything runs.
 
-The trainer declares its own (``rnnbench.trainer.TRAINER_HPARAM_DOMAINS``), a cell in
+The trainer declares its own (:data:`TRAINER_HPARAM_DOMAINS` below), a cell in
 ``Cell.hparam_domains``, a task in ``Task.hparam_domains``. The experiment check then refuses a
 fixed value or a search range that leaves a domain (``dropout`` up to 1.5, ``hidden_size`` from 0)
 with one line, instead of a sweep whose trials fail one by one.
@@ -108,3 +108,33 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+# Hyperparameters the trainer or the encoder read; cells and tasks declare their own.
+TRAINER_HPARAMS = {
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "momentum": 0.9,
+    "clip_norm": 1.0,
+    "batch_size": 32,
+    "hidden_size": 64,
+    "dropout": 0.0,
+    "lr_schedule": "constant",  # after warm-up: constant, or cosine/linear decay to 0 at the step cap
+    "warmup_steps": 0,  # linear warm-up from lr/warmup_steps to lr
+}
+# Their domains, checked against every fixed value and search range before a run starts.
+TRAINER_HPARAM_DOMAINS = {
+    "optimizer": Domain("choice", choices=OPTIMIZERS),
+    "lr": Domain("float", 0.0, 10.0, low_open=True),
+    "weight_decay": Domain("float", 0.0, 1.0),
+    "momentum": Domain("float", 0.0, 1.0, high_open=True),
+    "clip_norm": Domain("float", 0.0, 1e6, nullable=True),  # 0 or null: no clipping
+    "batch_size": Domain("int", 1, 65536),
+    "hidden_size": Domain("int", 1, MAX_WIDTH),
+    "dropout": Domain("float", 0.0, 1.0, high_open=True),
+    "lr_schedule": Domain("choice", choices=LR_SCHEDULES),
+    "warmup_steps": Domain("int", 0, 10**9),
+}

@@ -36,8 +36,7 @@ from rnnbench.sweep import (
     record_of,
     study_names,
 )
-
-SUMMARY_STEP = 0  # a run's one-off values (counts, summary, best valid, test) and its model's link
+from rnnbench.tracking import SUMMARY_STEP
 
 _MLFLOW_STATUS = {
     "complete": "FINISHED",

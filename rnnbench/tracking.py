@@ -27,6 +27,9 @@ def tracking_uri_for(home: Path) -> str:
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
+SUMMARY_STEP = 0  # a run's one-off values (counts, summary, best valid, test) and its model's link
+
+
 class TrackingError(RnnbenchError):
     """An MLflow store that cannot be used as given."""
 

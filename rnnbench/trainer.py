@@ -26,7 +26,12 @@ from rnnbench.data.batching import prefetch
 from rnnbench.devices import resolve_device
 from rnnbench.encoder import Encoder, parameter_counts
 from rnnbench.errors import ConfigError, TrialFailed
-from rnnbench.hparams import MAX_WIDTH, Domain
+from rnnbench.experiment import Architecture
+from rnnbench.hparams import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    TRAINER_HPARAMS,
+)
 from rnnbench.saved_memory import recording_saved, storage_bytes
 from rnnbench.stops import CONVERGED
 from rnnbench.task import Task, _one_line, declares_items
@@ -34,34 +39,6 @@ from rnnbench.task import Task, _one_line, declares_items
 if TYPE_CHECKING:
     import pandas as pd
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-LR_SCHEDULES = ("constant", "cosine", "linear")
-# Hyperparameters the trainer or the encoder read; cells and tasks declare their own.
-TRAINER_HPARAMS = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "momentum": 0.9,
-    "clip_norm": 1.0,
-    "batch_size": 32,
-    "hidden_size": 64,
-    "dropout": 0.0,
-    "lr_schedule": "constant",  # after warm-up: constant, or cosine/linear decay to 0 at the step cap
-    "warmup_steps": 0,  # linear warm-up from lr/warmup_steps to lr
-}
-# Their domains, checked against every fixed value and search range before a run starts.
-TRAINER_HPARAM_DOMAINS = {
-    "optimizer": Domain("choice", choices=OPTIMIZERS),
-    "lr": Domain("float", 0.0, 10.0, low_open=True),
-    "weight_decay": Domain("float", 0.0, 1.0),
-    "momentum": Domain("float", 0.0, 1.0, high_open=True),
-    "clip_norm": Domain("float", 0.0, 1e6, nullable=True),  # 0 or null: no clipping
-    "batch_size": Domain("int", 1, 65536),
-    "hidden_size": Domain("int", 1, MAX_WIDTH),
-    "dropout": Domain("float", 0.0, 1.0, high_open=True),
-    "lr_schedule": Domain("choice", choices=LR_SCHEDULES),
-    "warmup_steps": Domain("int", 0, 10**9),
-}
 
 
 class Budget(BaseModel):
@@ -106,19 +83,6 @@ class RunSettings(BaseModel):
     eval_batch_size: int | None = Field(None, ge=1)
     sync_every: int = Field(20, ge=1, description="steps between NaN checks / host reads")
     threads: int | None = Field(None, ge=1)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A cell x layers x direction; the unit every study compares."""
-
-    cell: str
-    layers: int = 1
-    bidirectional: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"{self.cell}-{self.layers}L-{'bi' if self.bidirectional else 'uni'}"
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 
 from rnnbench.errors import ConfigError, first_line
 from rnnbench.experiment import Study
+from rnnbench.exports import repair_models
 from rnnbench.faults import fault
 from rnnbench.interrupts import deferred, stop_once_on_either
 from rnnbench.items import save_items
@@ -37,7 +38,7 @@ from rnnbench.ledger import (
     remaining_units,
     write_result,
 )
-from rnnbench.models import log_model, model_card, repair_models, save_weights
+from rnnbench.models import log_model, model_card, save_weights
 from rnnbench.plan import Plan, open_stores
 from rnnbench.progress import Progress, make_progress
 from rnnbench.projection import MIRRORED, Projection, best_hparams, project_file

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from rnnbench.exports import best_seed
 from rnnbench.ledger import StudyLedger
-from rnnbench.models import CARD, WEIGHTS, best_seed
+from rnnbench.models import CARD, WEIGHTS
 from rnnbench.sweep import open_storage, record_of, study_names
 from tests.helpers import run_cli
 
@@ -59,7 +60,7 @@ def _final_records(home: Path) -> dict[str, dict]:
 
 
 def test_every_final_seed_reloads_from_mlflow_and_reproduces_its_test_metric(finished: Path):
-    from rnnbench.models import study_of
+    from rnnbench.exports import study_of
 
     home = finished / "home"
     models, records = _logged_models(home), _final_records(home)
@@ -172,7 +173,7 @@ def test_a_model_that_cannot_be_served_is_one_warning_and_the_sync_goes_on(
 ):
     import shutil
 
-    from rnnbench.models import repair_models
+    from rnnbench.exports import repair_models
     from rnnbench.tasks.sentiment import SentimentTask
     from rnnbench.tracking import Tracker
 
