@@ -740,6 +740,20 @@ def _copied_report(saved, out):
 @click.option("--repeat", type=click.IntRange(min=1), default=10, show_default=True, help="Timed rounds.")
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed rounds.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads (default: torch's choice).")
+@click.option(
+    "--padded",
+    metavar="DATASET",
+    help="Padded-batch mode: training batches whose lengths are a task's (sst2, conll2003, imdb, "
+    "wnut17, or TASK:DATASET) against full-length batches of the same tokens, per cell; "
+    "--seq-len is unused.",
+)
+@click.option(
+    "--batches",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="--padded: training batches timed, the first of a training epoch (a random sample).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--mlflow", "to_mlflow", is_flag=True, help="Also log the results as an MLflow run.")
 @click.option("--home", type=click.Path(file_okay=False), help="Run home for --mlflow (as rnnbench run).")
@@ -754,6 +768,10 @@ def bench_command(as_json: bool, to_mlflow: bool, home, tracking_uri, cells, che
     """Time forward and forward+backward of every cell through the encoder, against bare torch.nn."""
     from rnnbench import bench
 
+    if check and sizes["padded"]:
+        from rnnbench.errors import ConfigError
+
+        raise ConfigError("--check and --padded are two different runs: give one of them")
     if check:
         from rnnbench.gpu_check import run_check
 
@@ -762,7 +780,7 @@ def bench_command(as_json: bool, to_mlflow: bool, home, tracking_uri, cells, che
     settings = bench.BenchSettings(cells=tuple(cells), **sizes)
     result = bench.run(settings, progress=None if as_json else lambda message: click.echo(message, err=True))
     if to_mlflow:
-        from rnnbench.runner import run_home
+        from rnnbench.plan import run_home
         from rnnbench.tracking import tracking_uri_for
 
         path = run_home(home)

@@ -2,7 +2,9 @@
 
 Two paths compute the same function:
 - fused: when every cell is exactly nn.RNN/LSTM/GRU, call PyTorch's fused kernel (oneDNN/ATen on
-  CPU, cuDNN on GPU) on the cells' own parameters, with packed sequences for padded batches;
+  CPU, cuDNN on GPU) on the cells' own parameters. A padded batch goes packed on CUDA and in dense
+  calls on the CPU, where packing would leave oneDNN for a slow step-by-step loop (see
+  ``Encoder.padded_path``);
 - generic: any cell. The input projection of a whole layer is one matmul before the time loop, the
   loop iterates with ``unbind``, and padded positions keep their state (masked update), so padding
   never changes real outputs or final states. A cell that declares its step's backward (lstm,
@@ -32,6 +34,10 @@ from rnnbench.errors import ConfigError
 # `rnnbench bench --check` compares the two on a GPU machine).
 CUDNN_MODES = {"RNN_RELU": 0, "RNN_TANH": 1, "LSTM": 2, "GRU": 3}
 _FUSED_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+# how the fused kernel runs a padded batch (Encoder.padded_path)
+PADDED_PATHS = ("auto", "segments", "masked", "packed")
+# kernels whose state is their output and stays bounded (|h| <= max(1, |h0|)) through padded steps
+MASKABLE = {"GRU", "RNN_TANH"}
 
 
 def _map_state(fn, *states: State) -> State:
@@ -66,6 +72,7 @@ class Encoder(nn.Module):
         *,
         fused: bool = True,
         sequence: bool = True,
+        padded: str = "auto",
         **cell_hparams,
     ):
         super().__init__()
@@ -79,6 +86,9 @@ class Encoder(nn.Module):
             raise ConfigError(f"layers must be an integer >= 1, got {num_layers!r}")
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+        if padded not in PADDED_PATHS:
+            raise ConfigError(f"padded must be one of {', '.join(PADDED_PATHS)}, got {padded!r}")
+        self.padded = padded
         self.input_size, self.hidden_size = input_size, hidden_size
         self.num_layers, self.bidirectional, self.dropout = num_layers, bool(bidirectional), float(dropout)
         self.num_directions = 2 if bidirectional else 1
@@ -171,7 +181,8 @@ class Encoder(nn.Module):
                 raise ValueError(f"lengths must have shape [{batch}], got {list(lengths.shape)}")
             if lengths.device.type != "cpu":
                 lengths = lengths.cpu()  # read on the host below, once; CPU lengths cost no sync
-            shortest, longest = (int(v) for v in lengths.aminmax())
+            ends = lengths.tolist()  # cheaper than a reduction for a batch's few lengths
+            shortest, longest = (min(ends), max(ends)) if ends else (0, 0)
             if steps == 0 or shortest < 1 or longest > steps:
                 raise ValueError(f"lengths must lie in [1, {steps}], got min {shortest} max {longest}")
             if shortest == steps:
@@ -185,6 +196,30 @@ class Encoder(nn.Module):
         return self._forward_generic(x, lengths, state)
 
     # -- fused ---------------------------------------------------------------------------------
+    def padded_path(self, x: Tensor) -> str:
+        """How the fused kernel runs a padded batch (``padded``; ``auto`` picks by device). The
+        generic path masks its updates unless ``padded="segments"`` (``_forward_generic``).
+
+        - ``packed``: one call on a packed sequence; ``auto`` on CUDA, where cuDNN runs packed
+          sequences natively. On the CPU it is the slow one: a packed sequence leaves oneDNN's LSTM
+          for ATen's step-by-step loop, whose backward zero-fills a buffer the size of the whole
+          packed input projection (``[tokens, 4 * hidden]``) for every step's slice of it: time
+          quadratic in the length (55% of an LSTM training step at SST-2 lengths, ``aten::fill_``).
+        - ``segments``: dense calls over the time spans in which no sequence ends
+          (``_run_segments``); exact for every kernel; ``auto`` on the CPU.
+        - ``masked``: layer by layer and direction by direction, one dense call over the whole
+          padded batch with zeroed padding, the outputs masked and each final state read from the
+          output at the sequence's last real step (``_run_masked``). Exact only where the state is
+          the output and stays bounded through the padding (GRU, tanh RNN; other kernels fall back
+          to segments). Measured slower than segments on SST-2 and CoNLL-2003 lengths (it computes
+          the padded positions), so never chosen by ``auto``; kept to compare.
+        """
+        if self.padded == "masked" and self.fused_mode not in MASKABLE:
+            return "segments"  # its state is not its output (LSTM's c), or can overflow (ReLU)
+        if self.padded != "auto":
+            return self.padded
+        return "packed" if x.is_cuda else "segments"
+
     def _forward_fused(self, x: Tensor, lengths: Tensor | None, state: Sequence[State] | None):
         is_lstm = self.fused_mode == "LSTM"
         if state is None:
@@ -201,6 +236,9 @@ class Encoder(nn.Module):
         if lengths is None:
             result = kernel(x, hx, *args, True)
             out = result[0]
+        elif (path := self.padded_path(x)) != "packed":
+            out, hx_n = self._forward_by_layer(kernel, x, lengths, hx if is_lstm else (hx,), path)
+            result = (out, *hx_n)
         else:
             # pack_padded_sequence / pad_packed_sequence, minus their blocking copies (sorted indices
             # to the device, unsorted indices back to the host): the permutations are computed on the
@@ -223,8 +261,43 @@ class Encoder(nn.Module):
             final = list(result[1].unbind(0))
         return out, final
 
+    def _forward_by_layer(self, kernel, x: Tensor, lengths: Tensor, hx: tuple[Tensor, ...], path: str):
+        """The padded batch through dense kernel calls (``path``: segments or masked). Segments,
+        unidirectional: every layer in each call. Otherwise layer by layer, the backward direction
+        on each sequence reversed within its length (as the generic path), since a span of the
+        backward direction would need the future. Returns outputs and the stacked final parts."""
+        if path == "segments" and not self.bidirectional:
+            run = _fused_run(kernel, self.fused_weights(), self.num_layers, self.dropout, self.training)
+            return _run_segments(run, x, lengths, hx, 1)
+        real = None
+        if path == "masked":  # [B, T, 1]: True at real positions, on x's device
+            steps = torch.arange(x.shape[1], device=x.device)
+            real = (steps < to_device(lengths, x.device).unsqueeze(1)).unsqueeze(-1)
+        layer_input, finals = x, []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                c = self.cells[k]
+                weights = [c.weight_ih, c.weight_hh, c.bias_ih, c.bias_hh]
+                seq = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
+                state = tuple(h[k : k + 1] for h in hx)
+                if real is not None:
+                    out, h_n = _run_masked(kernel, seq, lengths, real, state, weights, self.training)
+                else:
+                    run = _fused_run(kernel, weights, 1, 0.0, self.training)
+                    out, h_n = _run_segments(run, seq, lengths, state, 1)
+                outputs.append(out if direction == 0 else reverse_padded(out, lengths))
+                finals.append(h_n)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            if layer < self.num_layers - 1 and self.dropout > 0.0:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, self.training)
+        return layer_input, tuple(torch.cat(parts, 0) for parts in zip(*finals))
+
     # -- generic -------------------------------------------------------------------------------
     def _forward_generic(self, x: Tensor, lengths: Tensor | None, state: Sequence[State] | None):
+        if lengths is not None and self.padded == "segments":  # measured no faster: not auto's choice
+            return self._forward_generic_segments(x, lengths, state)
         batch, steps = x.shape[0], x.shape[1]
         masks: list[Tensor | None] = [None] * steps
         device_lengths = None
@@ -253,6 +326,34 @@ class Encoder(nn.Module):
                 layer_input = nn.functional.dropout(layer_input, self.dropout, self.training)
         return layer_input, final
 
+    def _forward_generic_segments(self, x: Tensor, lengths: Tensor, state: Sequence[State] | None):
+        """A padded batch, layer by layer and direction by direction, in spans of time where no
+        sequence ends (``_run_segments``): no padded position computed, no masked update. Only with
+        ``padded="segments"``: the generic loop's cost is per step, not per row, so skipping
+        finished rows saved nothing at SST-2 and CoNLL-2003 lengths and the extra calls cost."""
+        batch = x.shape[0]
+        layer_input, final = x, []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                cell = self.cells[k]
+                s0 = state[k] if state is not None else cell.init_state(batch, device=x.device, dtype=x.dtype)
+                single = isinstance(s0, Tensor)
+
+                def run(seq: Tensor, parts: tuple[Tensor, ...], cell=cell, single=single):
+                    out, s_n = self._run_cell(cell, seq, parts[0] if single else parts, [None] * seq.shape[1])
+                    return out, (s_n,) if single else tuple(s_n)
+
+                seq = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
+                out, parts = _run_segments(run, seq, lengths, (s0,) if single else tuple(s0), 0)
+                outputs.append(out if direction == 0 else reverse_padded(out, lengths))
+                final.append(parts[0] if single else parts)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            if layer < self.num_layers - 1 and self.dropout > 0.0:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, self.training)
+        return layer_input, final
+
     def _run_cell(self, cell: Cell, seq: Tensor, s: State, masks: list[Tensor | None]):
         if self.sequence_path:
             out, s = run_sequence(cell, cell.project_input(seq.transpose(0, 1)), s, masks)
@@ -270,6 +371,91 @@ class Encoder(nn.Module):
             s = new
             hs.append(h)
         return torch.stack(hs, dim=1), s
+
+
+def _fused_run(kernel, weights: list[Tensor], layers: int, dropout: float, training: bool):
+    """A fused kernel as ``_run_segments`` calls it: (input, state parts) -> (output, parts)."""
+
+    def run(seq: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        hx = state if len(state) > 1 else state[0]
+        result = kernel(seq, hx, weights, True, layers, dropout, training, False, True)
+        return result[0], tuple(result[1:])
+
+    return run
+
+
+def _run_segments(
+    run, x: Tensor, lengths: Tensor, hx: tuple[Tensor, ...], batch_dim: int
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """A unidirectional recurrence ``run(input, state parts) -> (outputs, state parts)`` over the
+    padded batch ``x [B, T, F]`` (CPU ``lengths``), exactly as over each sequence alone: one call
+    on full-length rows per span of time in which no sequence ends.
+
+    With the rows in length order the sequences still running in a span are one block of rows
+    (the last ones when shortest first, as length-bucketed batches come; the first ones when
+    longest first; any other order is sorted, longest first). Each call starts from the state the
+    previous span left, and the rows that end with a span keep its final state. A bucketed batch
+    holds one to three distinct lengths: one to three calls, with no padded position computed and
+    no masking. ``hx``: the state parts, batch along ``batch_dim`` (1 for a fused kernel's
+    ``[layers, B, H]``, 0 for a cell's ``[B, H]``); returns outputs ``[B, T, H]`` (zeros at
+    padding) and the final parts."""
+    batch, steps = x.shape[0], x.shape[1]
+    ends = lengths.tolist()
+    ascending = all(a <= b for a, b in zip(ends, ends[1:]))
+    order = None
+    if not ascending and not all(a >= b for a, b in zip(ends, ends[1:])):
+        sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+        ends, device_order = sorted_lengths.tolist(), to_device(order, x.device)
+        x = x.index_select(0, device_order)
+        hx = tuple(h.index_select(batch_dim, device_order) for h in hx)
+    spans = sorted(set(ends))
+    running = [sum(1 for end in ends if end >= stop) for stop in spans] + [0]  # rows in each span
+
+    def block(t: Tensor, dim: int, first: int, count: int) -> Tensor:
+        """``count`` rows of ``t`` starting ``first`` rows from the start (longest first) or from
+        the end of the running block (shortest first)."""
+        size = t.shape[dim]
+        return t.narrow(dim, first if not ascending else size - first - count, count)
+
+    outputs, finished, start, state = [], [], 0, hx
+    for span, stop in enumerate(spans):
+        rows, still = running[span], running[span + 1]
+        state = tuple(block(part, batch_dim, 0, rows) for part in state)
+        out, state = run(block(x, 0, 0, rows).narrow(1, start, stop - start), state)
+        if rows < batch:
+            out = nn.functional.pad(
+                out, (0, 0, 0, 0) + ((0, batch - rows) if not ascending else (batch - rows, 0))
+            )
+        outputs.append(out)
+        finished.append(tuple(block(part, batch_dim, still, rows - still) for part in state))
+        start = stop
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    if start < steps:
+        out = nn.functional.pad(out, (0, 0, 0, steps - start))
+    # the rows that end first were finished first: they lead the batch when it is shortest first
+    final = tuple(torch.cat(parts if ascending else parts[::-1], dim=batch_dim) for parts in zip(*finished))
+    if order is not None:
+        unorder = torch.empty_like(order)
+        unorder[order] = torch.arange(batch)
+        device_unorder = to_device(unorder, x.device)
+        out = out.index_select(0, device_unorder)
+        final = tuple(part.index_select(batch_dim, device_unorder) for part in final)
+    return out, final
+
+
+def _run_masked(
+    kernel, x: Tensor, lengths: Tensor, real: Tensor, hx: tuple[Tensor], weights: list[Tensor], training: bool
+) -> tuple[Tensor, tuple[Tensor]]:
+    """One layer and direction of a GRU or tanh RNN ``kernel`` over the whole padded batch in one
+    dense call. The steps past a sequence's end only follow it (the recurrence is causal), so its
+    real outputs are exact; its final state is its output at its last real step. The padding is
+    zeroed first, so the states computed there stay bounded and their gradients, multiplied by
+    the zeros the mask sends back, are exactly zero (0 * NaN would not be)."""
+    x = x.masked_fill(~real, 0.0)
+    out = kernel(x, hx[0], weights, True, 1, 0.0, training, False, True)[0].masked_fill(~real, 0.0)
+    rows = torch.arange(x.shape[0], device=x.device)
+    last = out[rows, to_device(lengths, x.device) - 1]  # [B, H]
+    return out, (last.unsqueeze(0),)
 
 
 def parameter_counts(encoder: Encoder) -> dict:

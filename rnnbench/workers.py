@@ -43,9 +43,10 @@ from rnnbench.plan import Plan, open_stores
 from rnnbench.progress import Progress, make_progress
 from rnnbench.projection import MIRRORED, Projection, best_hparams, project_file
 from rnnbench.scheduler import LedgerLock, claimed, final_done, owner_identity, recover, recover_study
-from rnnbench.sweep import RECORD, lease_duration, suggest
+from rnnbench.sweep import RECORD, is_journal, journal_path, lease_duration, suggest
 from rnnbench.trainer import RunSettings
 from rnnbench.trial import HiddenSizes, Outcome, TrialHooks, failed_before_training, now_ms, run_trial
+from rnnbench.waiting import LedgerWatch, pause
 
 _STATES = {
     "complete": optuna.trial.TrialState.COMPLETE,
@@ -182,6 +183,7 @@ class Worker:
             torch.set_num_threads(self.settings.threads)
         self.tracker, self.storage, self.lock = stores or open_stores(plan, create=False)
         self.projection = Projection(self.tracker, self.storage, self.lock)
+        self.journal = is_journal(plan.storage_url)
         self.owner = owner_identity(worker)
         self.owner["home"] = str(plan.home)
         units = remaining_units(plan, self.storage)  # a resumed run counts only what is left
@@ -191,17 +193,35 @@ class Worker:
         self._last_recovery: dict[str, float] = {}
 
     def run(self) -> None:
-        pending = list(self.plan.studies)
+        """Advance every study until each is done. A study with nothing to claim now (other
+        workers hold its last trials) is looked at again only when the ledger says it changed, a
+        lease may be overdue, or a lease has passed (see rnnbench.waiting)."""
+        pending = {study.name: study for study in self.plan.studies}
+        due = set(pending)  # studies to advance now
+        journal = journal_path(self.plan.storage_url, self.plan.home) if self.journal else None
+        watch = LedgerWatch(self.storage, journal)
+        last_look = time.monotonic()
         try:
             while pending:
                 worked = False
-                for study in list(pending):
-                    state = self.advance(study)
+                for name in [n for n in pending if n in due]:
+                    state = self.advance(pending[name])
                     worked |= state == "worked"
                     if state == "done":
-                        pending.remove(study)
-                if pending and not worked:
-                    time.sleep(0.5)  # other workers hold the remaining trials
+                        del pending[name]
+                    if state != "worked":
+                        due.discard(name)
+                if worked or not pending:
+                    continue
+                watch.changed()  # the version to compare with, as of now
+                while not due:
+                    pause()
+                    changed = watch.changed()
+                    due = set(pending) if changed is None else changed & set(pending)
+                    if watch.overdue_lease() or time.monotonic() - last_look > lease_duration():
+                        due, last_look = set(pending), time.monotonic()
+                        for study in pending.values():
+                            self._recover_now_and_then(study)
         finally:
             self.progress.close()
 

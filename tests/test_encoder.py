@@ -392,6 +392,95 @@ def test_non_finite_padding_stays_out_of_outputs_and_gradients(case, path):
     assert torch.all(x.grad[~real.squeeze(-1)] == 0) and torch.isfinite(x.grad).all()
 
 
+# The fused kernel's ways through a padded batch (Encoder.padded): each must give what the
+# reference equations give on each sequence alone, whatever the order of the lengths in the batch.
+PADDED_PATHS = ["segments", "masked", "packed"]
+FUSED_CASES = [case for case, mode in FUSED_MODE.items() if mode]
+LENGTH_ORDERS = {
+    "mixed": LENGTHS,
+    "shortest-first": [1, STEPS - 2, STEPS - 2],  # as length-bucketed batches come
+    "longest-first": [STEPS, 3, 1],
+    "one-length-short": [STEPS - 2] * BATCH,  # every row padded, one span
+}
+
+
+@pytest.mark.parametrize("padded", PADDED_PATHS)
+@pytest.mark.parametrize("order", list(LENGTH_ORDERS))
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_every_padded_path_matches_reference_equations(case, bidirectional, order, padded):
+    """Two layers: segments runs both in each call (unidirectional), masked one by one."""
+    encoder = make_encoder(case, 2, bidirectional)
+    encoder.padded = padded
+    assert_same_run(encoder, case, random_input(), LENGTH_ORDERS[order], random_state(encoder))
+
+
+@pytest.mark.parametrize("padded", ["segments", "masked"])
+@pytest.mark.parametrize("order", ["mixed", "shortest-first"])
+@pytest.mark.parametrize("path", ["sequence", "autograd"])
+@pytest.mark.parametrize("case", ["lstm", "peephole", "gru"])
+def test_generic_padded_paths_match_reference_equations(case, path, order, padded):
+    """The generic path runs every step with a masked update (the default) or spans (segments)."""
+    encoder = make_encoder(case, 2, True, path=path)
+    encoder.padded = padded
+    assert_same_run(encoder, case, random_input(), LENGTH_ORDERS[order], random_state(encoder))
+
+
+@pytest.mark.parametrize("padded", PADDED_PATHS)
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_non_finite_padding_stays_out_on_every_padded_path(case, padded):
+    encoder = make_encoder(case, 2, True)
+    encoder.padded = padded
+    lengths = torch.tensor(LENGTHS)
+    real = (torch.arange(STEPS) < lengths.unsqueeze(1)).unsqueeze(-1)
+    x = torch.where(real, random_input(), torch.tensor(float("nan"), dtype=torch.float64)).requires_grad_()
+    out, finals = encoder(x, lengths)
+    assert torch.all(out[~real.squeeze(-1)] == 0) and torch.isfinite(out).all()
+    scalar_loss(out, finals).backward()
+    for name, p in encoder.named_parameters():
+        assert torch.isfinite(p.grad).all(), f"non-finite gradient of {name}"
+    assert torch.all(x.grad[~real.squeeze(-1)] == 0) and torch.isfinite(x.grad).all()
+
+
+def test_padded_path_choice_on_the_cpu():
+    x = random_input().float()
+    assert {make_encoder(case, 1, False).padded_path(x) for case in FUSED_CASES} == {"segments"}
+    masked = {}
+    for case in FUSED_CASES:
+        encoder = make_encoder(case, 1, False)
+        encoder.padded = "masked"
+        masked[case] = encoder.padded_path(x)
+    # only where the state is the output and stays bounded in the padding
+    assert masked == {"rnn-tanh": "masked", "rnn-relu": "segments", "lstm": "segments", "gru": "masked"}
+    with pytest.raises(ConfigError, match="padded must be one of"):
+        Encoder("lstm", INPUT, HIDDEN, padded="sorted")
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_float32_padded_paths_agree_with_packed(case):
+    """float32 on the CPU takes oneDNN's LSTM (float64 takes ATen's): the dense spans must still
+    give the packed sequence's outputs, final states and gradients."""
+    cell_name, hparams = CELLS[case]
+    torch.manual_seed(0)
+    encoder = Encoder(cell_name, 8, 16, 2, **hparams)
+    gen = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([3, 5, 5, 9, 12, 12, 12, 20])
+    x = torch.randn(8, 20, 8, generator=gen)
+    results = {}
+    for padded in ("packed", "auto"):
+        encoder.padded = padded
+        xi = x.clone().requires_grad_()
+        out, finals = encoder(xi, lengths)
+        grads = torch.autograd.grad(scalar_loss(out, finals), [xi, *encoder.parameters()])
+        results[padded] = (out, [p for s in finals for p in as_parts(s)], grads)
+    for got, want in zip(results["auto"], results["packed"]):
+        for g, w in zip(
+            got if isinstance(got, (list, tuple)) else [got],
+            want if isinstance(want, (list, tuple)) else [want],
+        ):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_full_lengths_equal_no_lengths():
     encoder = make_encoder("lstm", 2, True, path="sequence")
     x = random_input()

@@ -93,7 +93,7 @@ def reference_search(task: str, layers: int, **more) -> str:
 
 
 def test_every_trainer_hyperparameter_is_known_to_the_knob_check():
-    from rnnbench.trainer import TRAINER_HPARAMS
+    from rnnbench.hparams import TRAINER_HPARAMS
 
     classified = {*MODEL_KNOBS, *OPTIMIZER_KNOBS, *ACTING_KNOBS}
     assert set(TRAINER_HPARAMS) <= classified, "add a new trainer knob to one of preflight's lists"

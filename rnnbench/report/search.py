@@ -131,7 +131,7 @@ def best_values_of(experiment: str, best: dict[str, dict[str, Any]], space: dict
 
 def _domain_ends_at(name: str, edge: str, bound: float) -> bool:
     """Whether the trainer's domain of ``name`` closes at ``bound`` (dropout at 0): no widening."""
-    from rnnbench.trainer import TRAINER_HPARAM_DOMAINS
+    from rnnbench.hparams import TRAINER_HPARAM_DOMAINS
 
     domain = TRAINER_HPARAM_DOMAINS.get(name)
     if domain is None:
