@@ -17,6 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
+from rnnbench.errors import ConfigError
+
+# rnnbench.experiment (pydantic, +0.12 s) is imported in the functions that read one: `rnnbench.run`
+# and `rnnbench.Results` resolve without loading pydantic (tests/test_api.py holds to it).
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -89,6 +95,8 @@ def run(
     trials are kept; a changed experiment is refused). Returns :func:`load_results`'s frames,
     with ``studies`` filled in. ``overrides``: ``["budget.trials=3"]`` or ``{"budget.trials": 3}``.
     Errors a person can act on raise :class:`rnnbench.errors.RnnbenchError` subclasses."""
+    # local: on `import rnnbench.api` rnnbench.runner (torch, optuna) costs +4.1 s and pandas
+    # +0.76 s; load_experiment needs neither
     import pandas as pd
 
     from rnnbench import runner
@@ -119,6 +127,7 @@ def load_results(
     """The results of ``experiment`` (its name, its file, a YAML string or a mapping: only its
     name is read; or a saved report's folder, one holding ``runs.parquet``) from the run home's
     MLflow store, collected and ranked as ``rnnbench report`` does. Nothing is written."""
+    # local: rnnbench.report (pandas) costs +1.0 s on `import rnnbench.api`; load_experiment needs none of it
     from rnnbench.report import collect as collect_mod
     from rnnbench.report import tables as tables_mod
 
@@ -145,7 +154,7 @@ def load_results(
 
 
 def _joined(summaries: dict) -> pd.DataFrame:
-    import pandas as pd
+    import pandas as pd  # local: +0.76 s on `import rnnbench.api`; load_experiment needs none of it
 
     frames = [df.assign(experiment=e) for e, df in summaries.items() if not df.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -153,8 +162,6 @@ def _joined(summaries: dict) -> pd.DataFrame:
 
 def _name_of(experiment: str | Path | Mapping[str, Any]) -> str:
     """An experiment's name without validating it (its results may outlive its plugins)."""
-    from rnnbench.errors import ConfigError
-
     if isinstance(experiment, Mapping):
         name = experiment.get("name")
     elif isinstance(experiment, Path) or _looks_like_a_path(experiment):
@@ -162,8 +169,6 @@ def _name_of(experiment: str | Path | Mapping[str, Any]) -> str:
 
         return load(experiment).name
     elif "\n" in experiment or ":" in experiment:
-        import yaml
-
         data = yaml.safe_load(experiment)
         name = data.get("name") if isinstance(data, dict) else None
     else:
@@ -188,8 +193,6 @@ def _overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> list[str]
     if isinstance(overrides, str):
         return [overrides]
     if isinstance(overrides, Mapping):
-        import yaml
-
         return [
             f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
             for key, value in overrides.items()

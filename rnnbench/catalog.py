@@ -17,13 +17,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from rnnbench import __version__
+from rnnbench.data.resolve import cache_dir
+from rnnbench.plugins import DISABLE_ENV, ENTRY_POINT_GROUP, Registry, one_line_error
+
 REFERENCE_SIZE = 128  # input = hidden = 128, one layer, unidirectional
 
 
 def _fingerprint() -> str:
-    from rnnbench import __version__
-    from rnnbench.plugins import DISABLE_ENV, ENTRY_POINT_GROUP
-
     parts = [__version__, os.environ.get(DISABLE_ENV, "")]
     package = Path(__file__).parent
     for source in sorted([*package.glob("cells/*.py"), *package.glob("tasks/*.py"), package / "plugins.py"]):
@@ -38,15 +39,13 @@ def _fingerprint() -> str:
 
 
 def _cache_file() -> Path:
-    from rnnbench.data.resolve import cache_dir
-
     return cache_dir() / "catalog.json"
 
 
 def build() -> dict[str, Any]:
     """Load every plugin and describe its cells and tasks (imports torch)."""
+    # local: rnnbench.encoder imports torch, +2.9 s that a cached `rnnbench list` must not pay
     from rnnbench.encoder import Encoder
-    from rnnbench.plugins import Registry, one_line_error
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -12,6 +12,7 @@ seeds, studies and epochs (see the limits below).
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import re
@@ -23,7 +24,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rnnbench.errors import ConfigError, RnnbenchError, shorten
+from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError, shorten
+from rnnbench.hparams import TRAINER_HPARAM_DOMAINS, TRAINER_HPARAMS
+from rnnbench.plugins import get_task, registry
 
 # Bounds on what a file may ask for; each is far above any sensible experiment.
 MAX_FILE_BYTES = 1 << 20  # an experiment file is a few KB
@@ -303,8 +306,8 @@ class PrunerSpec(_Strict):
 def check_device(name: Any) -> str:
     """A device name torch would accept: auto, cpu, cuda, cuda:N, or mps where torch has it.
     Whether the machine has that device is checked by the pre-flight, on the machine that runs."""
-    import re
-
+    # local: torch costs +2.6 s on `import rnnbench.experiment` (sweep, ledger, the report and
+    # `rnnbench sync` import it); only a device name needs it
     import torch
 
     if isinstance(name, str) and (
@@ -398,7 +401,6 @@ class Architecture:
         return f"{self.cell}-{self.layers}L-{'bi' if self.bidirectional else 'uni'}"
 
 
-
 class Study:
     """One (architecture, task, dataset): the unit that gets a tuning budget."""
 
@@ -426,8 +428,6 @@ class Study:
         return self.task_entry.parameter_budget or self.experiment.parameter_budget
 
     def make_task(self, seed: int = 0):
-        from rnnbench.plugins import get_task
-
         cls = get_task(self.task_entry.name)
         return cls(
             self.task_entry.dataset, data_path=self.task_entry.data_path, seed=seed, **self.task_entry.options
@@ -457,8 +457,7 @@ def expand(experiment: Experiment) -> tuple[list[Study], list[tuple[str, str]]]:
             if unknown := [a for a in task.architectures if a not in offered]:
                 label = task.label or f"{task.name}-{task.dataset}"
                 raise ConfigError(
-                    f"task {label}: architectures {unknown} are not among the cells' "
-                    f"({', '.join(offered)})"
+                    f"task {label}: architectures {unknown} are not among the cells' ({', '.join(offered)})"
                 )
             candidates = [s for s in candidates if s.arch_name in task.architectures]
         for study in candidates:
@@ -658,8 +657,6 @@ def parse_mapping(
 ) -> Experiment:
     """:func:`parse` for an experiment given as a mapping (the Python API): the same bounds and
     checks; errors name the key path (there is no line to name)."""
-    import yaml
-
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: an experiment must be a mapping of keys (name, cells, tasks, ...)")
     try:
@@ -701,8 +698,6 @@ def _pick_error(errors: list[dict]) -> dict:
 
 
 def _unknown_key_message(loc: tuple, exc: ValidationError) -> str:
-    import difflib
-
     key = loc[-1]
     model = {
         "budget": BudgetSpec,
@@ -723,9 +718,6 @@ def _unknown_key_message(loc: tuple, exc: ValidationError) -> str:
 
 def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
     """Cell/task/dataset/option/hyperparameter names, against the registry."""
-    from rnnbench.hparams import TRAINER_HPARAMS
-    from rnnbench.plugins import registry
-
     reg = registry()
 
     def fail(path: tuple, err: RnnbenchError):
@@ -740,8 +732,6 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
         cell_hparams |= set(cls.hparam_names())
         for key in cell.hparams:
             if key not in cls.hparam_names():
-                from rnnbench.errors import UnknownNameError
-
                 fail(
                     ("cells", i, "hparams", key),
                     UnknownNameError(f"hyperparameter of cell {cell.name!r}", key, cls.hparam_names()),
@@ -767,8 +757,6 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
             )
         for key in task.hparams:
             if key not in cls.hparam_defaults:
-                from rnnbench.errors import UnknownNameError
-
                 fail(
                     ("tasks", i, "hparams", key),
                     UnknownNameError(f"hyperparameter of task {task.name!r}", key, cls.hparam_defaults),
@@ -777,8 +765,6 @@ def _check_names(e: Experiment, source: str, lines: dict[tuple, int]) -> None:
     for section in ("search", "fixed"):
         for key in getattr(e, section):
             if key not in known:
-                from rnnbench.errors import UnknownNameError
-
                 fail((section, key), UnknownNameError("hyperparameter", key, known))
     _check_domains(e, reg, fail)
 
@@ -796,8 +782,6 @@ def _overridden_option(lines: dict[tuple, int | str], task: int, message: str) -
 def _check_domains(e: Experiment, reg, fail) -> None:
     """Every fixed value and every search range inside the domain of each cell, task or the trainer
     that reads it. A numeric domain is an interval, so a range is checked at its two ends."""
-    from rnnbench.hparams import TRAINER_HPARAM_DOMAINS
-
     owners: dict[str, dict[str, Any]] = {k: {"the trainer": d} for k, d in TRAINER_HPARAM_DOMAINS.items()}
     for kind, entries, lookup in (("cell", e.cells, reg.cell), ("task", e.tasks, reg.task)):
         for i, entry in enumerate(entries):

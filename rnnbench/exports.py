@@ -158,7 +158,7 @@ def _weights_from_mlflow(tracker, study_name: str, record: dict[str, Any]):
 
 def register(tracker, storage, study_name: str, home: Path) -> tuple[str, str]:
     """Register the best seed's logged model as ``<study name with / as .>``; (name, version)."""
-    import mlflow
+    import mlflow  # local: +2-3 s on `import rnnbench.exports`, which `rnnbench run --dry-run` imports
 
     record = best_seed(storage, study_name)
     run = tracker.runs_by_key().get((study_name, "final", str(record["trial"])), [])

@@ -27,7 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.backends.cudnn.rnn as cudnn_rnn
 
+from rnnbench import bench
+from rnnbench.data.batching import prefetch
 from rnnbench.encoder import CUDNN_MODES, Encoder
 
 FUSED_CELLS = {"rnn": {"nonlinearity": "tanh"}, "rnn-relu": {"nonlinearity": "relu"}, "lstm": {}, "gru": {}}
@@ -73,8 +76,6 @@ def check_fused(device: torch.device) -> list[str]:
     """cuDNN (CPU: oneDNN/ATen) equals the cells' step equations; on CUDA, on one flat weight buffer."""
     lines = []
     if device.type == "cuda":
-        import torch.backends.cudnn.rnn as cudnn_rnn
-
         for mode, value in CUDNN_MODES.items():
             assert cudnn_rnn.get_cudnn_mode(mode) == value, f"cuDNN mode of {mode}: {value} assumed"
     for case, hparams in FUSED_CELLS.items():
@@ -122,6 +123,8 @@ def check_generic(device: torch.device) -> list[str]:
 
 def tiny_sweep(device: torch.device, precision: str) -> list[str]:
     """`rnnbench run` on a two-cell sentiment experiment (synthetic data) at ``precision``."""
+    # local: runner, experiment, trainer and the sentiment task cost +2.1 s together on
+    # `import rnnbench.gpu_check`, which `rnnbench bench --check` without CUDA pays for one line
     from rnnbench import experiment as experiment_mod
     from rnnbench import runner
 
@@ -150,8 +153,7 @@ def training_steps(device: torch.device, precision: str, *, forbid_sync: bool) -
     """A few of the Trainer's own steps (``trainer.train_step``: autocast, gradient scaler, clipping,
     the fused optimizer on CUDA) per path (fused lstm, sequence peephole, autograd gru) on padded
     sentiment batches; with ``forbid_sync`` (CUDA) any host-device sync inside a step raises."""
-    from rnnbench.data.batching import prefetch
-    from rnnbench.tasks.sentiment import SentimentTask
+    from rnnbench.tasks.sentiment import SentimentTask  # local: see tiny_sweep
     from rnnbench.trainer import make_optimizer, precision_tools, train_step
 
     task = SentimentTask("synthetic")
@@ -224,8 +226,6 @@ def run_check(echo: Callable[[str], None] = print) -> int:
     ):
         for line in step():
             echo(f"  ok  {line}")
-    from rnnbench import bench
-
     result = bench.run(bench.BenchSettings(device="cuda", repeat=10), progress=echo)
     bench.print_table(result)
     echo("all CUDA checks passed")

@@ -22,6 +22,11 @@ from typing import Any
 import torch
 
 from rnnbench.errors import DataError
+from rnnbench.portable import requirements_for
+from rnnbench.tracking import SUMMARY_STEP
+
+# mlflow is imported where used: +2-3 s on `import rnnbench.models`, which `rnnbench check` and
+# `rnnbench run --dry-run` import (through the trainer) without logging a model.
 
 MODELS_DIR = "models"  # under the run home
 CARD = "rnnbench_model.json"  # task, architecture, hyperparameters, metrics, preprocessing
@@ -123,8 +128,6 @@ def model_card(task, study, record: dict[str, Any]) -> dict[str, Any]:
 def _requirements(task, serving: torch.nn.Module, *, strict: bool):
     """Pinned here so MLflow need not infer them (a subprocess that reloads the model, seconds),
     with wheels of the packages no index has (rnnbench from a checkout, plugins): see portable."""
-    from rnnbench.portable import requirements_for
-
     return requirements_for(serving, type(task), wheel_dir=Path("extra_files"), strict=strict)
 
 
@@ -204,8 +207,6 @@ def log_model(tracker, run_id: str, task, model: torch.nn.Module, card: dict[str
     import mlflow
     import mlflow.pytorch
 
-    from rnnbench.tracking import SUMMARY_STEP
-
     _quiet_pickle_notice()
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_experiment(experiment_id=tracker.experiment_id)  # logged models go to the active one
@@ -235,5 +236,3 @@ def runs_with_models(tracker) -> set[str]:
     # every logged model of the experiment is a final seed's (named after it, or "model" before)
     models = mlflow.search_logged_models(experiment_ids=[tracker.experiment_id], output_format="list")
     return {m.source_run_id for m in models if m.source_run_id}
-
-

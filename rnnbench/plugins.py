@@ -187,6 +187,8 @@ def one_line_error(exc: BaseException) -> str:
     return clip_message(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
 
 
+# The imports below stay local: a cached `rnnbench list` loads this module and must not pay torch
+# (rnnbench.cells.base +2.4 s, rnnbench.task +3.0 s) or numpy (rnnbench.stats +0.13 s).
 def _cell_base() -> type:
     from rnnbench.cells.base import Cell
 

@@ -31,8 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rnnbench.cells.base import build_cell
 from rnnbench.devices import resolve_device
+from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, ContractError, DataError, RnnbenchError, clip_message, shorten
+from rnnbench.plugins import get_cell, registry
+from rnnbench.task import Batch, Metric, declares_items
+from rnnbench.testing import ContractViolation, check_task_contract
+from rnnbench.trainer import make_optimizer, seed_everything, split_hparams
 
 TINY_BATCH, TINY_INPUT, TINY_HIDDEN, TINY_STEPS = 2, 3, 4, 5
 REFERENCE_CELL = "lstm"  # the builtin cell a task plugin is checked with (its state is a tuple)
@@ -130,8 +136,6 @@ def _check_output(out, state, what: str, *, device) -> tuple[Tensor, Any]:
 
 
 def _cell_alone(cls: type, hparams: dict[str, Any], device: torch.device) -> None:
-    from rnnbench.cells.base import build_cell
-
     with _step(f"__init__({TINY_INPUT}, {TINY_HIDDEN})"):
         cell = build_cell(cls, TINY_INPUT, TINY_HIDDEN, **hparams)
     cell.to(device)
@@ -167,8 +171,6 @@ def _cell_alone(cls: type, hparams: dict[str, Any], device: torch.device) -> Non
 
 
 def _cell_in_encoder(cls: type, hparams: dict[str, Any], device, layers: int, bidirectional: bool) -> None:
-    from rnnbench.encoder import Encoder
-
     with _step(f"the encoder ({layers} layers{', bidirectional' if bidirectional else ''})"):
         encoder = Encoder(cls, TINY_INPUT, TINY_HIDDEN, layers, bidirectional, **hparams).to(device)
         x = torch.randn(TINY_BATCH, TINY_STEPS, TINY_INPUT, generator=torch.Generator().manual_seed(1)).to(
@@ -195,8 +197,6 @@ def _cell_in_encoder(cls: type, hparams: dict[str, Any], device, layers: int, bi
 # -- tasks ----------------------------------------------------------------------------------------
 def _first_batch(task, device):
     """The first training batch of 2 (read once per task entry: bucketing a large split is slow)."""
-    from rnnbench.task import Batch
-
     with _step(f"batches('train', {TINY_BATCH})"):
         batch = next(
             iter(
@@ -213,8 +213,6 @@ def _first_batch(task, device):
 
 def _train_step(task, model: nn.Module, device, batch=None) -> None:
     """One batch of 2 through ``training_loss`` and backward; gradients must reach the encoder's cells."""
-    from rnnbench.encoder import Encoder
-
     encoders = [m for m in model.modules() if isinstance(m, Encoder)]
     if not encoders:
         raise _Broken("build_model must build its encoder with make_encoder(input_size)")
@@ -237,8 +235,6 @@ def _train_step(task, model: nn.Module, device, batch=None) -> None:
 
 
 def _build(task, cell: str, layers: int, bidirectional: bool, hp: dict, cell_hp: dict, task_hp: dict):
-    from rnnbench.encoder import Encoder
-
     def make_encoder(input_size: int) -> Encoder:
         return Encoder(cell, input_size, TINY_HIDDEN, layers, bidirectional, float(hp["dropout"]), **cell_hp)
 
@@ -250,8 +246,6 @@ def _build(task, cell: str, layers: int, bidirectional: bool, hp: dict, cell_hp:
 
 
 def _check_metrics(task) -> None:
-    from rnnbench.task import Metric
-
     metrics = task.metrics
     if not metrics or not all(isinstance(m, Metric) for m in metrics):
         raise _Broken("metrics must be a non-empty tuple of rnnbench.Metric, the primary one first")
@@ -269,9 +263,6 @@ def check_task(entry, *, device=None) -> str | None:
     evaluated at batch sizes 8 (twice) and 3 within CONTRACT_TOL. The first broken rule becomes a
     one-line ContractError naming the plugin. Returns a note for the user (a task without items
     gets seed-level statistics only), or None."""
-    from rnnbench.task import declares_items
-    from rnnbench.testing import ContractViolation, check_task_contract
-
     try:
         check_task_contract(
             entry.cls,
@@ -339,9 +330,6 @@ def check_experiment(experiment, studies, *, device: str | None = None) -> Summa
 
 
 def _check_experiment(experiment, studies, device: str | None) -> Summary:
-    from rnnbench.plugins import registry
-    from rnnbench.trainer import seed_everything, split_hparams
-
     started = time.perf_counter()
     target = resolve_device(device or experiment.device)
     reg = registry()
@@ -450,9 +438,6 @@ def inert_knobs(study, task, batch, device) -> list[tuple[str, str]]:
     of the choices). Acting means a different optimizer for make_optimizer's knobs, and for every
     other knob a different training loss on one batch: the model rebuilt from the same init seed
     and its dropout masks drawn from the same seed, so only the knob differs."""
-    from rnnbench.plugins import get_cell
-    from rnnbench.trainer import make_optimizer, seed_everything, split_hparams
-
     search = {k: spec for k, spec in study.experiment.search.items() if k not in ACTING_KNOBS}
     base = _tiny_hparams(study)
     cell = get_cell(study.arch.cell)
@@ -529,8 +514,6 @@ class Verdict:
 
 def check_installed(*, device: str = "cpu") -> list[Verdict]:
     """:func:`check_cell` on every registered cell and :func:`check_task` on every task."""
-    from rnnbench.plugins import registry
-
     reg = registry()
     target = resolve_device(device)
     verdicts = []

@@ -26,6 +26,7 @@ from rnnbench.ledger import (
     YAML_ATTR,
     StudyLedger,
 )
+from rnnbench.models import read_recorded
 from rnnbench.plugins import metric_bounds
 from rnnbench.scheduler import final_done
 from rnnbench.stats import MIN_SEEDS, mean_ci
@@ -335,8 +336,6 @@ def project_file(tracker, run_id: str, home: Path, kind: str, ref: dict[str, Any
     """A final seed's ``kind`` file (items, weights) as its run's artifact. True when logged; False
     when the run has it already, so projecting twice is harmless. Raises DataError when the run
     home's file is missing or changed."""
-    from rnnbench.models import read_recorded
-
     if tracker.has_artifact(run_id, mirrored_path(kind)):
         return False
     data = read_recorded(home, ref, kind)

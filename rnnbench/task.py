@@ -35,6 +35,7 @@ architectures item by item; one that does not gets seed-level statistics only.
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from rnnbench.data.resolve import resolve
 from rnnbench.errors import ConfigError, UnknownNameError
 from rnnbench.hparams import Domain
 
@@ -172,8 +174,6 @@ class Task(abc.ABC):
     def named_file(self, file) -> Path:
         """One file of a multi-file dataset: ``data_path/<file name>`` when a data_path folder is
         given, else the shared data, the cache or a download (see rnnbench.data.resolve)."""
-        from rnnbench.data.resolve import resolve
-
         explicit = self.data_path / Path(file.relpath).name if self.data_path is not None else None
         return resolve(file, explicit)
 
@@ -331,8 +331,6 @@ class WholeSequences(nn.Module):
 
 def _takes_lengths(model: nn.Module) -> bool:
     """True when ``model.forward`` needs a second positional argument (the lengths)."""
-    import inspect
-
     required = [
         p
         for p in inspect.signature(model.forward).parameters.values()

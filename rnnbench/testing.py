@@ -30,8 +30,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from rnnbench.encoder import Encoder
 from rnnbench.errors import RnnbenchError, shorten
+from rnnbench.models import serve
 from rnnbench.task import Batch, Metric, Task, declares_items
+from rnnbench.trainer import Architecture, build_model
 
 __all__ = [
     "ContractViolation",
@@ -101,8 +104,6 @@ def check_task_contract(
     metric names); last, ``describe()`` must fit MLflow params. Returns the scores per split and
     batch size.
     """
-    from rnnbench.trainer import Architecture, build_model
-
     device = torch.device(device)
     if isinstance(task, type):
         if "synthetic" not in task.datasets:
@@ -336,8 +337,6 @@ def _check_metric_declarations(task: Task) -> None:
 
 
 def _check_model(task: Task, model: Any) -> None:
-    from rnnbench.encoder import Encoder
-
     if not isinstance(model, nn.Module):
         raise ContractViolation(task, f"build_model must return an nn.Module, got {_kind(model)}")
     if not any(isinstance(m, Encoder) for m in model.modules()):
@@ -433,8 +432,6 @@ def _training_loss(task: Task, model: nn.Module, batch, carry, *, step: int) -> 
 
 
 def _check_gradient_reaches_encoder(task: Task, model: nn.Module) -> None:
-    from rnnbench.encoder import Encoder
-
     encoder = next(m for m in model.modules() if isinstance(m, Encoder))
     if any(p.grad is None for p in encoder.parameters() if p.requires_grad):
         raise ContractViolation(task, "the gradient of training_loss does not reach the encoder's cells")
@@ -443,8 +440,6 @@ def _check_gradient_reaches_encoder(task: Task, model: nn.Module) -> None:
 # -- serving, baseline, describe ------------------------------------------------------------------
 def _check_serving(task: Task, model: nn.Module) -> None:
     """The logged MLflow model is ``serving_model(model)``: it must run on ``serving_example()``."""
-    from rnnbench.models import serve
-
     hint = "; override serving_model/serving_example (see rnnbench.Task)"
     with _calling(task, "serving_model(model)(serving_example())", hint):
         serve(task, model)

@@ -6,17 +6,31 @@ process or thread. Metrics go in one ``log_batch`` call per epoch.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import logging
 import os
 import platform
 import re
+import socket
 import subprocess
+import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import psutil
+from filelock import FileLock
+
+from rnnbench import __version__
 from rnnbench.errors import RnnbenchError, first_line
+from rnnbench.faults import fault
+
+# mlflow (and flask) are imported where used: +2-3 s on `import rnnbench.tracking`, which
+# `rnnbench run --dry-run`, `rnnbench ui` and the report import without writing to MLflow.
 
 TAG = "rnnbench."  # prefix of our own tags
 EXPERIMENT_KIND = "custom_model_development"
@@ -38,12 +52,8 @@ class TrackingError(RnnbenchError):
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """One line, fast, when a tracking server does not answer (MLflow would retry for minutes)."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
-        import socket
-
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=timeout).close()
@@ -70,8 +80,6 @@ def artifact_root_for(uri: str, home: Path) -> Path | None:
     to, never only in a run home that may vanish (a Slurm job's $TMPDIR). A tracking server uses
     its own artifact store (None); an sqlite file keeps them in a folder beside it; a database
     without a server has no place of its own, so the run home's."""
-    from urllib.parse import urlsplit
-
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https", "databricks"):
         return None
@@ -109,10 +117,7 @@ def create_sqlite_store(home: Path) -> str:
     if path.is_file():
         return uri
     _quiet_mlflow()
-    from filelock import FileLock
     from mlflow.tracking import MlflowClient
-
-    from rnnbench.faults import fault as _fault
 
     tmp = path.with_name(f".mlflow.db.{os.getpid()}.tmp")
     try:
@@ -122,7 +127,7 @@ def create_sqlite_store(home: Path) -> str:
                 return uri
             MlflowClient(f"sqlite:///{tmp}").search_experiments(max_results=1)
             _dispose_engines(f"sqlite:///{tmp}")
-            _fault("sqlite_store_built")
+            fault("sqlite_store_built")
             os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -138,8 +143,6 @@ def _remove_dead_temporaries(path: Path) -> None:
     """Delete ``.mlflow.db.<pid>.tmp`` files (and their sqlite journals) whose process is gone:
     a SIGKILL between building a store and renaming it leaves one. Best effort: a read-only home
     keeps them, and a live process's own is never touched."""
-    import psutil
-
     for tmp in path.parent.glob(".mlflow.db.*.tmp*"):
         pid = tmp.name.split(".")[3]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
@@ -162,8 +165,6 @@ def _dispose_engines(uri: str) -> None:
 
 
 def _quiet_mlflow() -> None:
-    import logging
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # mlflow sets its logger's level when imported (from this variable), so a level set before is lost
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -221,17 +222,13 @@ def mlflow_ui_app():
 
 def mlflow_app_registered() -> bool:
     """Whether ``mlflow server --app-name rnnbench`` is known (rnnbench installed with its entry points)."""
-    from importlib.metadata import entry_points
-
-    return any(ep.name == MLFLOW_APP for ep in entry_points(group="mlflow.app"))
+    return any(ep.name == MLFLOW_APP for ep in importlib.metadata.entry_points(group="mlflow.app"))
 
 
 @lru_cache(maxsize=1)
 def environment_tags() -> dict[str, str]:
     """Where a run ran: recorded on every run so results are comparable across machines."""
-    import torch
-
-    from rnnbench import __version__
+    import torch  # local: +2-3 s on `import rnnbench.tracking` (report, `rnnbench ui`); a run has it
 
     commit = _git_commit(short=False)
     tags = {
@@ -344,9 +341,6 @@ class Tracker:
     ) -> None:
         """The data a run read, as an MLflow dataset input (Datasets column, run page): its name,
         where it comes from, a digest of what the task read and its sizes as the profile."""
-        import hashlib
-        import json
-
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
         profile = json.dumps(describe, sort_keys=True, default=str)
@@ -472,8 +466,6 @@ class Tracker:
         self.client.log_artifact(run_id, str(local_path), artifact_dir)
 
     def read_artifact(self, run_id: str, artifact_path: str) -> bytes:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             return Path(self.client.download_artifacts(run_id, artifact_path, tmp)).read_bytes()
 
@@ -511,8 +503,6 @@ def _make_system_monitor(run_id: str, uri: str):
 
         def collect_metrics(self):
             if not self._primed:  # runs in the monitor's thread, not the training one
-                import psutil
-
                 psutil.cpu_percent()
                 self._shutdown_event.wait(0.1)
                 self._primed = True

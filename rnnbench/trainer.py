@@ -22,23 +22,25 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# plugins.get_cell is looked up per call, as the local import did: a test swaps it
+from rnnbench import plugins
 from rnnbench.data.batching import prefetch
 from rnnbench.devices import resolve_device
 from rnnbench.encoder import Encoder, parameter_counts
-from rnnbench.errors import ConfigError, TrialFailed
+from rnnbench.errors import ConfigError, TrialFailed, UnknownNameError
 from rnnbench.experiment import Architecture
 from rnnbench.hparams import (
     LR_SCHEDULES,
     OPTIMIZERS,
     TRAINER_HPARAMS,
 )
+from rnnbench.items import item_frame
 from rnnbench.saved_memory import recording_saved, storage_bytes
 from rnnbench.stops import CONVERGED
 from rnnbench.task import Task, _one_line, declares_items
 
 if TYPE_CHECKING:
     import pandas as pd
-
 
 
 class Budget(BaseModel):
@@ -140,8 +142,6 @@ def split_hparams(hparams: dict[str, Any], cell_cls: type, task: Task) -> tuple[
         elif key in task_names:
             task_hp[key] = value
         else:
-            from rnnbench.errors import UnknownNameError
-
             raise UnknownNameError("hyperparameter", key, set(TRAINER_HPARAMS) | cell_names | task_names)
     if trainer["optimizer"] not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {trainer['optimizer']!r}")
@@ -151,9 +151,7 @@ def split_hparams(hparams: dict[str, Any], cell_cls: type, task: Task) -> tuple[
 def build_model(task: Task, arch: Architecture, hparams: dict[str, Any]) -> torch.nn.Module:
     """The model a run with these hyperparameters trains, freshly initialised on the CPU: the
     trainer's, the parameter counter's and a saved model's rebuild are one and the same."""
-    from rnnbench.plugins import get_cell
-
-    hp, cell_hp, task_hp = split_hparams(hparams, get_cell(arch.cell), task)
+    hp, cell_hp, task_hp = split_hparams(hparams, plugins.get_cell(arch.cell), task)
 
     def make_encoder(input_size: int) -> Encoder:
         return Encoder(
@@ -348,13 +346,11 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         setup_done: bool = False,
     ) -> FitResult:
-        from rnnbench.plugins import get_cell
-
         settings, budget = self.settings, self.budget
         if settings.threads:
             torch.set_num_threads(settings.threads)
         device = resolve_device(settings.device)
-        cell_cls = get_cell(arch.cell)
+        cell_cls = plugins.get_cell(arch.cell)
         hp, cell_hp, task_hp = split_hparams(hparams, cell_cls, task)
         if not setup_done:
             task.setup()
@@ -502,8 +498,6 @@ class Trainer:
             with torch.no_grad(), autocast, deadline.covering(task):
                 test = {k: float(v) for k, v in task.evaluate(model, "test", eval_bs, device=device).items()}
             if declares_items(task):  # what paired statistics resample: the same checkpoint's items
-                from rnnbench.items import item_frame
-
                 t2 = time.perf_counter()
                 with torch.no_grad(), autocast, deadline.covering(task):
                     per_split = {

@@ -204,8 +204,8 @@ def test_known_devices_pass_validation(device):
 
 
 def test_domains_are_declared_for_every_builtin_hyperparameter():
-    from rnnbench.plugins import registry
     from rnnbench.hparams import TRAINER_HPARAM_DOMAINS, TRAINER_HPARAMS
+    from rnnbench.plugins import registry
 
     assert set(TRAINER_HPARAM_DOMAINS) == set(TRAINER_HPARAMS)
     for name, domain in TRAINER_HPARAM_DOMAINS.items():

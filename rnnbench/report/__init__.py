@@ -7,6 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
+from rnnbench.report import budget as budget_mod
+from rnnbench.report import collect as collect_mod
+from rnnbench.report import figures as figures_mod
+from rnnbench.report import notebook as notebook_mod
+from rnnbench.report import search as search_mod
+from rnnbench.report import tables as tables_mod
+from rnnbench.report.figures import CAPTIONS
+from rnnbench.report.tables import _page, benchmark_html, benchmarks_of, summary_html
+
 FORMATS = ("html", "notebook", "all")
 
 
@@ -33,10 +44,6 @@ def build_report(
     index.html. Several experiments: one report comparing them (tidy tables with an ``experiment``
     column, rankings side by side, one column of figure panels each). Importances come from
     ``ledger`` (an Optuna storage) or else the ``journal`` file; the notebook re-reads a journal."""
-    from rnnbench.report import collect as collect_mod
-    from rnnbench.report import figures as figures_mod
-    from rnnbench.report import search as search_mod
-
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
     title = " vs ".join(experiments)
     say = progress or (lambda message: None)
@@ -57,10 +64,6 @@ def build_report(
 def rebuild_report(out: Path, *, fmt: str = "all", progress: Callable[[str], None] | None = None) -> Report:
     """Render a saved report again from its own tidy tables (runs, histories, importances,
     items), with this rnnbench's tables, verdicts and figures; no MLflow store needed."""
-    import pandas as pd
-
-    from rnnbench.report import collect as collect_mod
-
     data = collect_mod.load_saved(out)
     collect_mod.save(data, out)  # again, as reports are saved now (no machine paths, for one)
     experiments = list(data.runs["experiment"].dropna().unique())
@@ -73,12 +76,6 @@ def rebuild_report(out: Path, *, fmt: str = "all", progress: Callable[[str], Non
 
 def _render(data, experiments, importance, notes, files, out: Path, fmt: str, journal, say) -> Report:
     """Tables, figures, report.html, the executed notebook and index.html from collected data."""
-    from rnnbench.report import budget as budget_mod
-    from rnnbench.report import figures as figures_mod
-    from rnnbench.report import notebook as notebook_mod
-    from rnnbench.report import search as search_mod
-    from rnnbench.report import tables as tables_mod
-
     title = " vs ".join(experiments)
     tracking_uri = data.tracking_uri
     say(f"{len(data.runs)} runs; writing tables")
@@ -116,9 +113,6 @@ def _render(data, experiments, importance, notes, files, out: Path, fmt: str, jo
 def _static_html(title: str, out: Path, task_tables, sums, figure_paths, notes, extra=()) -> Path:
     """report.html: the tables and figures on one page, no kernel needed; the same functions
     render them in the notebook."""
-    from rnnbench.report.figures import CAPTIONS
-    from rnnbench.report.tables import _page, benchmark_html, benchmarks_of, summary_html
-
     body = [f"<h1>rnnbench report: {html.escape(title)}</h1>"]
     if notes:
         body.append("<ul class='notes'>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")

@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from rnnbench.report.collect import TaskInfo
+from rnnbench.report.tables import _html_table, _page, to_markdown
 from rnnbench.stops import CONVERGED_REASONS
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -130,6 +131,7 @@ def budget_sensitivity(
     fraction of its step budget, and Kendall's τ-b of each against the ranking at 100%.
     ``infos``: benchmark → TaskInfo (``collect.benchmark_infos``). τ is NaN with fewer than two
     architectures ranked at both points, or where one ranking is all ties."""
+    # local: scipy.stats costs +1.8 s on `import rnnbench.report`; only this computation needs it
     from scipy.stats import kendalltau
 
     points, notes = validation_points(runs, histories, infos)
@@ -216,8 +218,6 @@ def frame(result: BudgetSensitivity) -> pd.DataFrame:
 
 def html_table(result: BudgetSensitivity) -> str:
     """The table with its caption, and the notes (the notebook shows it under its own heading)."""
-    from rnnbench.report.tables import _html_table
-
     shown = frame(result)
     if shown.empty:
         return "<p>no validation history of final seeds</p>"
@@ -233,8 +233,6 @@ def html_section(result: BudgetSensitivity) -> str:
 def write(result: BudgetSensitivity, out: Path) -> list[Path]:
     """tables/budget_sensitivity.{csv,md,html} (τ per benchmark and fraction) and
     budget_ranks.csv (every architecture's rank at every fraction), raw numbers in the CSVs."""
-    from rnnbench.report.tables import _page, to_markdown
-
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"budget_sensitivity{s}" for s in (".csv", ".md", ".html")] + [out / "budget_ranks.csv"]
     result.taus.to_csv(paths[0], index=False)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 import pandas as pd
 
 from rnnbench import stops
+from rnnbench.data.resolve import DATA_ENV
 from rnnbench.errors import ConfigError, RnnbenchError, UnknownNameError, first_line
 from rnnbench.experiment import parse_margin
-from rnnbench.plugins import declared_metric, metric_bounds
+from rnnbench.plugins import declared_metric, get_task, metric_bounds
+from rnnbench.tracking import _quiet_mlflow, tracking_uri_for
 
 TAG = "rnnbench."
 # Params every child run carries that are not hyperparameters (they are tags too).
@@ -76,8 +79,9 @@ def resolve_tracking_uri(home: str | Path | None, tracking_uri: str | None) -> s
     """The URI given, else the run home's sqlite store (which must exist: MLflow would create it)."""
     if tracking_uri:
         return tracking_uri
+    # local: rnnbench.plan imports torch and optuna (+3.8 s on `import rnnbench.report.collect`);
+    # only a missing tracking URI needs it
     from rnnbench.plan import run_home
-    from rnnbench.tracking import tracking_uri_for
 
     path = run_home(home)
     if not (path / "mlflow.db").is_file():
@@ -92,8 +96,6 @@ def open_client(uri: str):
     # Fail fast on an unreachable server instead of minutes of retries with backoff.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from rnnbench.tracking import _quiet_mlflow
-
     _quiet_mlflow()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -102,6 +104,7 @@ def open_client(uri: str):
         if not db.is_file():
             raise RnnbenchError(f"MLflow tracking store {uri} is not reachable: no such database file")
     try:
+        # local: importing mlflow costs ~2.5 s, and the rebuilt report and load_results need none of it
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
@@ -145,8 +148,6 @@ def search_all_runs(client, experiment_id: str, progress: Callable[[str], None] 
 def task_info(task: str, columns: list[str]) -> tuple[TaskInfo, str | None]:
     """The primary metric from the task plugin; guessed from the columns when it is not installed."""
     try:
-        from rnnbench.plugins import get_task
-
         metric = get_task(task).metrics[0]
         return TaskInfo(
             task, metric.name, metric.direction, metric.bounds, metric.margin, metric.margin_relative
@@ -433,8 +434,7 @@ def collect_items(client, runs: pd.DataFrame, progress: Callable[[str], None] | 
     frame of ``run_id``, ``split``, ``item`` and the union of the tasks' columns (NaN where a task
     lacks one). Runs without the artifact (stores older than it, tasks that declare no items) are
     absent; ``attrs["missing"]`` lists their run ids."""
-    import tempfile
-
+    # local: mlflow (~2.5 s) and rnnbench.items, which imports torch (+3.8 s), serve only this fetch
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
@@ -483,8 +483,6 @@ def shareable_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs table as it is saved for others: no path of this machine in it. Artifact locations
     go; a dataset file the profile names becomes its path under ``$RNNBENCH_DATA`` (the manifest's
     relative path) or, elsewhere, its file name."""
-    from rnnbench.data.resolve import DATA_ENV
-
     data_root = Path(os.environ[DATA_ENV]).resolve() if os.environ.get(DATA_ENV) else None
 
     def shared(value: Any) -> Any:

@@ -6,15 +6,21 @@ column of panels per experiment (y shared along a benchmark's row)."""
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from rnnbench.report import budget, ranking
 from rnnbench.report.collect import TaskInfo, natural_key
 from rnnbench.report.tables import BASELINE_ROW, TaskTable
 from rnnbench.stats import MIN_SEEDS, finite, mean_ci
+
+# matplotlib, seaborn and IPython stay local, where drawn: on `import rnnbench.report` (which
+# `rnnbench run`'s results table and load_results pay) seaborn costs +2.5 s and matplotlib +0.3 s,
+# and make_all picks the Agg backend before pyplot loads.
 
 SEEDS_NOTE = f"mean; 95% CI over ≥{MIN_SEEDS} seeds, else each seed as a dot"
 EQUAL_PARAMS_SHARE = 0.05  # parameter counts this close are one budget (see metric_vs_params)
@@ -510,8 +516,6 @@ def grad_norm(runs, histories, infos, style):
 def budget_sensitivity(runs, histories, infos, style):
     """τ against the budget fraction, one line per benchmark, then a bump chart of ranks per
     benchmark (rnnbench.report.budget computes both)."""
-    from rnnbench.report import budget
-
     result = budget.budget_sensitivity(runs, histories, infos)
     if result.ranks.empty:
         return "budget_sensitivity: no validation history of final seeds"
@@ -599,7 +603,7 @@ def optimisation_history(runs: pd.DataFrame, infos, style):
 
 def open_ledger(journal: Path):
     """A journal's ledger for reading (also where the journal cannot be written)."""
-    from rnnbench.sweep import open_storage
+    from rnnbench.sweep import open_storage  # local: optuna, as in importance_table
 
     return open_storage(str(journal), journal.parent)
 
@@ -611,7 +615,11 @@ def importance_table(runs: pd.DataFrame, ledger) -> tuple[pd.DataFrame, list[str
     if isinstance(ledger, (str, Path)):
         ledger = open_ledger(Path(ledger)) if Path(ledger).is_file() else None
     if ledger is None:
-        return pd.DataFrame(), ["hyperparameter importance: no Optuna ledger found (pass --home or --storage), skipped"]
+        return pd.DataFrame(), [
+            "hyperparameter importance: no Optuna ledger found (pass --home or --storage), skipped"
+        ]
+    # local: on `import rnnbench.report` optuna costs +0.11 s and optuna.importance +2.5 s, which
+    # load_results and `rnnbench run`'s results table would pay; only this table needs them
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
     from optuna.trial import TrialState
@@ -812,8 +820,6 @@ def compare_experiments(tables: list[TaskTable], style: Style):
 
 def critical_difference(tables: list[TaskTable], style: Style):
     """Friedman/Nemenyi over benchmarks (rnnbench.report.ranking), for one experiment."""
-    from rnnbench.report import ranking
-
     experiments = list(dict.fromkeys(t.experiment for t in tables))
     if len(experiments) > 1:
         return "critical_difference: one experiment at a time (run the report on each)"
@@ -864,8 +870,6 @@ def make_all(runs, histories, tables, infos, importance_df, out: Path) -> Figure
         else:
             result.paths[name] = save(drawn, out, name)
             if name in RENAMED:  # links made to the old file name keep working (not listed again)
-                import shutil
-
                 for suffix in (".png", ".svg"):
                     shutil.copyfile(out / f"{name}{suffix}", out / f"{RENAMED[name]}{suffix}")
     return result

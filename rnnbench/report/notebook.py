@@ -8,6 +8,11 @@ import subprocess
 from pathlib import Path
 
 from rnnbench.errors import RnnbenchError
+from rnnbench.report.figures import CAPTIONS
+from rnnbench.report.tables import _page
+
+# nbformat (+0.11 s), nbclient (+0.3 s) and nbconvert (+0.85 s) stay local: every importer of
+# rnnbench.report (load_results, `rnnbench run`'s results table) would pay them for nothing.
 
 NOTEBOOK = "report.ipynb"
 NOTEBOOK_HTML = "report_notebook.html"
@@ -47,8 +52,6 @@ def build(experiments: list[str], tracking_uri: str, journal: Path | None = None
     """The analysis as cells a user edits and re-runs: load the tidy tables, filter, rank, draw."""
     import nbformat
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-    from rnnbench.report.figures import CAPTIONS
 
     md, code = new_markdown_cell, new_code_cell
     if out is not None:  # paths relative to the notebook's folder: nothing of this machine's
@@ -242,8 +245,6 @@ def _offline_exporter():
 
 def index_page(experiment: str, out: Path, links: dict[str, list[Path]], notes: list[str]) -> Path:
     """index.html: one link per produced file, grouped; figures shown as thumbnails."""
-    from rnnbench.report.tables import _page
-
     parts = [f"<h1>rnnbench report: {html.escape(experiment)}</h1>"]
     if notes:
         parts.append(

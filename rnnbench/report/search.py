@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+
+from rnnbench.hparams import TRAINER_HPARAM_DOMAINS
+from rnnbench.report.collect import natural_key
+from rnnbench.report.tables import _html_table
 
 EDGE = 0.1  # the outer share of a range at either end that counts as its edge
 SPACE_COLUMN = "search_space"
@@ -52,8 +57,6 @@ def numeric_ranges(space: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
 
 def search_space_of_note(note: str | None) -> dict[str, Any] | None:
     """``search:`` of the experiment file rnnbench writes into its MLflow experiment's note."""
-    import yaml
-
     match = _NOTE_YAML.search(note or "")
     if not match:
         return None
@@ -131,8 +134,6 @@ def best_values_of(experiment: str, best: dict[str, dict[str, Any]], space: dict
 
 def _domain_ends_at(name: str, edge: str, bound: float) -> bool:
     """Whether the trainer's domain of ``name`` closes at ``bound`` (dropout at 0): no widening."""
-    from rnnbench.hparams import TRAINER_HPARAM_DOMAINS
-
     domain = TRAINER_HPARAM_DOMAINS.get(name)
     if domain is None:
         return False
@@ -186,8 +187,6 @@ def pruning_table(runs: pd.DataFrame) -> pd.DataFrame:
     cells: dict[str, dict[str, str]] = {}
     for (arch, bench), group in search.groupby(["architecture", "benchmark"], sort=False):
         cells.setdefault(arch, {})[bench] = f"{(group['status'] == 'pruned').sum()}/{len(group)}"
-    from rnnbench.report.collect import natural_key
-
     benches = sorted(search["benchmark"].dropna().unique(), key=natural_key)
     table = pd.DataFrame.from_dict(cells, orient="index").reindex(columns=benches).fillna("–")
     totals = search.groupby("architecture")["status"].agg(lambda s: f"{(s == 'pruned').sum()}/{len(s)}")
@@ -209,8 +208,6 @@ EDGE_CAPTION = (
 def search_html(runs: pd.DataFrame, heading: bool = True) -> str:
     """The report's search section: edge flags and pruning per architecture (``heading``: its
     own h2; the notebook has a markdown heading instead)."""
-    from rnnbench.report.tables import _html_table
-
     best = best_values(runs)
     parts = ["<h2>search coverage</h2>"] if heading else []
     if SPACE_COLUMN not in runs:

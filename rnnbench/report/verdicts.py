@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from rnnbench.report.collect import TaskInfo
+from rnnbench.plugins import get_task
+from rnnbench.report.collect import TaskInfo, benchmark_infos
 from rnnbench.stats import (
     MIN_SEEDS,
     REPLICATES,
@@ -132,8 +133,6 @@ def margin_text(info: TaskInfo) -> str:
 def sums_metric(task: str, dataset: str | None, metric: str, columns: list[str]) -> Callable | None:
     """The task's metric from item-column sums (``[..., columns]`` -> ``[...]``), or None when the
     task is not installed here or declares no items."""
-    from rnnbench.plugins import get_task
-
     try:
         cls = get_task(task)
     except Exception:
@@ -153,6 +152,7 @@ def sums_metric(task: str, dataset: str | None, metric: str, columns: list[str])
 
 
 def _declares_items(cls) -> bool:
+    # local: rnnbench.task imports torch (+3.8 s on `import rnnbench.report`)
     from rnnbench.task import Task
 
     return getattr(cls, "evaluate_items", None) is not getattr(Task, "evaluate_items", None)
@@ -308,8 +308,6 @@ def compare(
     """``a`` against ``b`` on ``benchmark`` as a family of one (no adjustment): one tidy row with
     the difference (a − b), its 95% interval, p-values, margin, smallest detectable difference and
     the verdict. For a family of several, see :func:`family`."""
-    from rnnbench.report.collect import benchmark_infos
-
     info = (infos or benchmark_infos(runs)[0])[benchmark]
     evidence = Evidence.of(runs, items, info, benchmark)
     missing = [x for x in (a, b) if x not in evidence.values]
