@@ -48,6 +48,8 @@ class LSTMCell(GatedCell):
         return h, (h, c)
 
     # The hand-written backward (rnnbench.cells.sequence): same equations as forward_projected.
+    batch_parallel = True  # rows never meet in a step: the sequence Function may split the batch
+
     def recurrent_weights(self) -> tuple[Tensor, ...]:
         return (self.weight_hh,)
 
@@ -70,12 +72,11 @@ class LSTMCell(GatedCell):
 # -- the LSTM step and its backward, written out ------------------------------------------------------
 # weights: (RecurrentMatmul of W_hh,) for lstm; peephole adds (w_ci, w_cf, w_co).
 # Saved per step: the gate activations [B, 4H] (i, f, g, o), c_{t-1}, c_t, tanh(c_t) and h_{t-1}.
-def _tanh_(t: Tensor, one: Tensor) -> Tensor:
-    """tanh(x) = 2 sigmoid(2x) - 1, in place: on CPU torch.tanh is 3-7x slower than sigmoid
-    (13-45 us vs 2-7 us for 64 x 60..256 floats); the identity is exact up to rounding (absolute
-    error below 1e-7 in float32). Doubling by adding ``t`` to itself and subtracting a tensor
-    ``one``: a Python number costs each op a conversion to a tensor (12 vs 17 us at H = 60)."""
-    return t.add_(t).sigmoid_().add_(t).sub_(one)
+#
+# tanh(x) = 2 sigmoid(2x) - 1, computed in place: on CPU torch.tanh is 3-7x slower than sigmoid
+# (13-45 us vs 2-7 us for 64 x 60..256 floats); the identity is exact up to rounding (absolute
+# error below 1e-7 in float32). Doubling by adding a tensor to itself and subtracting a tensor
+# ``one``: a Python number costs each op a conversion to a tensor (12 vs 17 us at H = 60).
 
 
 _ONES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
@@ -91,6 +92,7 @@ def _one_like(t: Tensor) -> Tensor:
 # one overload, looked up once: the op packet resolves its overload on every call
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
+_tanh_backward_new = torch.ops.aten.tanh_backward.default
 
 
 def lstm_prepare_weights(weights, batch_size: int):
@@ -103,20 +105,21 @@ def lstm_step_forward(weights, xp_t: Tensor, state: tuple[Tensor, Tensor]):
     gates = w_hh.forward(h, xp_t)  # xp_t holds both biases
     size = h.shape[1]
     one = _one_like(gates)
-    i, f, g, o = gates.split(size, dim=1)
+    i, f, g, o = gates.unsafe_split(size, dim=1)  # no autograd here: the cheapest views (2.5 vs 4.8 us)
     if peep:
         i.addcmul_(c, peep[0])
         f.addcmul_(c, peep[1])
-    # One op per gate block: a [B, 2H] block stays under PyTorch's parallel grain (32768 elements
-    # at B=64, H=256), so only the matmul opens an OpenMP region; on a shared 2-core machine every
-    # region waits for the busier core.
-    gates[:, : 2 * size].sigmoid_()  # i and f
-    _tanh_(g, one)
+    # One sigmoid for every gate whose input is ready (all four for lstm; i, f, g for peephole,
+    # whose o waits for c_t), g doubled first for tanh's identity (above). At a chain's 32 rows
+    # (rnnbench.cells.sequence) a [B, 3H] block stays under PyTorch's parallel grain.
+    g.add_(g)
+    gates[:, : 3 * size if peep else 4 * size].sigmoid_()
+    g.add_(g).sub_(one)
     c_new = torch.addcmul(f * c, i, g)
     if peep:
-        o.addcmul_(c_new, peep[2])
-    o.sigmoid_()
-    tanh_c = _tanh_(c_new.clone(), one)
+        o.addcmul_(c_new, peep[2]).sigmoid_()
+    tanh_c = torch.add(c_new, c_new).sigmoid_()
+    tanh_c.add_(tanh_c).sub_(one)
     h_new = o * tanh_c
     return h_new, (h_new, c_new), (gates, c, c_new, tanh_c, h)
 
@@ -125,19 +128,20 @@ def lstm_step_backward(weights, saved, grad_h: Tensor, grad_state: tuple[Tensor,
     w_hh, peep = weights[0], weights[1:]
     gates, c_prev, _, tanh_c, _ = saved
     size = c_prev.shape[1]
-    i, f, g, o = gates.split(size, dim=1)
+    i, f, g, o = gates.unsafe_split(size, dim=1)
     grad_h = grad_h + grad_state[0]
     grad_gates = torch.empty_like(gates) if out is None else out
-    d_i, d_f, d_g, d_o = grad_gates.split(size, dim=1)
+    d_i, d_f, d_g, d_o = grad_gates.unsafe_split(size, dim=1)
     torch.mul(grad_h, tanh_c, out=d_o)
     _sigmoid_backward(d_o, o, grad_input=d_o)
     # dL/dc_t: through h_t = o tanh(c_t), from step t+1, and (peephole) through o's peek at c_t
-    grad_c = torch.ops.aten.tanh_backward(grad_h * o, tanh_c).add_(grad_state[1])
+    grad_c = _tanh_backward_new(grad_h * o, tanh_c).add_(grad_state[1])
     if peep:
         grad_c.addcmul_(d_o, peep[2])
     torch.mul(grad_c, g, out=d_i)
     torch.mul(grad_c, c_prev, out=d_f)
-    _sigmoid_backward(grad_gates[:, : 2 * size], gates[:, : 2 * size], grad_input=grad_gates[:, : 2 * size])
+    d_if = grad_gates[:, : 2 * size]
+    _sigmoid_backward(d_if, gates[:, : 2 * size], grad_input=d_if)
     torch.mul(grad_c, i, out=d_g)
     _tanh_backward(d_g, g, grad_input=d_g)
     grad_c_prev = grad_c * f

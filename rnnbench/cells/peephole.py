@@ -43,6 +43,8 @@ class PeepholeLSTMCell(LSTMCell):
 
     # The hand-written backward (rnnbench.cells.sequence), defined here again on purpose: a cell's
     # backward must live in the class that holds its equations (forward_projected).
+    batch_parallel = True  # rows never meet in a step: the sequence Function may split the batch
+
     def recurrent_weights(self) -> tuple[Tensor, ...]:
         return (self.weight_hh, self.weight_ci, self.weight_cf, self.weight_co)
 
