@@ -52,7 +52,8 @@ class LedgerWatch:
             rows = conn.execute(
                 sqlalchemy.text(
                     "SELECT study_id, count(*), max(datetime_complete), "
-                    "sum(CASE WHEN state = 'WAITING' THEN 1 ELSE 0 END) FROM trials GROUP BY study_id"
+                    "sum(CASE WHEN state = 'WAITING' THEN 1 ELSE 0 END) FROM trials GROUP BY study_id "
+                    "ORDER BY study_id"  # a study's two stages always in one order
                 )
             ).all()
         out: dict[str, tuple] = {}
@@ -77,28 +78,29 @@ class LedgerWatch:
         self._seen = now
         return names
 
-    def overdue_lease(self) -> bool:
-        """True when some running trial may have lost its worker (checked every quarter lease):
-        a heartbeat older than a lease, or none yet. Always True on the journal, whose recovery
-        reads nothing but the journal itself."""
+    def overdue(self) -> set[str] | None:
+        """Studies with a running trial whose worker may be gone (checked every quarter lease,
+        else the empty set): its heartbeat older than a lease, or none yet. None on the journal
+        every quarter lease: every study, whose recovery reads nothing but the journal itself."""
         now = time.monotonic()
         if now - self._last_stale_check < lease_duration() / 4:
-            return False
+            return set()
         self._last_stale_check = now
         if not self.rdb:
-            return True
+            return None
         import sqlalchemy
 
         with self.storage.engine.connect() as conn:
-            found = conn.execute(
+            rows = conn.execute(
                 sqlalchemy.text(
-                    "SELECT 1 FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                    "SELECT DISTINCT t.study_id FROM trials t "
+                    "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
                     "WHERE t.state = 'RUNNING' AND (h.heartbeat IS NULL OR "
-                    "h.heartbeat < LOCALTIMESTAMP - make_interval(secs => :grace)) LIMIT 1"
+                    "h.heartbeat < LOCALTIMESTAMP - make_interval(secs => :grace))"
                 ),
                 {"grace": lease_duration()},
-            ).first()
-        return found is not None
+            ).all()
+        return {self._name(study_id).removesuffix(FINAL_SUFFIX) for (study_id,) in rows}
 
 
 def pause(seconds: float = POLL_S) -> None:

@@ -196,11 +196,15 @@ class Worker:
         """Advance every study until each is done. A study with nothing to claim now (other
         workers hold its last trials) is looked at again only when the ledger says it changed, a
         lease may be overdue, or a lease has passed (see rnnbench.waiting)."""
-        pending = {study.name: study for study in self.plan.studies}
+        # each worker starts at another study, so N workers do not queue on one study's lock
+        studies = (
+            self.plan.studies[self.worker % len(self.plan.studies) :]
+            + self.plan.studies[: self.worker % len(self.plan.studies)]
+        )
+        pending = {study.name: study for study in studies}
         due = set(pending)  # studies to advance now
         journal = journal_path(self.plan.storage_url, self.plan.home) if self.journal else None
         watch = LedgerWatch(self.storage, journal)
-        last_look = time.monotonic()
         try:
             while pending:
                 worked = False
@@ -218,10 +222,10 @@ class Worker:
                     pause()
                     changed = watch.changed()
                     due = set(pending) if changed is None else changed & set(pending)
-                    if watch.overdue_lease() or time.monotonic() - last_look > lease_duration():
-                        due, last_look = set(pending), time.monotonic()
-                        for study in pending.values():
-                            self._recover_now_and_then(study)
+                    overdue = watch.overdue()
+                    overdue = set(pending) if overdue is None else overdue & set(pending)
+                    for name in overdue:  # recovery writes, and the next look sees its copies
+                        self._recover_now_and_then(pending[name])
         finally:
             self.progress.close()
 
