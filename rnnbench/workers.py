@@ -194,8 +194,8 @@ class Worker:
 
     def run(self) -> None:
         """Advance every study until each is done. A study with nothing to claim now (other
-        workers hold its last trials) is looked at again only when the ledger says it changed, a
-        lease may be overdue, or a lease has passed (see rnnbench.waiting)."""
+        workers hold its last trials) is looked at again only when the ledger says it changed or
+        one of its leases may be overdue (see rnnbench.waiting)."""
         # each worker starts at another study, so N workers do not queue on one study's lock
         studies = (
             self.plan.studies[self.worker % len(self.plan.studies) :]
@@ -207,6 +207,7 @@ class Worker:
         watch = LedgerWatch(self.storage, journal)
         try:
             while pending:
+                due |= self._changed(watch, pending)  # every change is seen once, by the next look
                 worked = False
                 for name in [n for n in pending if n in due]:
                     state = self.advance(pending[name])
@@ -217,17 +218,21 @@ class Worker:
                         due.discard(name)
                 if worked or not pending:
                     continue
-                watch.changed()  # the version to compare with, as of now
                 while not due:
                     pause()
-                    changed = watch.changed()
-                    due = set(pending) if changed is None else changed & set(pending)
+                    due |= self._changed(watch, pending)
                     overdue = watch.overdue()
                     overdue = set(pending) if overdue is None else overdue & set(pending)
-                    for name in overdue:  # recovery writes, and the next look sees its copies
+                    for name in overdue:
                         self._recover_now_and_then(pending[name])
+                    due |= overdue
         finally:
             self.progress.close()
+
+    @staticmethod
+    def _changed(watch: LedgerWatch, pending: dict[str, Study]) -> set[str]:
+        changed = watch.changed()
+        return set(pending) if changed is None else changed & set(pending)
 
     def task(self, study: Study):
         key = json.dumps(study.task_entry.model_dump(), sort_keys=True)
