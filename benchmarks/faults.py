@@ -215,8 +215,8 @@ def main() -> None:
             "SIGKILL mid-trial, then run again with --max-retries 0",
             [lambda *a: run(*a, fault=["mid_trial"]), lambda *a: run(*a, extra=["--max-retries", "0"])],
         ),
-        ("Ctrl-C (SIGINT) after training, before the ledger write, then run again",
-         [lambda *a: run(*a, fault=["record_sigint"]), run]),  # fmt: skip
+        ("SIGTERM after training, before the ledger write, then run again",
+         [lambda *a: run(*a, fault=["record_sigterm"]), run]),  # fmt: skip
         ("out of memory on a final seed", [lambda *a: run(*a, fault=["final_oom"])]),
     ]
     for name, steps in cases:

@@ -12,7 +12,7 @@ def fault(point: str) -> None:
     between the ledger write and the MLflow write; ``sqlite_store_built``: before a new MLflow
     store is renamed into place); with a once file only the first process dies. A point whose
     name ends in ``_oom`` raises torch's out-of-memory error instead (``final_oom``: after a final
-    seed's training), and one ending in ``_sigint`` sends this process SIGINT (``record_sigint``:
+    seed's training), and one ending in ``_sigterm`` sends this process SIGTERM (``record_sigterm``:
     after training, before its result is recorded)."""
     for spec in filter(None, os.environ.get("RNNBENCH_FAULT", "").split(",")):
         name, _, once_file = spec.partition(":")
@@ -23,8 +23,8 @@ def fault(point: str) -> None:
                 os.close(os.open(once_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return
-        if name.endswith("_sigint"):
-            os.kill(os.getpid(), signal.SIGINT)
+        if name.endswith("_sigterm"):  # not SIGINT: a shell ignores that for a background job
+            os.kill(os.getpid(), signal.SIGTERM)
             return
         if name.endswith("_oom"):
             import torch  # only here: this module is imported where torch is not

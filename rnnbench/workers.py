@@ -383,7 +383,7 @@ class Worker:
         if claim.lease.lost:
             self._discarded(study, label, "its lease was lost")
             return False
-        fault("record_sigint")
+        fault("record_sigterm")
         if outcome.status == "failed":
             decide_retry(trial, stage, outcome.reason, claim.ledger.max_retries)
         number = trial.number

@@ -100,11 +100,11 @@ def test_a_worker_stalled_past_its_lease_is_discarded_with_one_warning(tmp_path:
 
 
 def test_an_interrupt_after_training_is_held_until_the_result_counts(tmp_path: Path):
-    """Fault 8: SIGINT lands between the end of training and the ledger write (injected there); the
+    """Fault 8: SIGTERM lands between the end of training and the ledger write (injected there); the
     trial's result is recorded and counted, then the run stops; the resume finishes the budget
     without running that configuration again."""
     home, path = tmp_path / "home", _write(tmp_path, "late", trials=3)
-    first = run_cli(["run", str(path)], home, RNNBENCH_FAULT=f"record_sigint:{tmp_path / 'once'}")
+    first = run_cli(["run", str(path)], home, RNNBENCH_FAULT=f"record_sigterm:{tmp_path / 'once'}")
     assert first.returncode == 130, first.stdout + first.stderr
     counts = _ledger(home, "late")
     assert counts == Counter({("search", "complete"): 1}), counts  # counted, nothing interrupted
@@ -140,6 +140,7 @@ def test_a_record_of_any_length_is_a_modest_ledger_entry(tmp_path: Path):
     assert pack_history({"history": history[:3]}) == {"history": history[:3]}  # short: as it is
 
 
+@pytest.mark.slow  # two whole runs: the default suite stays under 10 minutes
 def test_a_changed_max_retries_is_one_line_and_changes_no_decision(tmp_path: Path):
     """Fault 5: a resume with another --max-retries says so once; lost trials keep their decision."""
     home, path = tmp_path / "home", _write(tmp_path, "retries", trials=2)
@@ -154,6 +155,7 @@ def test_a_changed_max_retries_is_one_line_and_changes_no_decision(tmp_path: Pat
     assert _ledger(home, "retries") == Counter({("search", "complete"): 2, ("final", "complete"): 1})
 
 
+@pytest.mark.slow  # a run, then export twice: the default suite stays under 10 minutes
 def test_export_works_with_the_run_home_deleted(tmp_path: Path):
     """Fault 12: a run home that vanishes after the run (Slurm's $TMPDIR) takes no weights with
     it: they are artifacts of the seeds' MLflow runs, beside the store, and `export` reads them."""
@@ -179,6 +181,7 @@ def test_export_works_with_the_run_home_deleted(tmp_path: Path):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
 
 
+@pytest.mark.slow  # a whole run: the default suite stays under 10 minutes
 def test_a_sync_from_a_stale_snapshot_neither_reopens_nor_outdates_the_parent(tmp_path: Path):
     """Fault 11: a refresh from a ledger snapshot taken before the last seed finished (a slow
     `sync` beside a worker) leaves the finished parent finished, and the points it writes are
