@@ -35,6 +35,7 @@ def _backend_pid(lock, key: str) -> int:
     return conn.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
 
 
+@pytest.mark.slow  # a PostgreSQL cluster started for it: the default suite stays under 10 minutes
 def test_a_terminated_lock_session_is_fenced_and_unlocking_it_harms_nobody(database, tmp_path: Path):
     from rnnbench.scheduler import LedgerLock, LockLost
 
@@ -52,6 +53,7 @@ def test_a_terminated_lock_session_is_fenced_and_unlocking_it_harms_nobody(datab
     # A's unlock on its dead session raised nothing: the block above exited cleanly
 
 
+@pytest.mark.slow  # a PostgreSQL cluster started for it: the default suite stays under 10 minutes
 def test_a_stopped_holder_loses_its_lock_instead_of_blocking_everyone(database, tmp_path: Path):
     from rnnbench.scheduler import LedgerLock
 
