@@ -120,8 +120,8 @@ def row(name: str, codes: str, storage_url, tracking_uri, home: Path, wall: floa
     }
 
 
-def stall_a_worker(args, env, tmp, home):
-    """--workers 2; one worker SIGSTOPped mid-trial for three leases, then SIGCONT."""
+def _two_workers_training(args, env) -> subprocess.Popen:
+    """`rnnbench run ARGS --workers 2`, returned once its first search trial has started."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "rnnbench.cli", *args, "--workers", "2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -129,6 +129,12 @@ def stall_a_worker(args, env, tmp, home):
     for line in proc.stdout:
         if "search trial" in line:
             break
+    return proc
+
+
+def stall_a_worker(args, env, tmp, home):
+    """--workers 2; one worker SIGSTOPped mid-trial for three leases, then SIGCONT."""
+    proc = _two_workers_training(args, env)
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     worker = next(int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text())
     os.kill(worker, signal.SIGSTOP)
@@ -159,14 +165,8 @@ def step_the_clock(args, env, tmp, home):
     site.mkdir()
     (site / "sitecustomize.py").write_text(CLOCK_SHIFT)
     env = {**env, "PYTHONPATH": f"{site}:{env.get('PYTHONPATH', '')}", "RNNBENCH_CLOCK_FILE": str(clock)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rnnbench.cli", *args, "--workers", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    for line in proc.stdout:
-        if "search trial" in line:
-            clock.write_text(str(10 * float(env["RNNBENCH_LEASE_SECONDS"])))
-            break
+    proc = _two_workers_training(args, env)
+    clock.write_text(str(10 * float(env["RNNBENCH_LEASE_SECONDS"])))
     proc.stdout.read()
     return proc.wait()
 
