@@ -298,7 +298,7 @@ class Encoder(nn.Module):
     def _forward_generic(self, x: Tensor, lengths: Tensor | None, state: Sequence[State] | None):
         if lengths is not None and self.padded == "segments":  # measured no faster: not auto's choice
             return self._forward_generic_segments(x, lengths, state)
-        batch, steps = x.shape[0], x.shape[1]
+        steps = x.shape[1]
         masks: list[Tensor | None] = [None] * steps
         device_lengths = None
         if lengths is not None:
@@ -310,27 +310,32 @@ class Encoder(nn.Module):
             # Only steps past the shortest sequence need a masked update; a mask is a view of `real`.
             for t in range(shortest, steps):
                 masks[t] = real[:, t : t + 1]
-        layer_input, final = x, []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(self.num_directions):
-                k = layer * self.num_directions + direction
-                cell = self.cells[k]
-                s0 = state[k] if state is not None else cell.init_state(batch, device=x.device, dtype=x.dtype)
-                seq = layer_input if direction == 0 else reverse_padded(layer_input, device_lengths)
-                out, s_n = self._run_cell(cell, seq, s0, masks)
-                outputs.append(out if direction == 0 else reverse_padded(out, device_lengths))
-                final.append(s_n)
-            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
-            if layer < self.num_layers - 1 and self.dropout > 0.0:
-                layer_input = nn.functional.dropout(layer_input, self.dropout, self.training)
-        return layer_input, final
+        return self._over_layers(
+            x, state, device_lengths, lambda cell, seq, s0: self._run_cell(cell, seq, s0, masks)
+        )
 
     def _forward_generic_segments(self, x: Tensor, lengths: Tensor, state: Sequence[State] | None):
         """A padded batch, layer by layer and direction by direction, in spans of time where no
         sequence ends (``_run_segments``): no padded position computed, no masked update. Only with
         ``padded="segments"``: the generic loop's cost is per step, not per row, so skipping
         finished rows saved nothing at SST-2 and CoNLL-2003 lengths and the extra calls cost."""
+
+        def in_segments(cell: Cell, seq: Tensor, s0: State):
+            single = isinstance(s0, Tensor)
+
+            def run(part: Tensor, parts: tuple[Tensor, ...]):
+                out, s_n = self._run_cell(cell, part, parts[0] if single else parts, [None] * part.shape[1])
+                return out, (s_n,) if single else tuple(s_n)
+
+            out, parts = _run_segments(run, seq, lengths, (s0,) if single else tuple(s0), 0)
+            return out, parts[0] if single else parts
+
+        return self._over_layers(x, state, lengths, in_segments)
+
+    def _over_layers(self, x: Tensor, state: Sequence[State] | None, lengths, run_direction):
+        """The generic paths' walk: layer by layer, each direction through ``run_direction(cell,
+        seq, initial state) -> (outputs, final state)``, the backward one on the sequences reversed
+        within their ``lengths``; dropout between layers."""
         batch = x.shape[0]
         layer_input, final = x, []
         for layer in range(self.num_layers):
@@ -339,16 +344,10 @@ class Encoder(nn.Module):
                 k = layer * self.num_directions + direction
                 cell = self.cells[k]
                 s0 = state[k] if state is not None else cell.init_state(batch, device=x.device, dtype=x.dtype)
-                single = isinstance(s0, Tensor)
-
-                def run(seq: Tensor, parts: tuple[Tensor, ...], cell=cell, single=single):
-                    out, s_n = self._run_cell(cell, seq, parts[0] if single else parts, [None] * seq.shape[1])
-                    return out, (s_n,) if single else tuple(s_n)
-
                 seq = layer_input if direction == 0 else reverse_padded(layer_input, lengths)
-                out, parts = _run_segments(run, seq, lengths, (s0,) if single else tuple(s0), 0)
+                out, s_n = run_direction(cell, seq, s0)
                 outputs.append(out if direction == 0 else reverse_padded(out, lengths))
-                final.append(parts[0] if single else parts)
+                final.append(s_n)
             layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
             if layer < self.num_layers - 1 and self.dropout > 0.0:
                 layer_input = nn.functional.dropout(layer_input, self.dropout, self.training)
