@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rnnbench.devices import resolve_device
 from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, UnknownNameError
 from rnnbench.plugins import registry
@@ -110,24 +111,31 @@ def select_cells(names: Iterable[str]) -> list[str]:
     return chosen or list(reg.cells)
 
 
-def run(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure every selected cell and its references; return the JSON-ready result."""
-    from rnnbench.trainer import resolve_device
-
-    if settings.padded is not None:
-        return run_padded(settings, progress)
-    for label in ("batch", "seq_len", "input_size", "hidden", "layers", "repeat"):
+def _checked(
+    settings: BenchSettings, positive: tuple[str, ...]
+) -> tuple[list[str], torch.device, torch.dtype]:
+    """Both modes' settings checked (one line each): sizes at least 1, a known dtype and cells, a
+    device this machine has; the thread count set. Returns (cells, device, dtype)."""
+    for label in positive:
         if getattr(settings, label) < 1:
             raise ConfigError(f"{label} must be >= 1, got {getattr(settings, label)}")
-    if settings.warmup < 0:
-        raise ConfigError(f"warmup must be >= 0, got {settings.warmup}")
     if settings.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
     cell_names = select_cells(settings.cells)
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    device = resolve_device(settings.device)
-    dtype = DTYPES[settings.dtype]
+    return cell_names, resolve_device(settings.device), DTYPES[settings.dtype]
+
+
+def run(settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure every selected cell and its references; return the JSON-ready result."""
+    if settings.padded is not None:
+        return run_padded(settings, progress)
+    if settings.warmup < 0:
+        raise ConfigError(f"warmup must be >= 0, got {settings.warmup}")
+    cell_names, device, dtype = _checked(
+        settings, ("batch", "seq_len", "input_size", "hidden", "layers", "repeat")
+    )
     say = progress or (lambda message: None)
 
     torch.manual_seed(0)
@@ -451,17 +459,9 @@ def run_padded(settings: BenchSettings, progress: Callable[[str], None] | None =
     (alternating which goes first) and, for fused cells, the same padded batch packed: the three
     see the same moments of the machine. tokens/s counts real tokens only; a ratio is the median
     of the per-round ratios."""
-    from rnnbench.trainer import resolve_device
-
-    for label in ("batch", "input_size", "hidden", "layers", "repeat", "batches"):
-        if getattr(settings, label) < 1:
-            raise ConfigError(f"{label} must be >= 1, got {getattr(settings, label)}")
-    if settings.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
-    cell_names = select_cells(settings.cells)
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    device, dtype = resolve_device(settings.device), DTYPES[settings.dtype]
+    cell_names, device, dtype = _checked(
+        settings, ("batch", "input_size", "hidden", "layers", "repeat", "batches")
+    )
     say = progress or (lambda message: None)
     task = padded_task(settings.padded)
     lengths, epoch_padding = padded_lengths(task, settings.batch, settings.batches)
