@@ -112,13 +112,16 @@ def select_cells(names: Iterable[str]) -> list[str]:
 
 
 def _checked(
-    settings: BenchSettings, positive: tuple[str, ...]
+    settings: BenchSettings, positive: tuple[str, ...], non_negative: tuple[str, ...] = ()
 ) -> tuple[list[str], torch.device, torch.dtype]:
     """Both modes' settings checked (one line each): sizes at least 1, a known dtype and cells, a
     device this machine has; the thread count set. Returns (cells, device, dtype)."""
     for label in positive:
         if getattr(settings, label) < 1:
             raise ConfigError(f"{label} must be >= 1, got {getattr(settings, label)}")
+    for label in non_negative:
+        if getattr(settings, label) < 0:
+            raise ConfigError(f"{label} must be >= 0, got {getattr(settings, label)}")
     if settings.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
     cell_names = select_cells(settings.cells)
@@ -131,10 +134,8 @@ def run(settings: BenchSettings, progress: Callable[[str], None] | None = None) 
     """Measure every selected cell and its references; return the JSON-ready result."""
     if settings.padded is not None:
         return run_padded(settings, progress)
-    if settings.warmup < 0:
-        raise ConfigError(f"warmup must be >= 0, got {settings.warmup}")
     cell_names, device, dtype = _checked(
-        settings, ("batch", "seq_len", "input_size", "hidden", "layers", "repeat")
+        settings, ("batch", "seq_len", "input_size", "hidden", "layers", "repeat"), ("warmup",)
     )
     say = progress or (lambda message: None)
 
