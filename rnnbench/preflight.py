@@ -7,7 +7,9 @@ the MLflow store, the Optuna journal or the run lock are created. It
   a CSV or a missing column is one line with exit code 2, and nothing is written;
 - builds every (cell, task, variant) with hidden size 4 and runs one forward and backward pass on a
   batch of 2, checking the Cell and Task contracts on the way: shapes, dtypes and devices of
-  outputs and states, a finite scalar loss, and gradients reaching every parameter of the cell;
+  outputs and states, a finite scalar loss, and gradients reaching every parameter of the cell
+  (the task's side, its metrics, first batch, model and training step, through the checks of
+  :mod:`rnnbench.testing`: one implementation, so a run and ``rnnbench check`` name a rule alike);
 - moves every searched hyperparameter across its search range in every study, tiny, and refuses a
   knob that changes neither the model's training loss nor the optimizer (:func:`inert_knobs`):
   a sweep would spend its trials on it and the importance table would credit it with noise.
@@ -36,8 +38,15 @@ from rnnbench.devices import resolve_device
 from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, ContractError, DataError, RnnbenchError, clip_message, shorten
 from rnnbench.plugins import get_cell, registry
-from rnnbench.task import Batch, Metric, declares_items
-from rnnbench.testing import ContractViolation, check_task_contract
+from rnnbench.task import declares_items
+from rnnbench.testing import (
+    ContractViolation,
+    _built_model,
+    _check_metric_declarations,
+    _check_training_step,
+    _first_batch,
+    check_task_contract,
+)
 from rnnbench.trainer import make_optimizer, seed_everything, split_hparams
 
 TINY_BATCH, TINY_INPUT, TINY_HIDDEN, TINY_STEPS = 2, 3, 4, 5
@@ -50,6 +59,12 @@ SEED_LEVEL_ONLY = "seed-level statistics only (the task declares no per-item out
 
 class _Broken(Exception):
     """One rule of the contract, broken; turned into a ContractError naming the plugin."""
+
+
+def _rule(broken: _Broken | ContractViolation) -> str:
+    """The broken rule in one line: the task checks shared with rnnbench.testing raise its
+    ContractViolation, whose message names the task; the pre-flight names the plugin instead."""
+    return broken.rule if isinstance(broken, ContractViolation) else str(broken)
 
 
 @contextmanager
@@ -195,66 +210,6 @@ def _cell_in_encoder(cls: type, hparams: dict[str, Any], device, layers: int, bi
 
 
 # -- tasks ----------------------------------------------------------------------------------------
-def _first_batch(task, device):
-    """The first training batch of 2 (read once per task entry: bucketing a large split is slow)."""
-    with _step(f"batches('train', {TINY_BATCH})"):
-        batch = next(
-            iter(
-                task.batches("train", TINY_BATCH, device=device, generator=torch.Generator().manual_seed(0))
-            ),
-            None,
-        )
-    if batch is None:
-        raise DataError(f"task {task.name!r}: the train split yields no batch")
-    if not isinstance(batch, Batch):
-        raise _Broken(f"batches() must yield rnnbench.task.Batch objects, got {_kind(batch)}")
-    return batch
-
-
-def _train_step(task, model: nn.Module, device, batch=None) -> None:
-    """One batch of 2 through ``training_loss`` and backward; gradients must reach the encoder's cells."""
-    encoders = [m for m in model.modules() if isinstance(m, Encoder)]
-    if not encoders:
-        raise _Broken("build_model must build its encoder with make_encoder(input_size)")
-    model.to(device).train()
-    batch = batch if batch is not None else _first_batch(task, device)
-    with _step("training_loss(model, batch, None)"):
-        result = task.training_loss(model, batch, None)
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise _Broken(f"training_loss must return (loss, carry), got {_kind(result)}")
-    loss = result[0]
-    if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-        raise _Broken("training_loss must return a scalar loss tensor that requires grad (no .item())")
-    if not bool(torch.isfinite(loss)):
-        raise _Broken(f"training_loss is {float(loss)} on the first batch of a freshly built model")
-    with _step("backward of training_loss"):
-        loss.backward()
-    cells = [(n, p) for n, p in encoders[0].named_parameters() if p.requires_grad]
-    if any(p.grad is None for _, p in cells):
-        raise _Broken("the gradient of training_loss does not reach the encoder's cells")
-
-
-def _build(task, cell: str, layers: int, bidirectional: bool, hp: dict, cell_hp: dict, task_hp: dict):
-    def make_encoder(input_size: int) -> Encoder:
-        return Encoder(cell, input_size, TINY_HIDDEN, layers, bidirectional, float(hp["dropout"]), **cell_hp)
-
-    with _step("build_model(make_encoder, hparams)"):
-        model = task.build_model(make_encoder, {**hp, "hidden_size": TINY_HIDDEN, **task_hp})
-    if not isinstance(model, nn.Module):
-        raise _Broken(f"build_model must return an nn.Module, got {_kind(model)}")
-    return model
-
-
-def _check_metrics(task) -> None:
-    metrics = task.metrics
-    if not metrics or not all(isinstance(m, Metric) for m in metrics):
-        raise _Broken("metrics must be a non-empty tuple of rnnbench.Metric, the primary one first")
-    if len({m.name for m in metrics}) != len(metrics) or any(
-        m.direction not in ("minimize", "maximize") for m in metrics
-    ):
-        raise _Broken("metric names must be distinct and directions 'minimize' or 'maximize'")
-
-
 def check_task(entry, *, device=None) -> str | None:
     """The Task contract (:func:`rnnbench.testing.check_task_contract`, the checks plugin authors
     run in their tests) on ``entry``'s synthetic dataset with default options, at pre-flight size:
@@ -348,14 +303,17 @@ def _check_experiment(experiment, studies, device: str | None) -> Summary:
             with _step("setup()"):
                 task = study.make_task()
                 task.setup()
-            _check_metrics(task)
-            first[key] = _first_batch(task, target)
+            _check_metric_declarations(task)
+            # read once per task entry: bucketing a large split is slow
+            first[key] = batch = _first_batch(task, TINY_BATCH, target, seed=0)
+            if batch is None:
+                raise DataError(f"task {task.name!r}: the train split yields no batch")
         except DataError as err:
             raise DataError(f"task {label}: {err}") from None
-        except _Broken as rule:
+        except (_Broken, ContractViolation) as broken:
             if task_entry.source == "builtin":
-                raise (rule.__cause__ or rule) from None  # a bug of ours: report it as one
-            raise _contract("task", task_entry, str(rule)) from None
+                raise (broken.__cause__ or broken) from None  # a bug of ours: report it as one
+            raise _contract("task", task_entry, _rule(broken)) from None
         tasks[key] = task
     models = 0
     for study in studies:
@@ -363,7 +321,8 @@ def _check_experiment(experiment, studies, device: str | None) -> Summary:
         cell_entry, task_entry = reg.cell(arch.cell), reg.task(study.task_entry.name)
         key = json.dumps(study.task_entry.model_dump(), sort_keys=True, default=str)
         task = tasks[key]
-        hp, cell_hp, task_hp = split_hparams(_tiny_hparams(study), cell_entry.cls, task)
+        hparams = _tiny_hparams(study)
+        _, cell_hp, _ = split_hparams(hparams, cell_entry.cls, task)
         cell_key = json.dumps(
             [arch.cell, cell_hp, arch.layers, arch.bidirectional], sort_keys=True, default=str
         )
@@ -375,17 +334,18 @@ def _check_experiment(experiment, studies, device: str | None) -> Summary:
         seed_everything(0)
         try:
             task.check_architecture(bidirectional=arch.bidirectional)
-            model = _build(task, arch.cell, arch.layers, arch.bidirectional, hp, cell_hp, task_hp)
-            _train_step(task, model, target, first[key])
+            model = _built_model(task, arch, hparams)
+            _check_training_step(task, model.to(target), first[key])
             # without a search (trials: 0) nothing searched is ever drawn
             found = inert_knobs(study, task, first[key], target) if study.budget.trials else []
-        except _Broken as rule:
+        except (_Broken, ContractViolation) as broken:
             # The cell passed its own checks above, so what breaks here is the task's (or ours).
+            rule = f"{study.name}: {_rule(broken)}"
             if task_entry.source != "builtin":
-                raise _contract("task", task_entry, f"{study.name}: {rule}") from None
+                raise _contract("task", task_entry, rule) from None
             if cell_entry.source != "builtin":
-                raise _contract("cell", cell_entry, f"{study.name}: {rule}") from None
-            raise (rule.__cause__ or rule) from None
+                raise _contract("cell", cell_entry, rule) from None
+            raise (broken.__cause__ or broken) from None
         models += 1
         task_label = study.task_entry.label or f"{study.task_entry.name}-{study.task_entry.dataset}"
         for knob, reason in found:
@@ -448,14 +408,14 @@ def inert_knobs(study, task, batch, device) -> list[tuple[str, str]]:
         key = json.dumps([name in OPTIMIZER_KNOBS, hparams], sort_keys=True, default=str)
         if key in seen:
             return seen[key]
-        hp, cell_hp, task_hp = split_hparams(hparams, cell, task)
         if name in OPTIMIZER_KNOBS:  # what the optimizer does, without the parameters it updates
+            hp = split_hparams(hparams, cell, task)[0]
             optimizer = make_optimizer([nn.Parameter(torch.zeros(1))], hp)
             groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             seen[key] = (type(optimizer).__name__, groups)
         else:
             seed_everything(0)
-            model = _build(task, arch.cell, arch.layers, arch.bidirectional, hp, cell_hp, task_hp)
+            model = _built_model(task, arch, hparams)
             model.to(device).train()
             torch.manual_seed(1)
             with torch.no_grad(), _step(f"training_loss(model, batch, None) at {shorten(hparams, 200)}"):

@@ -116,12 +116,13 @@ def check_task_contract(
     with _calling(task, "setup()"):
         task.setup()
     torch.manual_seed(seed)
-    with _calling(task, "build_model(make_encoder, hparams)"):
-        model = build_model(
-            task, Architecture(cell), {"hidden_size": hidden_size, "dropout": 0.0, **(hparams or {})}
-        )
-    _check_model(task, model)
-    _check_training_step(task, model.to(device), batch_size, device, seed)
+    model = _built_model(
+        task, Architecture(cell), {"hidden_size": hidden_size, "dropout": 0.0, **(hparams or {})}
+    )
+    batch = _first_batch(task, batch_size, device, seed)
+    if batch is None:
+        raise ContractViolation(task, f"batches('train', {batch_size}) yielded no batch")
+    _check_training_step(task, model.to(device), batch)
     if train_steps:
         _train_briefly(task, model, steps=train_steps, batch_size=batch_size, seed=seed, device=device)
     _check_serving(task, model.eval().cpu())
@@ -336,11 +337,16 @@ def _check_metric_declarations(task: Task) -> None:
         raise ContractViolation(task, "metric names must be distinct and directions 'minimize' or 'maximize'")
 
 
-def _check_model(task: Task, model: Any) -> None:
+def _built_model(task: Task, arch: Architecture, hparams: dict[str, Any]) -> nn.Module:
+    """The trainer's model for ``hparams`` (trainer.build_model), checked: an nn.Module whose
+    encoder make_encoder built."""
+    with _calling(task, "build_model(make_encoder, hparams)"):
+        model = build_model(task, arch, hparams)
     if not isinstance(model, nn.Module):
         raise ContractViolation(task, f"build_model must return an nn.Module, got {_kind(model)}")
     if not any(isinstance(m, Encoder) for m in model.modules()):
         raise ContractViolation(task, "build_model must build its encoder with make_encoder(input_size)")
+    return model
 
 
 def _train_briefly(
@@ -379,14 +385,17 @@ def _train_briefly(
     return float(loss.detach())
 
 
-def _check_training_step(task: Task, model: nn.Module, batch_size: int, device, seed: int) -> None:
-    """The trainer's first step on one batch, checked: a Batch, a finite scalar loss that requires
-    grad, and a gradient that reaches the encoder. Nothing is updated."""
-    model.train()
+def _first_batch(task: Task, batch_size: int, device, seed: int) -> Any:
+    """The first training batch, checked to be a Batch; None when the train split yields none (the
+    caller says whose fault that is: the task's on its synthetic data, the data's in a run)."""
     generator = torch.Generator().manual_seed(seed)
-    batch = next(_checked_batches(task, "train", batch_size, device, generator), None)
-    if batch is None:
-        raise ContractViolation(task, f"batches('train', {batch_size}) yielded no batch")
+    return next(_checked_batches(task, "train", batch_size, device, generator), None)
+
+
+def _check_training_step(task: Task, model: nn.Module, batch) -> None:
+    """The trainer's first step on ``batch``, checked: a finite scalar loss that requires grad, and
+    a gradient that reaches the encoder. Nothing is updated."""
+    model.train()
     loss, _ = _training_loss(task, model, batch, None, step=1)
     with _calling(task, "backward of training_loss"):
         loss.backward()
@@ -427,7 +436,8 @@ def _training_loss(task: Task, model: nn.Module, batch, carry, *, step: int) -> 
             task, f"training_loss must return a scalar loss tensor that requires grad (no .item()), got {got}"
         )
     if not math.isfinite(value := float(loss.detach())):
-        raise ContractViolation(task, f"training_loss is {value} at training step {step}")
+        where = "on the first batch of a freshly built model" if step == 1 else f"at training step {step}"
+        raise ContractViolation(task, f"training_loss is {value} {where}")
     return result
 
 

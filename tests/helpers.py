@@ -1,6 +1,8 @@
-"""Test helpers shared by the task tests (imported as tests.helpers; pytest puts the repo root on sys.path)."""
+"""Test helpers shared by test modules (imported as tests.helpers; pytest puts the repo root on sys.path)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -50,3 +52,39 @@ def run_cli(args: list[str], home, cwd=None, timeout: int = 300, **env):
         [sys.executable, "-m", "rnnbench.cli", *args], env=env, cwd=cwd, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+TINY_EXPERIMENT = """\
+name: {name}
+cells: [gru]
+tasks:
+  - name: memory
+    options: {{problem: adding, seq_len: 8, train_size: {train_size}, valid_size: 64, test_size: 64}}
+search:
+{search}  lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
+{fixed}budget: {{trials: {trials}, epochs: {epochs}}}
+final: {{seeds: {seeds}}}
+pruner: {{name: none}}
+"""
+
+
+def write_tiny_experiment(
+    folder: Path, name: str, trials=3, epochs=1, seeds=2, train_size=128, *, hidden_size: int | None = None
+) -> Path:
+    """``folder/name.yaml``: one GRU on the adding problem, a run of seconds (the end-to-end tests').
+    lr is searched, and hidden_size too (4 to 8) unless it is given, then fixed at that."""
+    search = "" if hidden_size else "  hidden_size: {type: int, low: 4, high: 8}\n"
+    fixed = f"fixed: {{hidden_size: {hidden_size}}}\n" if hidden_size else ""
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        TINY_EXPERIMENT.format(
+            name=name,
+            search=search,
+            fixed=fixed,
+            trials=trials,
+            epochs=epochs,
+            seeds=seeds,
+            train_size=train_size,
+        )
+    )
+    return path

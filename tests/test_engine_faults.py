@@ -10,31 +10,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, write_tiny_experiment
 
-TINY = """\
-name: {name}
-cells: [gru]
-tasks:
-  - name: memory
-    options: {{problem: adding, seq_len: 8, train_size: {train_size}, valid_size: 64, test_size: 64}}
-search:
-  lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
-fixed: {{hidden_size: 8}}
-budget: {{trials: {trials}, epochs: {epochs}}}
-final: {{seeds: {seeds}}}
-pruner: {{name: none}}
-"""
-
-
-def _write(tmp_path: Path, name: str, trials=3, epochs=1, seeds=1, train_size=256) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY.format(name=name, trials=trials, epochs=epochs, seeds=seeds, train_size=train_size))
-    return path
+# test_run's tiny experiment with hidden_size fixed (lr alone searched), one final seed, 256 sequences
+_write = partial(write_tiny_experiment, seeds=1, train_size=256, hidden_size=8)
 
 
 def _ledger(home: Path, name: str):

@@ -13,26 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import run_cli
-
-TINY = """\
-name: {name}
-cells: [gru]
-tasks:
-  - name: memory
-    options: {{problem: adding, seq_len: 8, train_size: {train_size}, valid_size: 64, test_size: 64}}
-search:
-  hidden_size: {{type: int, low: 4, high: 8}}
-  lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
-budget: {{trials: {trials}, epochs: {epochs}}}
-final: {{seeds: {seeds}}}
-pruner: {{name: none}}
-"""
-
-
-def _write(tmp_path: Path, name: str, trials=3, epochs=1, seeds=2, train_size=128) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(TINY.format(name=name, trials=trials, epochs=epochs, seeds=seeds, train_size=train_size))
-    return path
+from tests.helpers import write_tiny_experiment as _write
 
 
 def _env(home: Path) -> dict[str, str]:
