@@ -8,11 +8,18 @@ processes (256 processes would need ~40 GB). Per N, over 80 studies of 8 trials 
 - claims per second, p50 and p99 claim latency (entering the claim until it has a trial);
 - database statements per second (counted in every process by SQLAlchemy), and per idle worker:
   a second phase holds every study's last trials (running, leases renewed) while N workers wait;
-- lock waits (advisory-lock tries that found the lock taken) on PostgreSQL;
+- lock waits on PostgreSQL: advisory-lock requests that queued in the server (over 5 ms), and
+  the seconds spent queued;
 - whether budgets are exact and nothing ran twice.
 
     python benchmarks/ledger_load.py                     # N = 8 32 128 256, both ledgers
     python benchmarks/ledger_load.py --n 8 32 --ledger journal
+    python benchmarks/ledger_load.py --hold-s 30          # each trial "trains" for 30 s
+
+With the default zero training time every worker claims back to back: the claim rate is the
+ceiling of the ledger and of the processes simulating it (they share the machine), and the claim
+latency grows with the queue for it. ``--hold-s`` gives the offered load of a real fleet instead:
+N workers whose trials last S seconds ask for about N/S claims a second.
 """
 
 from __future__ import annotations
@@ -33,14 +40,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STUDIES, TRIALS, SEEDS = 80, 8, 2
-EXPERIMENT = f"""\
-name: load
+
+
+def _experiment(name: str, studies: int, trials: int) -> str:
+    tasks = "".join(f"  - {{name: memory, label: m{i}, options: {{seq_len: 4}}}}\n" for i in range(studies))
+    return f"""\
+name: {name}
 cells: [gru]
 tasks:
-{"".join(f"  - {{name: memory, label: m{i}, options: {{seq_len: 4}}}}" + chr(10) for i in range(STUDIES))}\
+{tasks}\
 search:
   lr: {{type: float, low: 1.0e-3, high: 1.0e-2, log: true}}
-budget: {{trials: {TRIALS}, epochs: 20}}
+budget: {{trials: {trials}, epochs: 20}}
 final: {{seeds: {SEEDS}}}
 pruner: {{name: none}}
 """
@@ -48,25 +59,37 @@ pruner: {{name: none}}
 
 def _history() -> list[dict]:
     metrics = [f"m{k}" for k in range(12)]
-    return [{"epoch": e, "time_ms": 1_700_000_000_000 + e, "metrics": dict.fromkeys(metrics, 0.5)} for e in range(20)]
+    return [
+        {"epoch": e, "time_ms": 1_700_000_000_000 + e, "metrics": dict.fromkeys(metrics, 0.5)}
+        for e in range(20)
+    ]
 
 
-def _count_statements(counter: Counter) -> None:
-    """Every SQL statement of this process; advisory-lock tries and unlocks (their difference is
-    the tries that found the lock taken)."""
+LOCK_WAIT_S = 0.005  # an advisory-lock request that took longer queued behind another holder
+
+
+def _count_statements(counter: Counter, lock_waits: list[float]) -> None:
+    """Every SQL statement of this process; how long each advisory-lock request that queued in
+    the server waited."""
     import sqlalchemy
+
+    started = threading.local()
 
     def before(conn, cursor, statement, parameters, context, executemany):
         counter["statements"] += 1
-        if "pg_try_advisory_lock" in statement:
-            counter["tries"] += 1
-        elif "pg_advisory_unlock" in statement:
-            counter["unlocks"] += 1
+        started.at = time.perf_counter()
+
+    def after(conn, cursor, statement, parameters, context, executemany):
+        if "pg_advisory_lock(" in statement and (waited := time.perf_counter() - started.at) > LOCK_WAIT_S:
+            lock_waits.append(waited)
 
     sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", before)
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", after)
 
 
-def _process(plan, storage_url: str, home: str, threads: int, first: int, out, phase: str) -> None:
+def _process(
+    plan, storage_url: str, home: str, threads: int, first: int, out, phase: str, hold_s: float
+) -> None:
     """``threads`` simulated workers in this process; their figures go to ``out``."""
     sys.stdout = sys.stderr = open(os.devnull, "w")  # the workers' progress lines
     from rnnbench import workers as workers_mod
@@ -75,7 +98,8 @@ def _process(plan, storage_url: str, home: str, threads: int, first: int, out, p
     from rnnbench.trial import Outcome
 
     counter: Counter = Counter()
-    _count_statements(counter)
+    lock_waits: list[float] = []
+    _count_statements(counter, lock_waits)
     latencies: list[float] = []
     real_claimed = workers_mod.claimed
 
@@ -92,6 +116,7 @@ def _process(plan, storage_url: str, home: str, threads: int, first: int, out, p
 
     class Simulated(workers_mod.Worker):
         def _train(self, study, claim, stage, best, seed, label, defer):
+            time.sleep(hold_s)
             record = {"seed": seed, "worker": self.worker, "hparams": {"lr": 1e-3}, "history": history,
                       "status": "complete", "best_valid": {"mse": 0.1}, "test": {"mse": 0.1}}  # fmt: skip
             return Outcome("complete", record, 0.1, "mse=0.1"), None, None, None
@@ -135,7 +160,7 @@ def _process(plan, storage_url: str, home: str, threads: int, first: int, out, p
         t.join()
     out.put({
         "latencies": latencies, "statements": counter["statements"],
-        "seconds": time.monotonic() - started, "lock_waits": counter["tries"] - counter["unlocks"],
+        "seconds": time.monotonic() - started, "lock_waits": lock_waits,
     })  # fmt: skip
 
 
@@ -174,15 +199,14 @@ def _hold_last_trials(storage_url: str, home: str, plan) -> list:
     return held
 
 
-def _studies(name: str, storage_url, home: str, trials: int = TRIALS):
+def _studies(name: str, storage_url, home: str, studies: int, trials: int = TRIALS):
     from rnnbench.experiment import parse
     from rnnbench.ledger import create_study
     from rnnbench.plan import prepare
     from rnnbench.scheduler import LedgerLock
     from rnnbench.sweep import open_storage
 
-    text = EXPERIMENT.replace("name: load", f"name: {name}").replace(f"trials: {TRIALS},", f"trials: {trials},")
-    plan = prepare(parse(text), home=home, storage_url=storage_url)
+    plan = prepare(parse(_experiment(name, studies, trials)), home=home, storage_url=storage_url)
     storage, lock = open_storage(storage_url, Path(home)), LedgerLock(storage_url, Path(home))
     for study in plan.studies:
         with lock(study.name):
@@ -190,14 +214,16 @@ def _studies(name: str, storage_url, home: str, trials: int = TRIALS):
     return plan
 
 
-def _workers(plan, n: int, storage_url, home: str, phase: str) -> tuple[list[dict], float]:
+def _workers(
+    plan, n: int, storage_url, home: str, phase: str, hold_s: float = 0.0
+) -> tuple[list[dict], float]:
     """N simulated workers in up to 16 processes; (each process's figures, wall seconds)."""
     processes = min(n, 16)
     per = [n // processes + (i < n % processes) for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=_process, args=(plan, storage_url, home, k, sum(per[:i]), out, phase))
+        ctx.Process(target=_process, args=(plan, storage_url, home, k, sum(per[:i]), out, phase, hold_s))
         for i, k in enumerate(per)
     ]
     started = time.monotonic()
@@ -209,10 +235,12 @@ def _workers(plan, n: int, storage_url, home: str, phase: str) -> tuple[list[dic
     return got, time.monotonic() - started
 
 
-def measure(n: int, storage_url, home: str) -> dict:
-    run, wall = _workers(_studies("load", storage_url, home), n, storage_url, home, "run")
+def measure(n: int, storage_url, home: str, hold_s: float, studies: int = STUDIES) -> dict:
+    run, wall = _workers(_studies("load", storage_url, home, studies), n, storage_url, home, "run", hold_s)
     exact, once = _check(storage_url, home)
-    idle_plan = _studies("idle", storage_url, home, trials=1)  # one trial a study, held: nothing to claim
+    idle_plan = _studies(
+        "idle", storage_url, home, studies, trials=1
+    )  # one trial a study, held: nothing to claim
     held = _hold_last_trials(storage_url, home, idle_plan)
     try:
         idle, _ = _workers(idle_plan, n, storage_url, home, "idle")
@@ -224,13 +252,20 @@ def measure(n: int, storage_url, home: str) -> dict:
     claims = len(latencies)
     return {
         "N": n,
+        "hold s": f"{hold_s:g}",
         "claims/s": f"{claims / wall:.0f}",
         "claim p50 ms": f"{1000 * statistics.median(latencies):.0f}",
         "claim p99 ms": f"{1000 * latencies[int(0.99 * (claims - 1))]:.0f}",
         # the journal runs no statements: its reads are of a local file
         "statements/s": f"{sum(r['statements'] for r in run) / wall:.0f}" if storage_url else "n/a",
         "per idle worker/s": f"{sum(r['statements'] for r in idle) / 20.0 / n:.2f}" if storage_url else "n/a",
-        "lock waits": sum(r["lock_waits"] for r in run) if storage_url else "n/a",
+        "lock waits (s queued)": (
+            f"{len(waits)} ({sum(waits):.0f})"
+            if (waits := [w for r in run for w in r["lock_waits"]])
+            else "0"
+        )
+        if storage_url
+        else "n/a",
         "budgets exact": "yes" if exact else "NO",
         "nothing twice": "yes" if once else "NO",
         "wall s": f"{wall:.0f}",
@@ -242,6 +277,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[8, 32, 128, 256])
     parser.add_argument("--ledger", choices=["postgres", "journal", "both"], default="both")
+    parser.add_argument("--studies", type=int, default=STUDIES, help="studies of 8 trials and 2 seeds")
+    parser.add_argument("--hold-s", type=float, default=0.0, help="simulated training seconds per trial")
     args = parser.parse_args()
     os.environ.setdefault("RNNBENCH_LEASE_SECONDS", "20")
     rows = []
@@ -256,21 +293,28 @@ def main() -> None:
                 data = self.dir / "data"
                 self._run(self.bin / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
                 options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=1200"
-                self._run(self.bin / "pg_ctl", "-D", data, "-o", options, "-l", self.dir / "log", "-w", "start")
+                self._run(
+                    self.bin / "pg_ctl", "-D", data, "-o", options, "-l", self.dir / "log", "-w", "start"
+                )
                 return self
 
         for n in args.n:
             pg = Big().start()
             try:
                 with tempfile.TemporaryDirectory() as home:
-                    rows.append({"ledger": "PostgreSQL", **measure(n, pg.create_database("load"), home)})
+                    rows.append(
+                        {
+                            "ledger": "PostgreSQL",
+                            **measure(n, pg.create_database("load"), home, args.hold_s, args.studies),
+                        }
+                    )
                     print(rows[-1], file=sys.stderr, flush=True)
             finally:
                 pg.stop()
     if args.ledger in ("journal", "both"):
         for n in args.n:
             with tempfile.TemporaryDirectory() as home:
-                rows.append({"ledger": "journal", **measure(n, None, home)})
+                rows.append({"ledger": "journal", **measure(n, None, home, args.hold_s, args.studies)})
                 print(rows[-1], file=sys.stderr, flush=True)
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")

@@ -448,10 +448,15 @@ class _Startup(optuna.samplers.BaseSampler):
 
     def __init__(self, first, then, trials: int):
         self._first, self._then, self._trials = first, then, trials
+        self._picked: dict[tuple[int, int], optuna.samplers.BaseSampler] = {}
 
     def _pick(self, study, trial):
-        early = point_index(study.get_trials(deepcopy=False), trial.number) < self._trials
-        return self._first if early else self._then
+        # asked five times a trial; the answer is fixed by the trials before it, which never change
+        key = (study._study_id, trial.number)
+        if key not in self._picked:
+            early = point_index(study.get_trials(deepcopy=False), trial.number) < self._trials
+            self._picked[key] = self._first if early else self._then
+        return self._picked[key]
 
     def infer_relative_search_space(self, study, trial):
         return self._pick(study, trial).infer_relative_search_space(study, trial)

@@ -5,6 +5,7 @@ trial recovered (faults 3 and 4 of the run engine)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -78,6 +79,29 @@ def test_a_stopped_holder_loses_its_lock_instead_of_blocking_everyone(database, 
         holder.kill()
         holder.wait()
     print(f"\na SIGSTOPped holder's lock came free after {waited:.1f} s (lease 2 s)")
+
+
+@pytest.mark.slow  # a PostgreSQL cluster started for it: the default suite stays under 10 minutes
+def test_a_waiter_queues_in_the_server_and_gives_up_after_five_leases(database, tmp_path: Path, monkeypatch):
+    from rnnbench.errors import LedgerUnreachable
+    from rnnbench.scheduler import LedgerLock
+
+    url = database.create_database("queue")
+    monkeypatch.setenv("RNNBENCH_LEASE_SECONDS", "1")
+    waiter = LedgerLock(url, tmp_path)
+    key = int.from_bytes(hashlib.sha256(b"study").digest()[:8], "big", signed=True)
+    # a holder whose session the server keeps (no idle timeout), e.g. a long critical section
+    with sqlalchemy.create_engine(url).connect() as holder:
+        holder.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        started = time.monotonic()
+        with pytest.raises(LedgerUnreachable, match="held by another worker for over 5 leases"):
+            with waiter("study"):
+                pass
+        waited = time.monotonic() - started
+        assert 4.9 < waited < 15, waited  # 5 leases of 1 s, waited out in the server's lock queue
+        holder.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    with waiter("study"):  # the lock came free with its holder; the waiter's session is usable
+        waiter.fence("study")
 
 
 TINY = """\
