@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from rnnbench.encoder import Encoder
 from rnnbench.errors import ConfigError, ContractError
 from rnnbench.plugins import Registered
 from rnnbench.preflight import check_cell, check_experiment, check_task
+from tests.helpers import run_cli
 
 
 # -- cells written the PyTorch way ----------------------------------------------------------------
@@ -365,9 +365,7 @@ def install_fake(site: Path, dist: str, module: str, source: str, entry_name: st
 
 def rnnbench(args: list[str], site: Path, home: Path, cwd: Path) -> subprocess.CompletedProcess:
     path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path, "RNNBENCH_HOME": str(home), "RNNBENCH_CACHE": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-m", "rnnbench.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)  # fmt: skip
+    return run_cli(args, home, cwd=cwd, PYTHONPATH=path, RNNBENCH_CACHE=str(cwd / "cache"))
 
 
 def test_broken_plugin_refused_by_run_and_named_by_check(tmp_path: Path):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from rnnbench.cli import app
 from rnnbench.report.collect import TaskInfo, status_notes
 from rnnbench.report.figures import pareto_front
 from rnnbench.report.tables import display_frame, rank_task, summary, write
+from tests.helpers import run_cli
 
 ACC = TaskInfo("sentiment", "accuracy", "maximize")
 
@@ -401,9 +400,7 @@ def smoke_report(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("report")
     home, out = tmp_path / "home", tmp_path / "reports" / "rep"
     (tmp_path / "rep.yaml").write_text(TINY)
-    env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "rnnbench.cli", "run", str(tmp_path / "rep.yaml")],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = run_cli(["run", str(tmp_path / "rep.yaml")], home)
     assert run.returncode == 0, run.stderr
     # the YAML file names the experiment
     result = CliRunner().invoke(
