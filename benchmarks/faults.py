@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.ledger_checks import ledger_view, mlflow_view, report_view  # noqa: E402
+from tests.helpers import stopped_child  # noqa: E402
+from tests.ledger_checks import ledger_view, mlflow_view, report_view, wait_for_lost_trial  # noqa: E402
 from tests.services import MlflowServer, Postgres, postgres_bin  # noqa: E402
 
 EXPERIMENT = """\
@@ -133,13 +134,16 @@ def _two_workers_training(args, env) -> subprocess.Popen:
 
 
 def stall_a_worker(args, env, tmp, home):
-    """--workers 2; one worker SIGSTOPped mid-trial for three leases, then SIGCONT."""
-    proc = _two_workers_training(args, env)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    worker = next(int(p) for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text())
-    os.kill(worker, signal.SIGSTOP)
-    time.sleep(3 * float(env["RNNBENCH_LEASE_SECONDS"]) + 2)
-    os.kill(worker, signal.SIGCONT)
+    """--workers 2; one worker stops itself mid-trial (SIGSTOP, its lease renewals with it) and is
+    continued (SIGCONT) once the other worker has found its lease expired."""
+    env = {**env, "RNNBENCH_FAULT": f"mid_trial_sigstop:{tmp / 'once'}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rnnbench.cli", *args, "--workers", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    stalled = stopped_child(proc.pid, timeout=300)
+    wait_for_lost_trial(None, home, "faults", timeout=600)
+    os.kill(stalled, signal.SIGCONT)
     proc.stdout.read()
     return proc.wait()
 
@@ -209,14 +213,19 @@ def main() -> None:
             [lambda *a: run(*a, fault=["mid_trial", "after_ledger_write"], extra=["--workers", "3"])],
         ),
         ("MLflow store deleted after a finished run, then `rnnbench sync`", [run, drop_mlflow]),
-        ("--workers 2: one worker SIGSTOPped mid-trial for 3 leases, then SIGCONT", [stall_a_worker]),
+        (
+            "--workers 2: one worker SIGSTOPped mid-trial until its lease is recovered, then SIGCONT",
+            [stall_a_worker],
+        ),
         ("--workers 2: every wall clock steps 10 leases ahead mid-run", [step_the_clock]),
         (
             "SIGKILL mid-trial, then run again with --max-retries 0",
             [lambda *a: run(*a, fault=["mid_trial"]), lambda *a: run(*a, extra=["--max-retries", "0"])],
         ),
-        ("SIGTERM after training, before the ledger write, then run again",
-         [lambda *a: run(*a, fault=["record_sigterm"]), run]),  # fmt: skip
+        (
+            "SIGTERM after training, before the ledger write, then run again",
+            [lambda *a: run(*a, fault=["record_sigterm"]), run],
+        ),  # fmt: skip
         ("out of memory on a final seed", [lambda *a: run(*a, fault=["final_oom"])]),
     ]
     for name, steps in cases:
@@ -324,7 +333,9 @@ def scenario_on(name: str, steps, tmp: Path, url: str) -> dict:
     args = ["run", str(path), "--home", str(home)]
     started = time.monotonic()
     codes = [step(args, base, tmp, home) for step in steps]
-    return row(name, " → ".join(str(c) for c in codes), url, tracking_uri_for(home), home, time.monotonic() - started)
+    return row(
+        name, " → ".join(str(c) for c in codes), url, tracking_uri_for(home), home, time.monotonic() - started
+    )
 
 
 def many_machines() -> dict:

@@ -87,6 +87,7 @@ class _Recorder(Callback):
         self.history.append(entry)
         self.hooks.epoch(epoch, metrics, entry["time_ms"])
         fault("mid_trial")
+        fault("mid_trial_sigstop")
         value = metrics[f"valid_{self.primary}"]
         self.hooks.progress(epoch, self.epochs, self.primary, value)
         if self.hooks.should_prune(value, epoch):

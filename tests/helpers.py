@@ -88,3 +88,22 @@ def write_tiny_experiment(
         )
     )
     return path
+
+
+def stopped_child(pid: int, timeout: float) -> int:
+    """The first child process of ``pid`` found stopped (state T: a ``_sigstop`` fault point hit),
+    within ``timeout`` seconds (Linux /proc)."""
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            try:
+                state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:  # it ended in between
+                continue
+            if state == "T":
+                return int(child)
+        time.sleep(0.1)
+    raise TimeoutError(f"no child of {pid} stopped within {timeout} s")

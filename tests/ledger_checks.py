@@ -3,6 +3,7 @@ report's tidy table. After any fault they must agree exactly."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from rnnbench.ledger import StudyLedger
@@ -21,6 +22,22 @@ def ledger_view(storage, experiment: str) -> dict[tuple, tuple]:
                     continue
                 out[(name, stage, t.number)] = (status, round(t.value, 9) if t.value is not None else None)
     return out
+
+
+def wait_for_lost_trial(storage_url, home, experiment: str, timeout: float) -> None:
+    """Return once a trial of ``experiment`` counts as lost in the ledger (another worker found its
+    lease expired), for a stall that must outlast its recovery however slow the machine is."""
+    from rnnbench.sweep import open_storage
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(
+            status == "lost"
+            for status, _ in ledger_view(open_storage(storage_url, home), experiment).values()
+        ):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no trial of {experiment} was recovered as lost within {timeout} s")
 
 
 def mlflow_view(client, experiment: str) -> dict[tuple, tuple]:

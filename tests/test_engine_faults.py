@@ -8,14 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli, write_tiny_experiment
+from tests.helpers import run_cli, stopped_child, write_tiny_experiment
+from tests.ledger_checks import wait_for_lost_trial
 
 # test_run's tiny experiment with hidden_size fixed (lr alone searched), one final seed, 256 sequences
 _write = partial(write_tiny_experiment, seeds=1, train_size=256, hidden_size=8)
@@ -34,11 +34,6 @@ def _ledger(home: Path, name: str):
     return Counter((stage, status) for (_, stage, _), (status, _) in ledger.items())
 
 
-def _children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
 @pytest.mark.slow  # about 40 s: three leases of a stopped worker, then the rest of the run
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_a_worker_stalled_past_its_lease_is_discarded_with_one_warning(tmp_path: Path):
@@ -48,6 +43,7 @@ def test_a_worker_stalled_past_its_lease_is_discarded_with_one_warning(tmp_path:
     home, path = tmp_path / "home", _write(tmp_path, "stall", trials=4, epochs=8, train_size=2048)
     env = {**os.environ, "RNNBENCH_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["RNNBENCH_LEASE_SECONDS"] = "4"
+    env["RNNBENCH_FAULT"] = f"mid_trial_sigstop:{tmp_path / 'once'}"  # the first worker after an epoch
     proc = subprocess.Popen(
         [sys.executable, "-m", "rnnbench.cli", "run", str(path), "--workers", "2"],
         env=env,
@@ -55,31 +51,22 @@ def test_a_worker_stalled_past_its_lease_is_discarded_with_one_warning(tmp_path:
         stderr=subprocess.STDOUT,
         text=True,
     )
-    lines = []
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "search trial" in line:
-                break
-        # a worker process (the parent's other child is multiprocessing's resource tracker)
-        stalled = next(
-            p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-        )
-        os.kill(stalled, signal.SIGSTOP)
-        time.sleep(14)  # > 3 leases: the other worker finds it expired and runs its copy
+        stalled = stopped_child(proc.pid, timeout=120)
+        wait_for_lost_trial(None, home, "stall", timeout=240)  # the other worker found its lease expired
         os.kill(stalled, signal.SIGCONT)
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = "".join(lines) + out
-    assert proc.returncode == 0, text[-3000:]
-    warnings = [line for line in text.splitlines() if "stalled past its lease" in line]
-    assert len(warnings) <= 1, warnings
+    assert proc.returncode == 0, out[-3000:]
+    warnings = [line for line in out.splitlines() if "stalled past its lease" in line]
+    assert len(warnings) == 1, out[-4000:]
     counts = _ledger(home, "stall")
-    assert counts[("search", "complete")] == 4 and counts[("final", "complete")] == 1, counts
-    if warnings:  # the stall landed inside a trial (not between two): it was lost and ran again
-        assert counts[("search", "lost")] == 1, counts
+    # the stalled trial counts as lost and its copy ran: the budget is exact
+    assert counts == Counter({("search", "complete"): 4, ("search", "lost"): 1, ("final", "complete"): 1}), (
+        counts
+    )
     print(f"\nstalled worker: {dict(counts)}; {warnings}")
 
 
