@@ -5,10 +5,12 @@ fault, resumes where a user would, then compares the three views trial by trial.
 PostgreSQL server binaries for the many-machines row (skipped without them).
 
     python benchmarks/faults.py            # prints a Markdown table (a few minutes on 2 cores)
+    python benchmarks/faults.py --only Ctrl-C
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -49,6 +51,8 @@ def rnnbench(args: list[str], env: dict[str, str], stop_at: str | None = None) -
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # a background job inherits SIGINT ignored (and Python then keeps ignoring it): as typed
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     out = []
     for line in proc.stdout:
@@ -195,6 +199,11 @@ def drop_mlflow(args, env, tmp, home):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", help="only the rows whose fault contains this text (PostgreSQL rows: 'PostgreSQL')"
+    )
+    only = parser.parse_args().only
     rows = []
     cases = [
         ("none", [run]),
@@ -229,6 +238,8 @@ def main() -> None:
         ("out of memory on a final seed", [lambda *a: run(*a, fault=["final_oom"])]),
     ]
     for name, steps in cases:
+        if only and only not in name:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(scenario(name, steps, Path(tmp)))
             print(rows[-1], file=sys.stderr, flush=True)
@@ -236,10 +247,12 @@ def main() -> None:
         ("4,000 validations × 15 metrics in one record (~1.5 MB of history)", LONG_HISTORY),
         ("a searched embedding over the parameter budget", OVER_BUDGET),
     ):
+        if only and only not in name:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             rows.append(scenario(name, [run], Path(tmp), experiment=experiment))
             print(rows[-1], file=sys.stderr, flush=True)
-    if postgres_bin() is not None:
+    if postgres_bin() is not None and (not only or "PostgreSQL" in only):
         rows.append(many_machines())
         rows += postgres_rows()
     columns = list(rows[0])

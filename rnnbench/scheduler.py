@@ -378,6 +378,7 @@ class Claim:
     ledger: StudyLedger
     trial: optuna.Trial | None = None
     lease: Lease | None = None
+    lock_lost: bool = False  # no trial because the lock was lost mid-claim: try again soon
 
 
 def _claim_under_lock(storage, lock, study: Study, stage: str, led: StudyLedger, s: optuna.Study):
@@ -416,11 +417,14 @@ def claimed(storage, lock, study: Study, stage: str, owner: dict[str, Any]) -> I
     with lock(study.name):
         led = StudyLedger.load(storage, study.name)
         s = led.search if stage == "search" else led.final
+        lock_lost = False
         try:
             trial = _claim_under_lock(storage, lock, study, stage, led, s)
-        except LockLost:  # another worker may be in here now: leave it to them, try again later
-            trial = None
-        claim = Claim(led, trial, Lease(storage, trial._trial_id, owner).start() if trial else None)
+        except LockLost:  # another worker may be in here now: leave it to them, try again soon
+            trial, lock_lost = None, True
+        claim = Claim(
+            led, trial, Lease(storage, trial._trial_id, owner).start() if trial else None, lock_lost
+        )
     if claim.trial is None:
         yield claim
         return

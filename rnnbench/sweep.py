@@ -173,7 +173,10 @@ def _schema_lock(url: str):
             try:
                 yield
             finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(7202611)"))
+                try:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(7202611)"))
+                except sqlalchemy.exc.OperationalError:
+                    pass  # the session is gone (terminated, timed out): so is its lock
     finally:
         engine.dispose()
 

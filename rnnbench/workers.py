@@ -214,9 +214,12 @@ class Worker:
                     worked |= state == "worked"
                     if state == "done":
                         del pending[name]
-                    if state != "worked":
+                    if state not in ("worked", "retry"):
                         due.discard(name)
                 if worked or not pending:
+                    continue
+                if due:  # a claim lost its lock: nothing in the ledger will say so, look again
+                    pause()
                     continue
                 while not due:
                     pause()
@@ -243,12 +246,14 @@ class Worker:
         return self._tasks[key]
 
     def advance(self, study: Study) -> str:
-        """One step of a study: run a trial (``worked``), find none free (``waiting``) or find
-        it finished (``done``)."""
+        """One step of a study: run a trial (``worked``), find none free (``waiting``), lose the
+        lock mid-claim (``retry``) or find it finished (``done``)."""
         with claimed(self.storage, self.lock, study, "search", self.owner) as claim:
             if claim.trial is not None:
                 self.run_claimed(study, claim, stage="search")
                 return "worked"
+        if claim.lock_lost:
+            return "retry"
         led = claim.ledger
         if not led.search_done():
             self._recover_now_and_then(study)
@@ -261,6 +266,8 @@ class Worker:
             if claim.trial is not None:
                 self.run_claimed(study, claim, stage="final", best=best)
                 return "worked"
+        if claim.lock_lost:
+            return "retry"
         led = claim.ledger
         if not final_done(led.final.get_trials(deepcopy=False), led.seeds, led.max_retries):
             self._recover_now_and_then(study)

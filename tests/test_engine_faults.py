@@ -178,3 +178,37 @@ def test_a_sync_from_a_stale_snapshot_neither_reopens_nor_outdates_the_parent(tm
     assert after.info.status == before.info.status == "FINISHED"
     assert after.data.metrics == before.data.metrics  # the latest values are still the fresh ones
     assert after.data.metrics["final_seeds"] == 2
+
+
+def test_a_claim_that_lost_its_lock_is_tried_again_without_a_ledger_change(tmp_path: Path, monkeypatch):
+    """A claim whose ledger lock was lost mid-way (fenced: the server ended its session) takes no
+    trial and changes nothing in the ledger, so a worker waiting for a change would wait forever:
+    it looks again by itself, and the run ends with the budget exact."""
+    import threading
+
+    from rnnbench import runner
+    from rnnbench.experiment import parse
+    from rnnbench.plan import prepare
+    from rnnbench.scheduler import LedgerLock, LockLost
+
+    path = _write(tmp_path, "fenced", trials=2)
+    losses, real_fence = [3], LedgerLock.fence
+
+    def fence(self, key):
+        if losses[0]:  # the first three fences find the lock gone
+            losses[0] -= 1
+            raise LockLost(f"the ledger lock {key!r} was lost (test)")
+        real_fence(self, key)
+
+    monkeypatch.setattr(LedgerLock, "fence", fence)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # an hour's lease: the idle worker's look for overdue leases (every quarter lease) cannot mask it
+    monkeypatch.setenv("RNNBENCH_LEASE_SECONDS", "3600")
+    plan = prepare(parse(path.read_text()), home=tmp_path / "home")
+    run = threading.Thread(target=runner.start, args=(plan,), daemon=True)
+    run.start()
+    run.join(timeout=120)
+    assert not run.is_alive(), "the worker waited for a ledger change that never came"
+    assert losses == [0]
+    counts = _ledger(tmp_path / "home", "fenced")
+    assert counts == Counter({("search", "complete"): 2, ("final", "complete"): 1}), counts
