@@ -407,13 +407,49 @@ def _claim_under_lock(storage, lock, study: Study, stage: str, led: StudyLedger,
     return s.ask()
 
 
+def may_have_work(storage, led: StudyLedger, stage: str) -> bool:
+    """Whether a claim of ``stage`` under the lock could take, queue or recover a trial, judged
+    from a read without the lock. False only where nothing could be done now; a change after the
+    read shows in the ledger's version, which waiting workers watch (rnnbench.waiting), and stale
+    heartbeats on PostgreSQL are recovered by the waiting path too."""
+    if stage == "search":
+        trials = led.search_trials
+        if has_room(trials, int(led.attrs[BUDGET_ATTR]), led.max_retries):
+            return True
+    else:
+        if led.final is None:
+            return True
+        trials = led.final_trials
+        if seeds_to_queue(trials, led.seeds):
+            return True
+    now, now_mono = time.time(), time.monotonic()
+    copied = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for t in trials:
+        if t.state == TrialState.WAITING:
+            return True
+        if t.state == TrialState.RUNNING:
+            lease = t.system_attrs.get(LEASE_ATTR) or {}
+            if owner_is_dead(lease.get("owner")) or _lease_expired(storage, t, now, now_mono):
+                return True
+        elif needs_retry(trial_status(t, led.max_retries)) and t.number not in copied:
+            return True
+    return False
+
+
 @contextmanager
 def claimed(storage, lock, study: Study, stage: str, owner: dict[str, Any]) -> Iterator[Claim]:
     """Under the study's lock: recover lost trials, then take a queued trial or sample a new one
     if the budget has room (``claim.trial`` is None where there is none). The lease lives as long
     as the block, as Optuna's heartbeat thread does: it ends however the block does, and a block
     that raises without a record in the ledger (or raises anything but an interrupt) leaves its
-    trial FAILED without one, which recovery queues again."""
+    trial FAILED without one, which recovery queues again.
+
+    A read without the lock comes first: where it shows nothing to take, queue or recover, the
+    lock is not taken at all (most claims of a large fleet find a study full)."""
+    led = StudyLedger.load(storage, study.name)
+    if led is not None and not may_have_work(storage, led, stage):
+        yield Claim(led)
+        return
     with lock(study.name):
         led = StudyLedger.load(storage, study.name)
         s = led.search if stage == "search" else led.final

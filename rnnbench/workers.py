@@ -13,6 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import queue
+import random
 import threading
 import time
 from contextlib import ExitStack
@@ -196,11 +197,12 @@ class Worker:
         """Advance every study until each is done. A study with nothing to claim now (other
         workers hold its last trials) is looked at again only when the ledger says it changed or
         one of its leases may be overdue (see rnnbench.waiting)."""
-        # each worker starts at another study, so N workers do not queue on one study's lock
-        studies = (
-            self.plan.studies[self.worker % len(self.plan.studies) :]
-            + self.plan.studies[: self.worker % len(self.plan.studies)]
-        )
+        # Worker 0 walks the studies in the plan's order (one worker: the order a user reads);
+        # every other worker in its own random order. Walking in one order from neighbouring
+        # starts, a fleet moved in lockstep and queued on the same few studies' locks.
+        studies = list(self.plan.studies)
+        if self.worker:
+            random.shuffle(studies)
         pending = {study.name: study for study in studies}
         due = set(pending)  # studies to advance now
         journal = journal_path(self.plan.storage_url, self.plan.home) if self.journal else None
