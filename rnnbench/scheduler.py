@@ -298,6 +298,23 @@ def recover(storage, s: optuna.Study, max_retries: int = DEFAULT_MAX_RETRIES) ->
     return recovered_trials(storage, s, max_retries)[0]
 
 
+def _worker_gone(storage, t: FrozenTrial, now: float, now_mono: float) -> bool:
+    """A running trial whose worker is dead or whose lease has expired: lost."""
+    if t.state != TrialState.RUNNING:
+        return False
+    lease = t.system_attrs.get(LEASE_ATTR) or {}
+    return owner_is_dead(lease.get("owner")) or _lease_expired(storage, t, now, now_mono)
+
+
+def _uncopied_retries(trials: list[FrozenTrial], max_retries: int):
+    """(trial, status) of each lost or interrupted trial that has no queued copy yet."""
+    copied = {t.user_attrs.get(RETRY_OF) for t in trials}
+    for t in trials:
+        status = trial_status(t, max_retries)
+        if needs_retry(status) and t.number not in copied:
+            yield t, status
+
+
 def recovered_trials(storage, s: optuna.Study, max_retries: int) -> tuple[int, list[FrozenTrial]]:
     """:func:`recover`, and the study's trials as they are after it: read once, and again only
     where recovery wrote (each read of the trials is six statements)."""
@@ -307,10 +324,7 @@ def recovered_trials(storage, s: optuna.Study, max_retries: int) -> tuple[int, l
     trials = s.get_trials(deepcopy=False)
     failed = 0
     for t in trials:
-        if t.state != TrialState.RUNNING:
-            continue
-        lease = t.system_attrs.get(LEASE_ATTR) or {}
-        if owner_is_dead(lease.get("owner")) or _lease_expired(storage, t, now, now_mono):
+        if _worker_gone(storage, t, now, now_mono):
             try:
                 # the retry decision goes into the ledger now, with the limit in force now
                 spent = t.user_attrs.get(RETRIES, 0) >= max_retries
@@ -322,15 +336,12 @@ def recovered_trials(storage, s: optuna.Study, max_retries: int) -> tuple[int, l
     if failed:
         trials = s.get_trials(deepcopy=False)
     queued = 0
-    copied = {t.user_attrs.get(RETRY_OF) for t in trials}
-    for t in trials:
-        status = trial_status(t, max_retries)
-        if needs_retry(status) and t.number not in copied:
-            attrs = {RETRY_OF: t.number, RETRIES: t.user_attrs.get(RETRIES, 0) + (status == "lost")}
-            if "seed" in t.user_attrs:
-                attrs["seed"] = t.user_attrs["seed"]
-            s.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
-            queued += 1
+    for t, status in _uncopied_retries(trials, max_retries):
+        attrs = {RETRY_OF: t.number, RETRIES: t.user_attrs.get(RETRIES, 0) + (status == "lost")}
+        if "seed" in t.user_attrs:
+            attrs["seed"] = t.user_attrs["seed"]
+        s.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
+        queued += 1
     return queued, (s.get_trials(deepcopy=False) if queued else trials)
 
 
@@ -423,17 +434,9 @@ def may_have_work(storage, led: StudyLedger, stage: str) -> bool:
         if seeds_to_queue(trials, led.seeds):
             return True
     now, now_mono = time.time(), time.monotonic()
-    copied = {t.user_attrs.get(RETRY_OF) for t in trials}
-    for t in trials:
-        if t.state == TrialState.WAITING:
-            return True
-        if t.state == TrialState.RUNNING:
-            lease = t.system_attrs.get(LEASE_ATTR) or {}
-            if owner_is_dead(lease.get("owner")) or _lease_expired(storage, t, now, now_mono):
-                return True
-        elif needs_retry(trial_status(t, led.max_retries)) and t.number not in copied:
-            return True
-    return False
+    if any(t.state == TrialState.WAITING or _worker_gone(storage, t, now, now_mono) for t in trials):
+        return True
+    return next(_uncopied_retries(trials, led.max_retries), None) is not None
 
 
 @contextmanager
