@@ -1,5 +1,6 @@
 """Budget sensitivity (issue 22): rankings at fractions of the step budget against the full one,
-on hand-made histories with known answers, and the reviewer's numbers on reports/reference-cpu."""
+on hand-made histories with known answers, and the reviewer's numbers on the first edition of
+the reference study."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from rnnbench.report.collect import TaskInfo
 
 MSE = TaskInfo("memory", "mse", "minimize")
 ACC = TaskInfo("sentiment", "accuracy", "maximize")
-REFERENCE = Path(__file__).parents[1] / "reports" / "reference-cpu"
+# the first edition of the reference study (reports/reference-cpu at 00856d4): the reviewer's numbers
+FIRST_EDITION = Path(__file__).parent / "fixtures" / "reference-cpu-first-edition"
 
 
 def _study(curves: dict[str, list[list[float]]], metric: str = "mse", per_round: int = 10, logged=None):
@@ -146,8 +148,8 @@ def test_the_reviewers_numbers_on_the_reference_study():
     """Issue 22: τ of the rankings at 250 and 500 of 750 steps against 750 steps."""
     from rnnbench.report.collect import benchmark_infos
 
-    runs = pd.read_parquet(REFERENCE / "runs.parquet")
-    hist = pd.read_parquet(REFERENCE / "histories.parquet")
+    runs = pd.read_parquet(FIRST_EDITION / "runs.parquet")
+    hist = pd.read_parquet(FIRST_EDITION / "histories.parquet")
     infos, _ = benchmark_infos(runs)
     result = budget_sensitivity(runs, hist, infos, fractions=(1 / 3, 2 / 3, 1.0))
     taus = result.taus.assign(fraction=result.taus["fraction"].round(2)).set_index(["benchmark", "fraction"])
