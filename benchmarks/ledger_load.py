@@ -93,6 +93,7 @@ def _process(
     """``threads`` simulated workers in this process; their figures go to ``out``."""
     sys.stdout = sys.stderr = open(os.devnull, "w")  # the workers' progress lines
     from rnnbench import workers as workers_mod
+    from rnnbench.ledger import remaining_units
     from rnnbench.scheduler import LedgerLock
     from rnnbench.sweep import open_storage
     from rnnbench.trial import Outcome
@@ -100,7 +101,7 @@ def _process(
     counter: Counter = Counter()
     lock_waits: list[float] = []
     _count_statements(counter, lock_waits)
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []  # (wall-clock start, seconds) of each claim
     real_claimed = workers_mod.claimed
 
     @contextlib.contextmanager
@@ -108,10 +109,20 @@ def _process(
         started = time.perf_counter()
         with real_claimed(*args, **kwargs) as claim:
             if claim.trial is not None:
-                latencies.append(time.perf_counter() - started)
+                latencies.append(
+                    (time.time() - (time.perf_counter() - started), time.perf_counter() - started)
+                )
             yield claim
 
     workers_mod.claimed = timed_claim
+    idle: set[int] = set()  # threads that have gone idle: their pass found nothing to claim
+    real_pause = workers_mod.pause
+
+    def pause(*args, **kwargs):
+        idle.add(threading.get_ident())
+        return real_pause(*args, **kwargs)
+
+    workers_mod.pause = pause
     history = _history()
 
     class Simulated(workers_mod.Worker):
@@ -124,30 +135,24 @@ def _process(
         def _project(self, *args, **kwargs):
             pass
 
-        def advance(self, study):
-            state = super().advance(study)
-            self.looked.add(study.name)  # settled once it has looked at every study
-            return state
-
         def _refresh_parent(self, *args, **kwargs):
             pass
 
     storage = open_storage(storage_url, Path(home))
+    units = remaining_units(plan, storage)  # once per process, as a pool counts once per machine
     crew = [
         Simulated(plan, first + i, {"device": "cpu", "threads": 1},
-                  stores=(None, storage, LedgerLock(storage_url, Path(home))))
+                  stores=(None, storage, LedgerLock(storage_url, Path(home))), units=units)
         for i in range(threads)
     ]  # fmt: skip
-    for worker in crew:
-        worker.looked = set()
     counter.clear()
     started = time.monotonic()
     pool = [threading.Thread(target=w.run) for w in crew]
     for t in pool:
         t.start()
     if phase == "idle":
-        # settled: every worker has looked at every study once and found nothing to claim
-        while any(len(w.looked) < len(plan.studies) for w in crew):
+        # settled: every worker has been through the studies and found nothing to claim
+        while len(idle) < len(crew):
             time.sleep(0.5)
         time.sleep(2)
         before = counter["statements"]
@@ -248,14 +253,22 @@ def measure(n: int, storage_url, home: str, hold_s: float, studies: int = STUDIE
         for manager in held:
             with contextlib.suppress(BaseException):
                 manager.__exit__(None, None, None)
-    latencies = sorted(x for r in run for x in r["latencies"])
+    timed = [x for r in run for x in r["latencies"]]
+    latencies = sorted(seconds for _, seconds in timed)
     claims = len(latencies)
+    # after the first trial's hold: without the fleet's simultaneous first claims, as a fleet
+    # whose workers start minutes apart sees it
+    first = min(at for at, _ in timed)
+    later = sorted(seconds for at, seconds in timed if at - first >= hold_s) if hold_s else latencies
     return {
         "N": n,
         "hold s": f"{hold_s:g}",
         "claims/s": f"{claims / wall:.0f}",
         "claim p50 ms": f"{1000 * statistics.median(latencies):.0f}",
         "claim p99 ms": f"{1000 * latencies[int(0.99 * (claims - 1))]:.0f}",
+        "p99 after the first hold ms": f"{1000 * later[int(0.99 * (len(later) - 1))]:.0f}"
+        if later
+        else "n/a",
         # the journal runs no statements: its reads are of a local file
         "statements/s": f"{sum(r['statements'] for r in run) / wall:.0f}" if storage_url else "n/a",
         "per idle worker/s": f"{sum(r['statements'] for r in idle) / 20.0 / n:.2f}" if storage_url else "n/a",

@@ -32,9 +32,11 @@ from rnnbench.items import save_items
 from rnnbench.ledger import (
     BASELINE_ATTR,
     BASELINES_ATTR,
+    BUDGET_ATTR,
     StudyLedger,
     decide_retry,
     fail_quietly,
+    final_seeds,
     json_safe,
     remaining_units,
     write_result,
@@ -44,7 +46,7 @@ from rnnbench.plan import Plan, open_stores
 from rnnbench.progress import Progress, make_progress
 from rnnbench.projection import MIRRORED, Projection, best_hparams, project_file
 from rnnbench.scheduler import LedgerLock, claimed, final_done, owner_identity, recover, recover_study
-from rnnbench.sweep import RECORD, is_journal, journal_path, lease_duration, suggest
+from rnnbench.sweep import RECORD, is_journal, journal_path, lease_duration, suggest, trial_budget
 from rnnbench.trainer import RunSettings
 from rnnbench.trial import HiddenSizes, Outcome, TrialHooks, failed_before_training, now_ms, run_trial
 from rnnbench.waiting import LedgerWatch, pause
@@ -177,6 +179,7 @@ class Worker:
         prefix: str = "",
         stores=None,
         workers: int = 1,
+        units: int | None = None,
     ):
         self.plan, self.e, self.worker = plan, plan.experiment, worker
         self.settings = RunSettings(**settings)
@@ -187,11 +190,16 @@ class Worker:
         self.journal = is_journal(plan.storage_url)
         self.owner = owner_identity(worker)
         self.owner["home"] = str(plan.home)
-        units = remaining_units(plan, self.storage)  # a resumed run counts only what is left
+        if units is None:  # a resumed run counts only what is left; a pool counts once for all
+            units = remaining_units(plan, self.storage)
         self.progress = make_progress(-(-units // workers), prefix)  # this worker's share of the runs
         self._tasks: dict[str, Any] = {}
         self.hidden = HiddenSizes()
         self._last_recovery: dict[str, float] = {}
+        # study -> (search budget, final seeds): the ledger's attributes, which the start wrote
+        # from this plan (create_study) and each read of a study refreshes
+        seeds = len(final_seeds(self.e))
+        self._limits = {s.name: (trial_budget(self.e, s.budget), seeds) for s in plan.studies}
 
     def run(self) -> None:
         """Advance every study until each is done. A study with nothing to claim now (other
@@ -212,7 +220,13 @@ class Worker:
                 due |= self._changed(watch, pending)  # every change is seen once, by the next look
                 worked = False
                 for name in [n for n in pending if n in due]:
-                    state = self.advance(pending[name])
+                    if watch.outdated():
+                        due |= self._changed(watch, pending)
+                    state = watch.settled(name, *self._limits[name])  # None: the counts do not suffice
+                    if state is None:
+                        state = self.advance(pending[name])
+                    elif state == "done":
+                        self._refresh_parent(pending[name])  # as a claim that finds it done does
                     worked |= state == "worked"
                     if state == "done":
                         del pending[name]
@@ -251,12 +265,13 @@ class Worker:
         """One step of a study: run a trial (``worked``), find none free (``waiting``), lose the
         lock mid-claim (``retry``) or find it finished (``done``)."""
         with claimed(self.storage, self.lock, study, "search", self.owner) as claim:
+            led = claim.ledger
+            self._limits[study.name] = (int(led.attrs.get(BUDGET_ATTR, 0)), len(led.seeds))
             if claim.trial is not None:
                 self.run_claimed(study, claim, stage="search")
                 return "worked"
         if claim.lock_lost:
             return "retry"
-        led = claim.ledger
         if not led.search_done():
             self._recover_now_and_then(study)
             return "waiting"
@@ -489,19 +504,20 @@ def run_pool(plan: Plan, workers: int, settings: dict[str, Any], storage, projec
     ctx = multiprocessing.get_context("spawn")  # fork and torch threads do not mix
     respawns_left = 2 * workers
 
-    def launch(w: int):
+    def launch(w: int, units: int | None = None):
         worker_settings = dict(settings, threads=threads)
         if gpus:
             worker_settings["device"] = f"cuda:{w % gpus}"
-        p = ctx.Process(target=worker_main, args=(plan, w, worker_settings, workers), daemon=False)
+        p = ctx.Process(target=worker_main, args=(plan, w, worker_settings, workers, units), daemon=False)
         p.start()
         return p
 
     procs: dict[int, Any] = {}
     errors: list[int] = []
     try:
+        units = remaining_units(plan, storage)  # read every study once, not once per worker
         for w in range(workers):
-            procs[w] = launch(w)
+            procs[w] = launch(w, units)
         while procs:
             ready = multiprocessing.connection.wait([p.sentinel for p in procs.values()])
             for w, p in list(procs.items()):
@@ -553,9 +569,9 @@ def recover_all(plan: Plan, storage) -> int:
     return sum(recover_study(storage, lock, study.name, plan.max_retries) for study in plan.studies)
 
 
-def worker_main(plan: Plan, worker: int, settings: dict[str, Any], workers: int) -> None:
+def worker_main(plan: Plan, worker: int, settings: dict[str, Any], workers: int, units: int | None) -> None:
     stop_once_on_either()
     try:
-        Worker(plan, worker, settings, prefix=f"[w{worker}] ", workers=workers).run()
+        Worker(plan, worker, settings, prefix=f"[w{worker}] ", workers=workers, units=units).run()
     except KeyboardInterrupt:
         raise SystemExit(130) from None

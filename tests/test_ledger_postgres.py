@@ -138,3 +138,72 @@ def test_a_worker_killed_between_claim_and_first_heartbeat_is_recovered(database
     counts = Counter((stage, status) for (_, stage, _), (status, _) in ledger.items())
     assert counts == Counter({("search", "complete"): 3, ("search", "lost"): 1, ("final", "complete"): 1})
     print(f"\nkilled before its first heartbeat: recovered, resume took {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.slow  # a PostgreSQL cluster started for it: the default suite stays under 10 minutes
+def test_a_study_whose_every_trial_is_taken_is_skipped_until_one_frees(database, tmp_path: Path, monkeypatch):
+    """A waiting worker skips, unread, a study whose trials are all running under live leases and
+    drops one that is finished; a failed or overdue trial, room in the budget or a seed to queue
+    makes it worth a read again."""
+    import optuna
+
+    from rnnbench.experiment import parse
+    from rnnbench.ledger import create_study
+    from rnnbench.plan import prepare
+    from rnnbench.scheduler import LedgerLock, claimed, owner_identity
+    from rnnbench.sweep import open_storage
+    from rnnbench.waiting import LedgerWatch
+
+    monkeypatch.setenv("RNNBENCH_LEASE_SECONDS", "2")
+
+    def ledger(db: str):
+        url = database.create_database(db)
+        plan = prepare(parse(TINY.replace("trials: 3", "trials: 2")), home=tmp_path / db, storage_url=url)
+        storage, lock = open_storage(url, tmp_path / db), LedgerLock(url, tmp_path / db)
+        (study,) = plan.studies
+        with lock(study.name):
+            create_study(plan, storage, study)
+        watch = LedgerWatch(storage, None)
+
+        def look(seeds: int = 1) -> tuple[bool, str | None]:  # (changed since the last look, verdict)
+            return study.name in watch.changed(), watch.settled(study.name, budget=2, seeds=seeds)
+
+        def claim(owner: int, stage: str = "search"):  # (the open claim, its trial)
+            manager = claimed(storage, lock, study, stage, owner_identity(owner))
+            trial = manager.__enter__().trial
+            assert trial is not None
+            return manager, trial
+
+        return storage, study, look, claim
+
+    storage, study, look, claim = ledger("busy")
+    assert look()[1] is None  # a new study (no trials, so no version yet): room for both
+    first, _ = claim(0)
+    assert look() == (True, None)  # room for one more
+    second, _ = claim(1)
+    assert look() == (True, "busy")  # both running, leases renewed: nothing to claim
+    assert look() == (False, "busy")
+    error = RuntimeError("lost")  # a failure without a record: a retry is due
+    assert second.__exit__(RuntimeError, error, None) is False  # not swallowed
+    assert look() == (True, None)
+    assert look() == (False, None)
+    first.__exit__(None, None, None)  # its lease stops with the block; the trial stays running
+    deadline = time.monotonic() + 30
+    while not look()[0]:  # its heartbeat goes overdue: the study's version changes, it is looked at
+        assert time.monotonic() < deadline, "an unrenewed lease never changed the study's version"
+        time.sleep(0.5)
+
+    storage, study, look, claim = ledger("done")
+
+    def finish(manager, trial) -> None:
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.COMPLETE, [0.1])
+        manager.__exit__(None, None, None)
+
+    for owner in (0, 1):
+        finish(*claim(owner))
+    assert look() == (True, None)  # the search is finished and no seed is queued yet
+    seed = claim(2, "final")  # queues the one seed and takes it
+    assert look() == (True, "busy")
+    finish(*seed)
+    assert look() == (True, "done")
+    assert look(seeds=2) == (False, None)  # a second seed would be queued
