@@ -109,9 +109,8 @@ def _process(
         started = time.perf_counter()
         with real_claimed(*args, **kwargs) as claim:
             if claim.trial is not None:
-                latencies.append(
-                    (time.time() - (time.perf_counter() - started), time.perf_counter() - started)
-                )
+                seconds = time.perf_counter() - started
+                latencies.append((time.time() - seconds, seconds))
             yield claim
 
     workers_mod.claimed = timed_claim

@@ -14,8 +14,8 @@ without reading it, a study whose every trial is taken by a live worker, and dro
 finished (``settled``): in a busy fleet almost every study changes between two looks, and reading
 each in full to find it taken, or finished, was most of the ledger's work at 128 workers.
 
-A dead worker writes nothing, so leases are watched too: one statement finds whether any running
-trial's heartbeat is overdue (PostgreSQL); the journal's recovery is in memory and runs anyway.
+A dead worker writes nothing, so leases are watched too: the same statement counts the running
+trials whose heartbeat is overdue (PostgreSQL); the journal's recovery is in memory and runs anyway.
 Each look is paced with jitter, so a fleet does not wake as one. See benchmarks/ledger_load.py.
 """
 
@@ -143,26 +143,17 @@ class LedgerWatch:
         return names
 
     def overdue(self) -> set[str] | None:
-        """Studies with a running trial whose worker may be gone (checked every quarter lease,
-        else the empty set): its heartbeat older than a lease, or none yet. None on the journal
-        every quarter lease: every study, whose recovery reads nothing but the journal itself."""
+        """Studies with a running trial whose worker may be gone (every quarter lease, else the
+        empty set): its heartbeat older than a lease, or none yet, as the last look counted them.
+        None on the journal every quarter lease: every study, whose recovery reads nothing but
+        the journal itself."""
         now = time.monotonic()
         if now - self._last_stale_check < lease_duration() / 4:
             return set()
         self._last_stale_check = now
         if not self.rdb:
             return None
-        import sqlalchemy
-
-        with self.storage.engine.connect() as conn:
-            rows = conn.execute(
-                sqlalchemy.text(
-                    "SELECT DISTINCT t.study_id FROM trials t "
-                    f"LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id WHERE {_OVERDUE}"
-                ),
-                {"grace": lease_duration()},
-            ).all()
-        return {self._name(study_id).removesuffix(FINAL_SUFFIX) for (study_id,) in rows}
+        return {name for name, stages in self._counts.items() if any(c.overdue for c in stages.values())}
 
 
 def pause(seconds: float = POLL_S) -> None:

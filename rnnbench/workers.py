@@ -36,7 +36,6 @@ from rnnbench.ledger import (
     StudyLedger,
     decide_retry,
     fail_quietly,
-    final_seeds,
     json_safe,
     remaining_units,
     write_result,
@@ -198,8 +197,7 @@ class Worker:
         self._last_recovery: dict[str, float] = {}
         # study -> (search budget, final seeds): the ledger's attributes, which the start wrote
         # from this plan (create_study) and each read of a study refreshes
-        seeds = len(final_seeds(self.e))
-        self._limits = {s.name: (trial_budget(self.e, s.budget), seeds) for s in plan.studies}
+        self._limits = {s.name: (trial_budget(self.e, s.budget), self.e.final.seeds) for s in plan.studies}
 
     def run(self) -> None:
         """Advance every study until each is done. A study with nothing to claim now (other
