@@ -6,7 +6,7 @@ statements a second per idle worker. Work only ever appears through a ledger wri
 finished or failed, a seed queued, a lost trial requeued), so an idle worker instead watches one
 cheap *version* of the ledger and looks again only at the studies whose version changed:
 
-- PostgreSQL: one statement, trials per study with their count, last finish and queued count;
+- PostgreSQL: one statement, trials per study with their count, last finish and count per state;
 - the journal: the file's size and modification time (no statement at all), every study.
 
 The same statement counts each study's running, failed and overdue trials, so a worker skips,
@@ -96,8 +96,11 @@ class LedgerWatch:
         for study_id, total, finished, waiting, overdue, running, failed in rows:
             full_name = self._name(study_id)
             name = full_name.removesuffix(FINAL_SUFFIX)
-            # an overdue trial changes the version: its study is looked at (and recovered)
-            out[name] = (*out.get(name, ()), str(total), str(finished), str(waiting), str(overdue))
+            # every state change changes a count (the last finish alone misses a trial that
+            # finished earlier but committed later than the last one seen); an overdue trial
+            # changes it too: its study is looked at (and recovered)
+            version = (total, finished, waiting, overdue, running, failed)
+            out[name] = (*out.get(name, ()), *map(str, version))
             stage = "final" if full_name != name else "search"
             counts = StageCounts(total, running, waiting, failed, overdue)
             self._counts.setdefault(name, {})[stage] = counts

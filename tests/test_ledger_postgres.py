@@ -207,3 +207,20 @@ def test_a_study_whose_every_trial_is_taken_is_skipped_until_one_frees(database,
     finish(*seed)
     assert look() == (True, "done")
     assert look(seeds=2) == (False, None)  # a second seed would be queued
+
+    # a trial that finished before another by its own clock but committed after it leaves the last
+    # finish where it was: its study's version still changes (a worker once waited on it forever)
+    storage, study, look, claim = ledger("order")
+    early, late = claim(0), claim(1)
+    look()
+    finish(*late)
+    assert look()[0]
+    finish(*early)
+    with storage.engine.begin() as conn:
+        conn.execute(
+            sqlalchemy.text(
+                "UPDATE trials SET datetime_complete = datetime_complete - interval '1 hour' WHERE trial_id = :t"
+            ),
+            {"t": early[1]._trial_id},
+        )
+    assert look()[0], "a finish committed after a later one changed nothing a waiting worker sees"
