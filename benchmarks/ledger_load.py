@@ -9,12 +9,14 @@ processes (256 processes would need ~40 GB). Per N, over 80 studies of 8 trials 
 - database statements per second (counted in every process by SQLAlchemy), and per idle worker:
   a second phase holds every study's last trials (running, leases renewed) while N workers wait;
 - lock waits on PostgreSQL: advisory-lock requests that queued in the server (over 5 ms), and
-  the seconds spent queued;
+  the seconds spent queued; busy skips: claims that found a study's lock held and were told so at
+  once (the worker claims from another study, queueing only for a lock held over 2 s);
 - whether budgets are exact and nothing ran twice.
 
     python benchmarks/ledger_load.py                     # N = 8 32 128 256, both ledgers
     python benchmarks/ledger_load.py --n 8 32 --ledger journal
     python benchmarks/ledger_load.py --hold-s 30          # each trial "trains" for 30 s
+    python benchmarks/ledger_load.py --hold-s 60 --spread 0.5   # for 30 to 90 s
 
 With the default zero training time every worker claims back to back: the claim rate is the
 ceiling of the ledger and of the processes simulating it (they share the machine), and the claim
@@ -28,6 +30,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -88,10 +91,11 @@ def _count_statements(counter: Counter, lock_waits: list[float]) -> None:
 
 
 def _process(
-    plan, storage_url: str, home: str, threads: int, first: int, out, phase: str, hold_s: float
+    plan, storage_url: str, home: str, threads: int, first: int, out, phase: str, hold_s: float, spread: float
 ) -> None:
     """``threads`` simulated workers in this process; their figures go to ``out``."""
     sys.stdout = sys.stderr = open(os.devnull, "w")  # the workers' progress lines
+    from rnnbench import waiting
     from rnnbench import workers as workers_mod
     from rnnbench.ledger import remaining_units
     from rnnbench.scheduler import LedgerLock
@@ -108,6 +112,7 @@ def _process(
     def timed_claim(*args, **kwargs):
         started = time.perf_counter()
         with real_claimed(*args, **kwargs) as claim:
+            counter["busy"] += getattr(claim, "busy", False)
             if claim.trial is not None:
                 seconds = time.perf_counter() - started
                 latencies.append((time.time() - seconds, seconds))
@@ -117,16 +122,17 @@ def _process(
     idle: set[int] = set()  # threads that have gone idle: their pass found nothing to claim
     real_pause = workers_mod.pause
 
-    def pause(*args, **kwargs):
-        idle.add(threading.get_ident())
-        return real_pause(*args, **kwargs)
+    def pause(seconds: float = waiting.POLL_S):
+        if seconds >= waiting.POLL_S:  # not a short retry after a lock found held
+            idle.add(threading.get_ident())
+        return real_pause(seconds)
 
     workers_mod.pause = pause
     history = _history()
 
     class Simulated(workers_mod.Worker):
         def _train(self, study, claim, stage, best, seed, label, defer):
-            time.sleep(hold_s)
+            time.sleep(hold_s * random.uniform(1 - spread, 1 + spread))
             record = {"seed": seed, "worker": self.worker, "hparams": {"lr": 1e-3}, "history": history,
                       "status": "complete", "best_valid": {"mse": 0.1}, "test": {"mse": 0.1}}  # fmt: skip
             return Outcome("complete", record, 0.1, "mse=0.1"), None, None, None
@@ -145,6 +151,7 @@ def _process(
         for i in range(threads)
     ]  # fmt: skip
     counter.clear()
+    counter["busy"] = 0
     started = time.monotonic()
     pool = [threading.Thread(target=w.run) for w in crew]
     for t in pool:
@@ -163,7 +170,7 @@ def _process(
     for t in pool:
         t.join()
     out.put({
-        "latencies": latencies, "statements": counter["statements"],
+        "latencies": latencies, "statements": counter["statements"], "busy": counter["busy"],
         "seconds": time.monotonic() - started, "lock_waits": lock_waits,
     })  # fmt: skip
 
@@ -219,7 +226,7 @@ def _studies(name: str, storage_url, home: str, studies: int, trials: int = TRIA
 
 
 def _workers(
-    plan, n: int, storage_url, home: str, phase: str, hold_s: float = 0.0
+    plan, n: int, storage_url, home: str, phase: str, hold_s: float = 0.0, spread: float = 0.0
 ) -> tuple[list[dict], float]:
     """N simulated workers in up to 16 processes; (each process's figures, wall seconds)."""
     processes = min(n, 16)
@@ -227,7 +234,9 @@ def _workers(
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=_process, args=(plan, storage_url, home, k, sum(per[:i]), out, phase, hold_s))
+        ctx.Process(
+            target=_process, args=(plan, storage_url, home, k, sum(per[:i]), out, phase, hold_s, spread)
+        )
         for i, k in enumerate(per)
     ]
     started = time.monotonic()
@@ -239,8 +248,11 @@ def _workers(
     return got, time.monotonic() - started
 
 
-def measure(n: int, storage_url, home: str, hold_s: float, studies: int = STUDIES) -> dict:
-    run, wall = _workers(_studies("load", storage_url, home, studies), n, storage_url, home, "run", hold_s)
+def measure(
+    n: int, storage_url, home: str, hold_s: float, studies: int = STUDIES, spread: float = 0.0
+) -> dict:
+    plan = _studies("load", storage_url, home, studies)
+    run, wall = _workers(plan, n, storage_url, home, "run", hold_s, spread)
     exact, once = _check(storage_url, home)
     idle_plan = _studies(
         "idle", storage_url, home, studies, trials=1
@@ -261,7 +273,7 @@ def measure(n: int, storage_url, home: str, hold_s: float, studies: int = STUDIE
     later = sorted(seconds for at, seconds in timed if at - first >= hold_s) if hold_s else latencies
     return {
         "N": n,
-        "hold s": f"{hold_s:g}",
+        "hold s": f"{hold_s:g}" + (f" ± {spread:.0%}" if spread else ""),
         "claims/s": f"{claims / wall:.0f}",
         "claim p50 ms": f"{1000 * statistics.median(latencies):.0f}",
         "claim p99 ms": f"{1000 * latencies[int(0.99 * (claims - 1))]:.0f}",
@@ -278,6 +290,8 @@ def measure(n: int, storage_url, home: str, hold_s: float, studies: int = STUDIE
         )
         if storage_url
         else "n/a",
+        # claims that found the study's lock held and went to another study instead of queueing
+        "busy skips": str(sum(r["busy"] for r in run)),
         "budgets exact": "yes" if exact else "NO",
         "nothing twice": "yes" if once else "NO",
         "wall s": f"{wall:.0f}",
@@ -291,6 +305,11 @@ def main() -> None:
     parser.add_argument("--ledger", choices=["postgres", "journal", "both"], default="both")
     parser.add_argument("--studies", type=int, default=STUDIES, help="studies of 8 trials and 2 seeds")
     parser.add_argument("--hold-s", type=float, default=0.0, help="simulated training seconds per trial")
+    parser.add_argument(
+        "--spread", type=float, default=0.0,
+        help="each trial holds hold-s × U[1 - spread, 1 + spread]: trials of unequal length, as a "
+        "real fleet's are (0: every worker finishes in step, the worst case for claims)",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("RNNBENCH_LEASE_SECONDS", "20")
     rows = []
@@ -317,7 +336,9 @@ def main() -> None:
                     rows.append(
                         {
                             "ledger": "PostgreSQL",
-                            **measure(n, pg.create_database("load"), home, args.hold_s, args.studies),
+                            **measure(
+                                n, pg.create_database("load"), home, args.hold_s, args.studies, args.spread
+                            ),
                         }
                     )
                     print(rows[-1], file=sys.stderr, flush=True)
@@ -326,7 +347,9 @@ def main() -> None:
     if args.ledger in ("journal", "both"):
         for n in args.n:
             with tempfile.TemporaryDirectory() as home:
-                rows.append({"ledger": "journal", **measure(n, None, home, args.hold_s, args.studies)})
+                rows.append(
+                    {"ledger": "journal", **measure(n, None, home, args.hold_s, args.studies, args.spread)}
+                )
                 print(rows[-1], file=sys.stderr, flush=True)
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")

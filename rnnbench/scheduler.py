@@ -32,7 +32,7 @@ from typing import Any
 
 import optuna
 import psutil
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
@@ -113,7 +113,11 @@ class LedgerLock:
     hearing from (SIGSTOP, a VM pause) loses its session after ``idle_session_timeout`` of a lease,
     and the lock with it, instead of blocking every machine; a waiter gives up after
     ``LOCK_WAIT_LEASES`` leases with one line; and the holder checks, before its critical section
-    writes what makes a claim (:meth:`fence`), that its session still holds the lock."""
+    writes what makes a claim (:meth:`fence`), that its session still holds the lock.
+
+    The block gets True while the lock is held; with ``wait=False`` it gets False at once, holding
+    nothing, where another worker holds the lock (a worker then claims from another study instead
+    of queueing behind this one)."""
 
     LOCK_WAIT_LEASES = 5
 
@@ -133,12 +137,20 @@ class LedgerLock:
             )
 
     @contextmanager
-    def __call__(self, key: str):
+    def __call__(self, key: str, wait: bool = True) -> Iterator[bool]:
         digest = hashlib.sha256(key.encode()).digest()
         if self.engine is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(self.folder / f"{digest.hex()[:16]}.lock")):
-                yield
+            file_lock = FileLock(str(self.folder / f"{digest.hex()[:16]}.lock"), timeout=-1 if wait else 0)
+            try:
+                file_lock.acquire()
+            except Timeout:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                file_lock.release()
             return
         import sqlalchemy  # local: as in __init__
 
@@ -158,20 +170,31 @@ class LedgerLock:
             # Session-level advisory lock: the server releases it if this process dies. Waiting in
             # the server's queue (not polling) hands the lock over first come, first served, and a
             # waiter sends no statements while it waits.
-            conn.execute(sqlalchemy.text(f"SET lock_timeout = {int(self.LOCK_WAIT_LEASES * lease * 1000)}"))
-            try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
-            except sqlalchemy.exc.OperationalError as exc:
-                if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
-                    raise
-                raise LedgerUnreachable(
-                    f"the ledger lock {key!r} at {database_location(self.url)}",
-                    f"held by another worker for over {self.LOCK_WAIT_LEASES} leases",
-                ) from None
-            conn.commit()
+            if not wait:
+                got = conn.execute(
+                    sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_id}
+                ).scalar()
+                conn.commit()
+                if not got:
+                    yield False
+                    return
+            else:
+                conn.execute(
+                    sqlalchemy.text(f"SET lock_timeout = {int(self.LOCK_WAIT_LEASES * lease * 1000)}")
+                )
+                try:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
+                except sqlalchemy.exc.OperationalError as exc:
+                    if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available
+                        raise
+                    raise LedgerUnreachable(
+                        f"the ledger lock {key!r} at {database_location(self.url)}",
+                        f"held by another worker for over {self.LOCK_WAIT_LEASES} leases",
+                    ) from None
+                conn.commit()
             self._held[key] = (conn, lock_id)
             try:
-                yield
+                yield True
             finally:
                 self._held.pop(key, None)
                 try:
@@ -345,10 +368,13 @@ def recovered_trials(storage, s: optuna.Study, max_retries: int) -> tuple[int, l
     return queued, (s.get_trials(deepcopy=False) if queued else trials)
 
 
-def recover_study(storage, lock, name: str, max_retries: int = DEFAULT_MAX_RETRIES) -> int:
-    """:func:`recover` on a study's search and final trials, under its ledger lock."""
+def recover_study(storage, lock, name: str, max_retries: int = DEFAULT_MAX_RETRIES, wait: bool = True) -> int:
+    """:func:`recover` on a study's search and final trials, under its ledger lock. With
+    ``wait=False`` a lock another worker holds skips it: that worker's claim recovers first."""
     queued = 0
-    with lock(name):
+    with lock(name, wait=wait) as held:
+        if not held:
+            return 0
         for stage_name in (name, name + FINAL_SUFFIX):
             s = load_study(storage, stage_name)
             if s is not None:
@@ -384,12 +410,14 @@ def final_done(trials: list[FrozenTrial], seeds: list[int], max_retries: int) ->
 
 @dataclass
 class Claim:
-    """A claimed trial: the study's ledger as it was at the claim, the trial, and its lease."""
+    """A claimed trial: the study's ledger as it was at the claim (None where the lock was found
+    held before any read), the trial, and its lease."""
 
     ledger: StudyLedger
     trial: optuna.Trial | None = None
     lease: Lease | None = None
     lock_lost: bool = False  # no trial because the lock was lost mid-claim: try again soon
+    busy: bool = False  # no trial because another worker held the lock (wait=False): try again soon
 
 
 def _claim_under_lock(storage, lock, study: Study, stage: str, led: StudyLedger, s: optuna.Study):
@@ -440,7 +468,15 @@ def may_have_work(storage, led: StudyLedger, stage: str) -> bool:
 
 
 @contextmanager
-def claimed(storage, lock, study: Study, stage: str, owner: dict[str, Any]) -> Iterator[Claim]:
+def claimed(
+    storage,
+    lock,
+    study: Study,
+    stage: str,
+    owner: dict[str, Any],
+    wait: bool = True,
+    read_first: bool = True,
+) -> Iterator[Claim]:
     """Under the study's lock: recover lost trials, then take a queued trial or sample a new one
     if the budget has room (``claim.trial`` is None where there is none). The lease lives as long
     as the block, as Optuna's heartbeat thread does: it ends however the block does, and a block
@@ -448,22 +484,27 @@ def claimed(storage, lock, study: Study, stage: str, owner: dict[str, Any]) -> I
     trial FAILED without one, which recovery queues again.
 
     A read without the lock comes first: where it shows nothing to take, queue or recover, the
-    lock is not taken at all (most claims of a large fleet find a study full)."""
-    led = StudyLedger.load(storage, study.name)
+    lock is not taken at all (most claims of a large fleet find a study full); ``read_first=False``
+    skips it where the caller knows there is work (the ledger's counts show a trial to take). With
+    ``wait=False`` a lock another worker holds gives ``claim.busy`` at once instead of a place in
+    its queue."""
+    led = StudyLedger.load(storage, study.name) if read_first else None
     if led is not None and not may_have_work(storage, led, stage):
         yield Claim(led)
         return
-    with lock(study.name):
-        led = StudyLedger.load(storage, study.name)
-        s = led.search if stage == "search" else led.final
-        lock_lost = False
-        try:
-            trial = _claim_under_lock(storage, lock, study, stage, led, s)
-        except LockLost:  # another worker may be in here now: leave it to them, try again soon
-            trial, lock_lost = None, True
-        claim = Claim(
-            led, trial, Lease(storage, trial._trial_id, owner).start() if trial else None, lock_lost
-        )
+    with lock(study.name, wait=wait) as held:
+        claim = Claim(led, busy=True)
+        if held:
+            led = StudyLedger.load(storage, study.name)
+            s = led.search if stage == "search" else led.final
+            lock_lost = False
+            try:
+                trial = _claim_under_lock(storage, lock, study, stage, led, s)
+            except LockLost:  # another worker may be in here now: leave it to them, try again soon
+                trial, lock_lost = None, True
+            claim = Claim(
+                led, trial, Lease(storage, trial._trial_id, owner).start() if trial else None, lock_lost
+            )
     if claim.trial is None:
         yield claim
         return
