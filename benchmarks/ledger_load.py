@@ -9,8 +9,7 @@ processes (256 processes would need ~40 GB). Per N, over 80 studies of 8 trials 
 - database statements per second (counted in every process by SQLAlchemy), and per idle worker:
   a second phase holds every study's last trials (running, leases renewed) while N workers wait;
 - lock waits on PostgreSQL: advisory-lock requests that queued in the server (over 5 ms), and
-  the seconds spent queued; busy skips: claims that found a study's lock held and were told so at
-  once (the worker claims from another study, queueing only for a lock held over 2 s);
+  the seconds spent queued;
 - whether budgets are exact and nothing ran twice.
 
     python benchmarks/ledger_load.py                     # N = 8 32 128 256, both ledgers
@@ -95,7 +94,6 @@ def _process(
 ) -> None:
     """``threads`` simulated workers in this process; their figures go to ``out``."""
     sys.stdout = sys.stderr = open(os.devnull, "w")  # the workers' progress lines
-    from rnnbench import waiting
     from rnnbench import workers as workers_mod
     from rnnbench.ledger import remaining_units
     from rnnbench.scheduler import LedgerLock
@@ -112,7 +110,6 @@ def _process(
     def timed_claim(*args, **kwargs):
         started = time.perf_counter()
         with real_claimed(*args, **kwargs) as claim:
-            counter["busy"] += getattr(claim, "busy", False)
             if claim.trial is not None:
                 seconds = time.perf_counter() - started
                 latencies.append((time.time() - seconds, seconds))
@@ -122,10 +119,9 @@ def _process(
     idle: set[int] = set()  # threads that have gone idle: their pass found nothing to claim
     real_pause = workers_mod.pause
 
-    def pause(seconds: float = waiting.POLL_S):
-        if seconds >= waiting.POLL_S:  # not a short retry after a lock found held
-            idle.add(threading.get_ident())
-        return real_pause(seconds)
+    def pause(*args, **kwargs):
+        idle.add(threading.get_ident())
+        return real_pause(*args, **kwargs)
 
     workers_mod.pause = pause
     history = _history()
@@ -151,7 +147,6 @@ def _process(
         for i in range(threads)
     ]  # fmt: skip
     counter.clear()
-    counter["busy"] = 0
     started = time.monotonic()
     pool = [threading.Thread(target=w.run) for w in crew]
     for t in pool:
@@ -170,7 +165,7 @@ def _process(
     for t in pool:
         t.join()
     out.put({
-        "latencies": latencies, "statements": counter["statements"], "busy": counter["busy"],
+        "latencies": latencies, "statements": counter["statements"],
         "seconds": time.monotonic() - started, "lock_waits": lock_waits,
     })  # fmt: skip
 
@@ -290,8 +285,6 @@ def measure(
         )
         if storage_url
         else "n/a",
-        # claims that found the study's lock held and went to another study instead of queueing
-        "busy skips": str(sum(r["busy"] for r in run)),
         "budgets exact": "yes" if exact else "NO",
         "nothing twice": "yes" if once else "NO",
         "wall s": f"{wall:.0f}",

@@ -116,8 +116,8 @@ class LedgerLock:
     writes what makes a claim (:meth:`fence`), that its session still holds the lock.
 
     The block gets True while the lock is held; with ``wait=False`` it gets False at once, holding
-    nothing, where another worker holds the lock (a worker then claims from another study instead
-    of queueing behind this one)."""
+    nothing, where another worker holds the lock (a waiting worker's recovery then skips the
+    study: the holder's claim recovers first)."""
 
     LOCK_WAIT_LEASES = 5
 
@@ -410,14 +410,12 @@ def final_done(trials: list[FrozenTrial], seeds: list[int], max_retries: int) ->
 
 @dataclass
 class Claim:
-    """A claimed trial: the study's ledger as it was at the claim (None where the lock was found
-    held before any read), the trial, and its lease."""
+    """A claimed trial: the study's ledger as it was at the claim, the trial, and its lease."""
 
     ledger: StudyLedger
     trial: optuna.Trial | None = None
     lease: Lease | None = None
     lock_lost: bool = False  # no trial because the lock was lost mid-claim: try again soon
-    busy: bool = False  # no trial because another worker held the lock (wait=False): try again soon
 
 
 def _claim_under_lock(storage, lock, study: Study, stage: str, led: StudyLedger, s: optuna.Study):
@@ -468,15 +466,7 @@ def may_have_work(storage, led: StudyLedger, stage: str) -> bool:
 
 
 @contextmanager
-def claimed(
-    storage,
-    lock,
-    study: Study,
-    stage: str,
-    owner: dict[str, Any],
-    wait: bool = True,
-    read_first: bool = True,
-) -> Iterator[Claim]:
+def claimed(storage, lock, study: Study, stage: str, owner: dict[str, Any]) -> Iterator[Claim]:
     """Under the study's lock: recover lost trials, then take a queued trial or sample a new one
     if the budget has room (``claim.trial`` is None where there is none). The lease lives as long
     as the block, as Optuna's heartbeat thread does: it ends however the block does, and a block
@@ -484,27 +474,22 @@ def claimed(
     trial FAILED without one, which recovery queues again.
 
     A read without the lock comes first: where it shows nothing to take, queue or recover, the
-    lock is not taken at all (most claims of a large fleet find a study full); ``read_first=False``
-    skips it where the caller knows there is work (the ledger's counts show a trial to take). With
-    ``wait=False`` a lock another worker holds gives ``claim.busy`` at once instead of a place in
-    its queue."""
-    led = StudyLedger.load(storage, study.name) if read_first else None
+    lock is not taken at all (most claims of a large fleet find a study full)."""
+    led = StudyLedger.load(storage, study.name)
     if led is not None and not may_have_work(storage, led, stage):
         yield Claim(led)
         return
-    with lock(study.name, wait=wait) as held:
-        claim = Claim(led, busy=True)
-        if held:
-            led = StudyLedger.load(storage, study.name)
-            s = led.search if stage == "search" else led.final
-            lock_lost = False
-            try:
-                trial = _claim_under_lock(storage, lock, study, stage, led, s)
-            except LockLost:  # another worker may be in here now: leave it to them, try again soon
-                trial, lock_lost = None, True
-            claim = Claim(
-                led, trial, Lease(storage, trial._trial_id, owner).start() if trial else None, lock_lost
-            )
+    with lock(study.name):
+        led = StudyLedger.load(storage, study.name)
+        s = led.search if stage == "search" else led.final
+        lock_lost = False
+        try:
+            trial = _claim_under_lock(storage, lock, study, stage, led, s)
+        except LockLost:  # another worker may be in here now: leave it to them, try again soon
+            trial, lock_lost = None, True
+        claim = Claim(
+            led, trial, Lease(storage, trial._trial_id, owner).start() if trial else None, lock_lost
+        )
     if claim.trial is None:
         yield claim
         return

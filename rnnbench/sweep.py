@@ -160,9 +160,7 @@ def open_storage(url: str | None, home: Path, *, lease_seconds: float | None = N
 
 @contextmanager
 def _schema_lock(url: str):
-    """A PostgreSQL advisory lock around schema creation (other databases: no lock). None where
-    Optuna's alembic revision is stamped: it is written last, so the schema is whole and opening
-    it only reads (a fleet of N processes starting together queued N × 0.5 s on this lock)."""
+    """A PostgreSQL advisory lock around schema creation (other databases: no lock)."""
     if not url.startswith("postgresql"):
         yield
         return
@@ -171,14 +169,6 @@ def _schema_lock(url: str):
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
         with engine.connect() as conn:
-            try:
-                ready = conn.execute(sqlalchemy.text("SELECT count(*) FROM alembic_version")).scalar() > 0
-            except sqlalchemy.exc.ProgrammingError:  # no such table yet
-                ready = False
-            conn.rollback()
-            if ready:
-                yield
-                return
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(7202611)"))  # rnnbench's schema key
             try:
                 yield

@@ -129,18 +129,6 @@ class LedgerWatch:
             return None
         return "busy" if final.running else "done"
 
-    def open(self, name: str, budget: int, seeds: int) -> tuple[bool, bool]:
-        """Whether the last look shows a trial for a claim to take, (search, final): one queued,
-        or fewer trials than the budget (search) or the seeds (final). A hint: a claim told so
-        takes the lock without reading the study first (the read under the lock decides). Never
-        on the journal, which has no counts."""
-        stages = self._counts.get(name, {})
-        search, final = stages.get("search"), stages.get("final")
-        return (
-            search is not None and (search.waiting > 0 or search.total - search.failed < budget),
-            final is not None and (final.waiting > 0 or final.total < seeds),
-        )
-
     def _name(self, study_id: int) -> str:
         if study_id not in self._names:
             self._names[study_id] = self.storage.get_study_name_from_id(study_id)

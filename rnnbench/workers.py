@@ -16,8 +16,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ from rnnbench.models import log_model, model_card, save_weights
 from rnnbench.plan import Plan, open_stores
 from rnnbench.progress import Progress, make_progress
 from rnnbench.projection import MIRRORED, Projection, best_hparams, project_file
-from rnnbench.scheduler import Claim, LedgerLock, claimed, final_done, owner_identity, recover, recover_study
+from rnnbench.scheduler import LedgerLock, claimed, final_done, owner_identity, recover, recover_study
 from rnnbench.sweep import (
     RECORD,
     is_journal,
@@ -58,9 +57,6 @@ from rnnbench.sweep import (
 from rnnbench.trainer import RunSettings
 from rnnbench.trial import HiddenSizes, Outcome, TrialHooks, failed_before_training, now_ms, run_trial
 from rnnbench.waiting import LedgerWatch, pause
-
-RETRY_S = 0.2  # before another try at locks that were held: about two claims' time under a lock
-BUSY_WAIT_S = 2.0  # a lock held this long is waited for in the server's queue, not tried again
 
 _STATES = {
     "complete": optuna.trial.TrialState.COMPLETE,
@@ -207,7 +203,6 @@ class Worker:
         self._tasks: dict[str, Any] = {}
         self.hidden = HiddenSizes()
         self._last_recovery: dict[str, float] = {}
-        self._busy_since: dict[str, float] = {}  # study -> when its lock was first found held
         # study -> (search budget, final seeds): the ledger's attributes, which the start wrote
         # from this plan (create_study) and each read of a study refreshes
         self._limits = {s.name: (trial_budget(self.e, s.budget), self.e.final.seeds) for s in plan.studies}
@@ -236,7 +231,7 @@ class Worker:
                         due |= self._changed(watch, pending)
                     state = watch.settled(name, *self._limits[name])  # None: the counts do not suffice
                     if state is None:
-                        state = self.advance(pending[name], watch.open(name, *self._limits[name]))
+                        state = self.advance(pending[name])
                     elif state == "done":
                         self._refresh_parent(pending[name])  # as a claim that finds it done does
                     worked |= state == "worked"
@@ -246,8 +241,8 @@ class Worker:
                         due.discard(name)
                 if worked or not pending:
                     continue
-                if due:  # a lock was held or lost: nothing in the ledger will say so, look again soon
-                    pause(RETRY_S)
+                if due:  # a claim lost its lock: nothing in the ledger will say so, look again
+                    pause()
                     continue
                 while not due:
                     pause()
@@ -273,20 +268,16 @@ class Worker:
             self._tasks[key] = task
         return self._tasks[key]
 
-    def advance(self, study: Study, open_stages: tuple[bool, bool] = (False, False)) -> str:
-        """One step of a study: run a trial (``worked``), find none free (``waiting``), find its
-        lock held by another worker or lose it mid-claim (``retry``), or find it finished
-        (``done``). A held lock is not waited for: the worker claims from its other studies first.
-        ``open_stages``: whether the ledger's counts show a search or final trial to take
-        (:meth:`LedgerWatch.open`); such a claim goes straight to the lock."""
-        with self._claimed(study, "search", read_first=not open_stages[0]) as claim:
+    def advance(self, study: Study) -> str:
+        """One step of a study: run a trial (``worked``), find none free (``waiting``), lose the
+        lock mid-claim (``retry``) or find it finished (``done``)."""
+        with claimed(self.storage, self.lock, study, "search", self.owner) as claim:
             led = claim.ledger
-            if led is not None:  # None: a lock found held before any read
-                self._limits[study.name] = (int(led.attrs.get(BUDGET_ATTR, 0)), len(led.seeds))
+            self._limits[study.name] = (int(led.attrs.get(BUDGET_ATTR, 0)), len(led.seeds))
             if claim.trial is not None:
                 self.run_claimed(study, claim, stage="search")
                 return "worked"
-        if claim.lock_lost or claim.busy:
+        if claim.lock_lost:
             return "retry"
         if not led.search_done():
             self._recover_now_and_then(study)
@@ -295,11 +286,11 @@ class Worker:
         if (best is None and not led.no_search) or not led.seeds:
             self._refresh_parent(study)
             return "done"
-        with self._claimed(study, "final", read_first=not open_stages[1]) as claim:
+        with claimed(self.storage, self.lock, study, "final", self.owner) as claim:
             if claim.trial is not None:
                 self.run_claimed(study, claim, stage="final", best=best)
                 return "worked"
-        if claim.lock_lost or claim.busy:
+        if claim.lock_lost:
             return "retry"
         led = claim.ledger
         if not final_done(led.final.get_trials(deepcopy=False), led.seeds, led.max_retries):
@@ -308,31 +299,14 @@ class Worker:
         self._refresh_parent(study)
         return "done"
 
-    @contextmanager
-    def _claimed(self, study: Study, stage: str, read_first: bool = True) -> Iterator[Claim]:
-        """:func:`claimed` that claims from other studies rather than queue behind a worker holding
-        this one's lock, unless it has been held since BUSY_WAIT_S: then it queues in the server,
-        which costs no statements (a stopped holder loses the lock after a lease; retries that
-        hammer the ledger would not get it sooner)."""
-        since = self._busy_since.get(study.name)
-        wait = since is not None and time.monotonic() - since > BUSY_WAIT_S
-        with claimed(
-            self.storage, self.lock, study, stage, self.owner, wait=wait, read_first=read_first
-        ) as claim:
-            if claim.busy:
-                self._busy_since.setdefault(study.name, time.monotonic())
-            else:
-                self._busy_since.pop(study.name, None)
-            yield claim
-        if claim.trial is not None:  # held "since" means over tries with no training between
-            self._busy_since.clear()
-
     def _recover_now_and_then(self, study: Study) -> None:
         """While waiting on other workers' trials, look for dead ones every few seconds."""
         now = time.monotonic()
         if now - self._last_recovery.get(study.name, 0.0) < min(5.0, lease_duration() / 4):
             return
         self._last_recovery[study.name] = now
+        # a lock another worker holds is skipped: its claim recovers first, and queueing behind
+        # it here would only delay this worker's next claim
         recover_study(self.storage, self.lock, study.name, self.plan.max_retries, wait=False)
 
     def _refresh_parent(self, study: Study, led: StudyLedger | None = None) -> None:

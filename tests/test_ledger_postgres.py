@@ -9,7 +9,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -127,65 +126,6 @@ def test_a_try_lock_is_told_at_once_and_queues_nowhere(database, tmp_path: Path)
     with b("study", wait=False) as got:
         assert got is True
         b.fence("study")
-
-
-@pytest.mark.slow  # a PostgreSQL cluster started for it: the default suite stays under 10 minutes
-def test_a_claim_the_counts_say_has_work_reads_only_under_the_lock(database, tmp_path: Path):
-    """LedgerWatch.open says where the last look shows a trial to take; such a claim skips its
-    read before the lock, and the read under the lock still decides (a stale hint takes nothing)."""
-    import optuna
-
-    from rnnbench.experiment import parse
-    from rnnbench.ledger import create_study
-    from rnnbench.plan import prepare
-    from rnnbench.scheduler import LedgerLock, claimed, owner_identity
-    from rnnbench.sweep import open_storage
-    from rnnbench.waiting import LedgerWatch
-
-    url = database.create_database("hint")
-    plan = prepare(parse(TINY.replace("trials: 3", "trials: 2")), home=tmp_path, storage_url=url)
-    storage, lock = open_storage(url, tmp_path), LedgerLock(url, tmp_path)
-    (study,) = plan.studies
-    with lock(study.name):
-        create_study(plan, storage, study)
-    watch = LedgerWatch(storage, None)
-
-    def hint() -> tuple[bool, bool]:
-        watch.changed()
-        return watch.open(study.name, budget=2, seeds=1)
-
-    def take(stage: str = "search"):
-        with claimed(storage, lock, study, stage, owner_identity(), read_first=False) as claim:
-            if claim.trial is not None:
-                storage.set_trial_state_values(claim.trial._trial_id, optuna.trial.TrialState.COMPLETE, [0.1])
-        assert not claim.busy and claim.ledger is not None  # read under the lock
-        return claim.trial
-
-    assert hint() == (False, False)  # no trial yet, so no counts: a claim reads first
-    assert take() is not None
-    assert hint() == (True, False)  # one of two taken
-    assert take() is not None
-    assert hint() == (False, False)
-    assert take() is None  # a stale hint: the read under the lock finds the budget spent
-    assert take("final") is not None  # queues the seed and takes it
-    assert hint() == (False, False)
-
-
-@pytest.mark.slow  # a PostgreSQL cluster started for it: the default suite stays under 10 minutes
-def test_opening_a_whole_schema_takes_no_lock(database, tmp_path: Path):
-    """The schema lock serialises only its creation: with Optuna's tables in place, a process
-    opens the ledger while another holds that lock (a fleet starting together used to queue)."""
-    from rnnbench.sweep import open_storage
-
-    url = database.create_database("schema")
-    open_storage(url, tmp_path)  # creates the schema
-    with sqlalchemy.create_engine(url).connect() as holder:
-        holder.execute(sqlalchemy.text("SELECT pg_advisory_lock(7202611)"))
-        opened = threading.Thread(target=open_storage, args=(url, tmp_path), daemon=True)
-        opened.start()
-        opened.join(timeout=60)
-        assert not opened.is_alive(), "opening a whole schema waited for the schema lock"
-        holder.execute(sqlalchemy.text("SELECT pg_advisory_unlock(7202611)"))
 
 
 TINY = """\
