@@ -248,3 +248,38 @@ def test_a_study_whose_every_trial_is_taken_is_skipped_until_one_frees(database,
             {"t": early[1]._trial_id},
         )
     assert look()[0], "a finish committed after a later one changed nothing a waiting worker sees"
+
+
+@pytest.mark.slow  # a PostgreSQL cluster started for it: the default suite stays under 10 minutes
+def test_the_trial_cache_sees_every_change_another_worker_makes(database, tmp_path: Path):
+    """One trial cache per storage (rnnbench.sweep.with_trial_cache) serves every load of a worker;
+    what another worker writes after this one cached its trials (a trial taken, finished with a
+    record, a new one queued) shows in the next load."""
+    import optuna
+
+    from rnnbench.ledger import StudyLedger
+    from rnnbench.sweep import RECORD, load_study, open_storage, with_trial_cache
+
+    url = database.create_database("cache")
+    mine, theirs = open_storage(url, tmp_path), open_storage(url, tmp_path)  # two workers
+    assert with_trial_cache(mine) is with_trial_cache(mine)
+    assert with_trial_cache(mine) is not with_trial_cache(theirs)
+    optuna.create_study(study_name="cached", storage=url)
+    study = load_study(theirs, "cached")
+    study.enqueue_trial({}, user_attrs={"seed": 1})
+    assert [t.state for t in StudyLedger.load(mine, "cached").search_trials] == [
+        optuna.trial.TrialState.WAITING
+    ]
+
+    taken = study.ask()  # theirs takes it: running
+    assert [t.state for t in StudyLedger.load(mine, "cached").search_trials] == [
+        optuna.trial.TrialState.RUNNING
+    ]
+    taken.set_user_attr(RECORD, {"seed": 1})
+    study.tell(taken, 0.5)
+    study.enqueue_trial({}, user_attrs={"seed": 2})
+    trials = StudyLedger.load(mine, "cached").search_trials
+    assert [(t.state, t.value, t.user_attrs.get(RECORD)) for t in trials] == [
+        (optuna.trial.TrialState.COMPLETE, 0.5, {"seed": 1}),
+        (optuna.trial.TrialState.WAITING, None, None),
+    ]
