@@ -642,8 +642,9 @@ def study_names(storage, experiment: str) -> list[str]:
 # attributes: 7 statements, and a record each); one wrapper kept per storage reads only the trials
 # that are new or unfinished since its last read. Finished trials never change (Optuna refuses to
 # update them), and unfinished ones are read afresh every time: sharing it is what Optuna does for
-# a study's whole life. Measured: StudyLedger.load of a study of 80 finished trials 44 -> 6.4 ms;
-# benchmarks/ledger_load.py at N = 1, 92 -> 77 statements a trial, claim p50 71-76 -> 62 ms.
+# a study's whole life. It holds every trial the worker has read, as the journal does anyway.
+# Measured: StudyLedger.load of a study of 80 finished trials 44 -> 6.4 ms; benchmarks/
+# ledger_load.py at N = 1, 92 -> 77 statements a trial, claim p50 71-76 -> 62 ms.
 _TRIAL_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
