@@ -165,7 +165,7 @@ def test_a_click_through_the_ui_never_shows_the_genai_view(tmp_path: Path):
             (child_name, child),
             ("gru-seed-0", model.model_id),
             tmp_path / "shots",
-            {"05-child-model-metrics.png": ["valid_mse"]},
+            {"05-child-model-metrics.png": ["valid_mse"], "09-experiment-models.png": ["gru-seed-0"]},
         )
     finally:
         screenshot_mlflow.stop_ui(ui)
